@@ -1,0 +1,55 @@
+"""`bksdm compress`: turn a teacher pipeline or UNet into a BK-SDM student, saved as a standard checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compress",
+        help="Remove blocks from a teacher UNet (or pipeline) and save the student.",
+        description="Build a BK-SDM student from a teacher and save it as a standard diffusers checkpoint. A pipeline "
+        "teacher gives a whole student pipeline; a bare UNet gives a student UNet.",
+    )
+    parser.add_argument(
+        "--teacher",
+        "--pretrained_model_name_or_path",
+        dest="teacher",
+        required=True,
+        help="Local folder or hub repo id of a pipeline or UNet, or builtin:tiny-sd (a tiny teacher built locally).",
+    )
+    parser.add_argument("--subfolder", default=None, help="Load a bare UNet from this subfolder (e.g. `unet`).")
+    parser.add_argument("--revision", default=None, help="Hub revision of the teacher.")
+    parser.add_argument("--variant", default="small", help="BK-SDM variant: base, small, tiny or a registered name.")
+    parser.add_argument("--output", "--output_dir", dest="output", required=True, help="Folder to write the student to.")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="Load and save in this dtype.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace --output if it exists and is not empty.")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io import atomic_directory, count_parameters, load_teacher, parse_dtype
+    from ..plan import get_variant
+    from ..student import compress_pipeline, compress_unet
+
+    get_variant(args.variant)  # fail on a bad variant before loading anything
+    pipe, teacher = load_teacher(
+        args.teacher, subfolder=args.subfolder, revision=args.revision, torch_dtype=parse_dtype(args.dtype)
+    )
+    with atomic_directory(args.output, overwrite=args.overwrite) as tmp:
+        if pipe is not None:
+            student_pipe = compress_pipeline(pipe, args.variant)
+            student = student_pipe.unet
+            student_pipe.save_pretrained(tmp)
+        else:
+            student = compress_unet(teacher, args.variant)
+            student.save_pretrained(tmp)
+    before, after = count_parameters(teacher), count_parameters(student)
+    rows = [("teacher UNet", f"{before:,}"), (f"student UNet ({args.variant})", f"{after:,}"),
+            ("reduction", f"{1 - after / before:.1%}")]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value:>15}")
+    print(f"saved {'pipeline' if pipe is not None else 'UNet'} to {args.output}")
+    return 0

@@ -1,0 +1,204 @@
+"""Build BK-SDM students from a teacher UNet: config, weight copy and pipelines."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from .plan import BlockMap, RemovalPlan, build_block_map
+
+__all__ = ["BKUNet2DConditionModel", "compress_unet", "compress_pipeline", "student_info", "METADATA_KEY"]
+
+logger = logging.getLogger(__name__)
+
+#: Config key under which a student records where it comes from. It starts with `_`, so stock diffusers loads the
+#: config without a warning and keeps the key when the model is saved again.
+METADATA_KEY = "_bksdm"
+
+
+def _check_unet(unet: Any, argument: str = "unet") -> UNet2DConditionModel:
+    if not isinstance(unet, UNet2DConditionModel):
+        raise TypeError(
+            f"`{argument}` must be a diffusers UNet2DConditionModel, got {type(unet).__module__}.{type(unet).__qualname__}."
+        )
+    return unet
+
+
+def _metadata(block_map: BlockMap, teacher_config: Mapping[str, Any]) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "teacher": teacher_config.get("_name_or_path") or None,
+        "variant": block_map.variant,
+        "plan": block_map.plan.to_dict(),
+        "diffusers_bksdm_version": __version__,
+    }
+
+
+class BKUNet2DConditionModel:
+    """Config factory for BK-SDM students.
+
+    It never becomes the class of a model: students are plain `UNet2DConditionModel`s, so that stock diffusers loads
+    them without this package.
+
+    Example:
+
+    ```py
+    >>> from diffusers import UNet2DConditionModel
+    >>> from diffusers_bksdm import BKUNet2DConditionModel
+    >>> config = BKUNet2DConditionModel.config_from_teacher(teacher.config, "small")
+    >>> student = UNet2DConditionModel.from_config(config)  # random weights
+    >>> student = BKUNet2DConditionModel.from_teacher(teacher, "small")  # weights copied from the teacher
+    ```
+    """
+
+    @staticmethod
+    def block_map(teacher_config: Mapping[str, Any], variant: "str | RemovalPlan" = "small") -> BlockMap:
+        return build_block_map(teacher_config, variant)
+
+    @staticmethod
+    def config_from_teacher(teacher_config: Mapping[str, Any], variant: "str | RemovalPlan" = "small") -> dict[str, Any]:
+        """The student config for `UNet2DConditionModel.from_config`, with its provenance under `_bksdm`."""
+        block_map = build_block_map(teacher_config, variant)
+        config = block_map.student_config()
+        config[METADATA_KEY] = _metadata(block_map, teacher_config)
+        return config
+
+    @staticmethod
+    def from_teacher(
+        unet: UNet2DConditionModel, variant: "str | RemovalPlan" = "small", *, copy_weights: bool = True
+    ) -> UNet2DConditionModel:
+        """Same as :func:`compress_unet`."""
+        return compress_unet(unet, variant, copy_weights=copy_weights)
+
+
+def _copied_tensors(student: torch.nn.Module, teacher: torch.nn.Module, block_map: BlockMap) -> dict[str, torch.Tensor]:
+    """For every student parameter and persistent buffer, a copy of the teacher tensor the block map names."""
+    teacher_tensors = teacher.state_dict(keep_vars=False)
+    copied, problems = {}, []
+    for name, target in student.state_dict(keep_vars=True).items():
+        source_name = block_map.teacher_name(name)
+        source = teacher_tensors.get(source_name)
+        if source is None:
+            problems.append(f"student {name!r} <- teacher {source_name!r}: the teacher has no such tensor")
+        elif source.shape != target.shape:
+            problems.append(
+                f"student {name!r} {tuple(target.shape)} <- teacher {source_name!r} {tuple(source.shape)}: shapes differ"
+            )
+        else:
+            copied[name] = source.detach().clone()
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ValueError(f"The removal plan does not fit this teacher ({len(problems)} tensors):\n  {shown}{more}")
+    return copied
+
+
+def compress_unet(
+    unet: UNet2DConditionModel, variant: "str | RemovalPlan" = "small", *, copy_weights: bool = True
+) -> UNet2DConditionModel:
+    """Build a BK-SDM student from a teacher UNet.
+
+    Args:
+        unet (`UNet2DConditionModel`): the teacher. It is not modified.
+        variant (`str` or `RemovalPlan`, *optional*, defaults to `"small"`):
+            `"base"`, `"small"`, `"tiny"`, any name given to :func:`register_variant`, or a :class:`RemovalPlan`.
+        copy_weights (`bool`, *optional*, defaults to `True`):
+            Initialise every student tensor from the teacher tensor of the same role (BK-SDM). With `False` the
+            student is randomly initialised.
+
+    Returns:
+        `UNet2DConditionModel`: a new model (exactly that class), on the teacher's device and in its dtype.
+
+    Example:
+
+    ```py
+    >>> from diffusers import UNet2DConditionModel
+    >>> from diffusers_bksdm import compress_unet
+    >>> teacher = UNet2DConditionModel.from_pretrained("CompVis/stable-diffusion-v1-4", subfolder="unet")
+    >>> student = compress_unet(teacher, "small")
+    >>> student.save_pretrained("bk-sdm-small-unet")
+    ```
+    """
+    _check_unet(unet)
+    config = BKUNet2DConditionModel.config_from_teacher(unet.config, variant)
+    block_map = build_block_map(unet.config, variant)
+    first = next(unet.parameters())
+    device, dtype = first.device, first.dtype
+
+    if not copy_weights:
+        student = UNet2DConditionModel.from_config(config)
+        return student.to(device=device, dtype=dtype)
+
+    # Build on the meta device (no allocation, no random init), then assign copies of the teacher's tensors.
+    with torch.device("meta"):
+        student = UNet2DConditionModel.from_config(config)
+    copied = _copied_tensors(student, unet, block_map)
+    student.load_state_dict(copied, strict=True, assign=True)
+    # non-persistent buffers are not in the state dict; take them from the teacher as well
+    teacher_buffers = dict(unet.named_buffers())
+    for name, buffer in list(student.named_buffers()):
+        if buffer.is_meta:
+            module_name, _, attr = name.rpartition(".")
+            module = student.get_submodule(module_name) if module_name else student
+            module._buffers[attr] = teacher_buffers[block_map.teacher_name(name)].detach().clone()
+    leftover = [n for n, t in list(student.named_parameters()) + list(student.named_buffers()) if t.is_meta]
+    if leftover:  # pragma: no cover - guarded by strict loading above
+        raise RuntimeError(f"Student tensors were not initialised from the teacher: {leftover[:5]}")
+    student.train(unet.training)
+    logger.info(
+        "Compressed UNet with variant %r: %s -> %s parameters",
+        block_map.variant or "custom",
+        f"{sum(p.numel() for p in unet.parameters()):,}",
+        f"{sum(p.numel() for p in student.parameters()):,}",
+    )
+    return student
+
+
+def compress_pipeline(pipe: Any, variant: "str | RemovalPlan" = "small", *, copy_weights: bool = True) -> Any:
+    """Return a pipeline of the same class as `pipe` whose UNet is a BK-SDM student of `pipe.unet`.
+
+    The other components (VAE, text encoder, tokenizer, scheduler, ...) are shared with `pipe`, not copied; `pipe`
+    itself is not modified.
+    """
+    unet = getattr(pipe, "unet", None)
+    if unet is None or not hasattr(pipe, "components"):
+        raise TypeError(
+            f"`pipe` must be a diffusers pipeline with a `unet` component, got {type(pipe).__module__}."
+            f"{type(pipe).__qualname__}."
+        )
+    _check_unet(unet, "pipe.unet")
+    student = compress_unet(unet, variant, copy_weights=copy_weights)
+    # Like `DiffusionPipeline.from_pipe`, but without its dtype cast, which would also cast the shared components.
+    pipeline_class = type(pipe)
+    _, optional_kwargs = pipeline_class._get_signature_keys(pipeline_class)
+    components = {**pipe.components, "unet": student}
+    settings = {k: pipe.config[k] for k in optional_kwargs if k in pipe.config and k not in components}
+    new_pipe = pipeline_class(**components, **settings)
+    if pipe.config.get("_name_or_path"):
+        new_pipe.register_to_config(_name_or_path=pipe.config["_name_or_path"])
+    return new_pipe
+
+
+def student_info(config_or_path: Any) -> dict[str, Any] | None:
+    """The provenance a student records (teacher, variant, plan), or `None` for a model that is not a student.
+
+    Accepts a model, a config mapping, or a path to a UNet folder / `config.json`.
+    """
+    import json
+    import os
+
+    if hasattr(config_or_path, "config"):
+        config = config_or_path.config
+    elif isinstance(config_or_path, (str, os.PathLike)):
+        path = os.fspath(config_or_path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    else:
+        config = config_or_path
+    return dict(config[METADATA_KEY]) if METADATA_KEY in config else None
