@@ -25,6 +25,7 @@ __all__ = [
     "BlockMap",
     "build_block_map",
     "register_variant",
+    "unregister_variant",
     "list_variants",
     "get_variant",
     "resolve_plan",
@@ -35,7 +36,6 @@ PLAN_FORMAT_VERSION = 1
 # Block types whose submodule layout (`resnets`, `attentions`, `downsamplers` / `upsamplers`) the block map knows.
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
-MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 
 # Config fields that hold one entry per stage, in down-block order, when they are lists.
 PER_STAGE_FIELDS = (
@@ -181,6 +181,15 @@ def register_variant(name: str, plan: RemovalPlan) -> None:
     _VARIANTS[name] = plan
 
 
+def unregister_variant(name: str) -> None:
+    """Remove a variant registered with :func:`register_variant`. The package's own variants cannot be removed."""
+    if name in _BUILTIN_VARIANTS:
+        raise ValueError(f"Variant {name!r} is built-in and cannot be unregistered.")
+    if name not in _VARIANTS:
+        raise ValueError(f"Unknown variant {name!r}; known variants: {list_variants()}.")
+    del _VARIANTS[name]
+
+
 def list_variants() -> list[str]:
     """Names of the registered variants, in registration order."""
     return list(_VARIANTS)
@@ -240,6 +249,7 @@ register_variant(
         description="KOALA-700M (SDXL): koala-1b layout without mid block, transformer depth [1, 2, 5]",
     ),
 )
+_BUILTIN_VARIANTS = frozenset(_VARIANTS)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -385,9 +395,8 @@ def build_block_map(teacher_config: Mapping[str, Any], variant: "str | RemovalPl
         for t in types:
             if t not in accepted:
                 raise ValueError(f"Teacher config `{key}` contains {t!r}, which BK-SDM plans support only for {list(accepted)}.")
+    # the mid block is either kept whole (copied under its own names) or removed, so any type works
     mid_type = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
-    if mid_type not in MID_BLOCK_TYPES:
-        raise ValueError(f"Teacher config `mid_block_type` is {mid_type!r}; supported: {list(MID_BLOCK_TYPES)}.")
     if config.get("reverse_transformer_layers_per_block") is not None:
         raise ValueError(
             "Teacher config `reverse_transformer_layers_per_block` is "

@@ -140,13 +140,14 @@ def compress_unet(
     student.load_state_dict(copied, strict=True, assign=True)
     # non-persistent buffers are not in the state dict; take them from the teacher as well
     teacher_buffers = dict(unet.named_buffers())
+    persistent = set(copied)
     for name, buffer in list(student.named_buffers()):
-        if buffer.is_meta:
+        if name not in persistent:
             module_name, _, attr = name.rpartition(".")
             module = student.get_submodule(module_name) if module_name else student
             module._buffers[attr] = teacher_buffers[block_map.teacher_name(name)].detach().clone()
     leftover = [n for n, t in list(student.named_parameters()) + list(student.named_buffers()) if t.is_meta]
-    if leftover:  # pragma: no cover - guarded by strict loading above
+    if leftover and not first.is_meta:  # pragma: no cover - guarded by strict loading above
         raise RuntimeError(f"Student tensors were not initialised from the teacher: {leftover[:5]}")
     student.train(unet.training)
     logger.info(

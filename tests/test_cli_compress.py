@@ -1,0 +1,73 @@
+"""`bksdm compress` on local folders and the builtin teacher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from diffusers_bksdm.cli import main
+
+
+def test_compress_whole_pipeline(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "student"
+    assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--variant", "tiny", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3,222,692" in printed and "reduction" in printed
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    student = UNet2DConditionModel.from_pretrained(out / "unet")
+    teacher = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet")
+    assert f"{sum(p.numel() for p in student.parameters()):,}" in printed
+    assert torch.equal(student.conv_in.weight, teacher.conv_in.weight)
+    assert torch.equal(student.up_blocks[0].resnets[1].conv1.weight, teacher.up_blocks[1].resnets[2].conv1.weight)
+    assert not list(tmp_path.glob(".student.tmp-*"))
+
+
+def test_compress_bare_unet_in_fp16(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "unet"
+    args = ["compress", "--teacher", str(tiny_pipeline_dir), "--subfolder", "unet", "--variant", "base",
+            "--output", str(out), "--dtype", "fp16"]
+    assert main(args) == 0
+    assert not (out / "model_index.json").exists()
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+    student = UNet2DConditionModel.from_pretrained(out, torch_dtype=torch.float16)
+    assert student.config.layers_per_block == 1
+
+
+def test_builtin_teacher(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["compress", "--teacher", "builtin:tiny-sd", "--variant", "small", "--output", str(out)]) == 0
+    assert UNet2DConditionModel.from_pretrained(out / "unet").config.mid_block_type is None
+
+
+def test_errors_name_the_argument(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--output", str(out)]) == 2
+    assert "`--output`" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data"
+
+    assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--variant", "huge", "--output", str(tmp_path / "x")]) == 2
+    assert "Unknown variant 'huge'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+    assert main(["compress", "--teacher", str(tmp_path), "--output", str(tmp_path / "y")]) == 2
+    assert "neither model_index.json" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        main(["compress", "--output", str(tmp_path / "z")])  # --teacher is required
+
+
+def test_overwrite_replaces_complete_output(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "student"
+    base = ["compress", "--teacher", str(tiny_pipeline_dir), "--output", str(out)]
+    assert main(base + ["--variant", "base"]) == 0
+    assert main(base + ["--variant", "tiny", "--overwrite"]) == 0
+    assert json.loads((out / "unet" / "config.json").read_text())["_bksdm"]["variant"] == "tiny"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]

@@ -1,0 +1,37 @@
+"""`import diffusers_bksdm` is cheap: no training, evaluation or CLI modules, no GPU."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_python
+
+CODE = r"""
+import json, sys
+import torch
+import diffusers_bksdm
+from diffusers_bksdm import compress_unet, list_variants
+mods = sorted(m for m in sys.modules if m.startswith("diffusers_bksdm"))
+print(json.dumps({"modules": mods, "cuda": torch.cuda.is_initialized(),
+                  "heavy": sorted(m for m in ("accelerate", "datasets", "webdataset", "torchmetrics", "tensorboard")
+                                  if m in sys.modules)}))
+"""
+
+
+def test_import_is_cheap():
+    report = json.loads(run_python(CODE).stdout.strip().splitlines()[-1])
+    assert set(report["modules"]) <= {
+        "diffusers_bksdm", "diffusers_bksdm.plan", "diffusers_bksdm.student",
+    }, report["modules"]
+    assert report["cuda"] is False
+    assert "datasets" not in report["heavy"] and "torchmetrics" not in report["heavy"]
+
+
+def test_lazy_names_resolve_and_unknown_names_raise():
+    import pytest
+
+    import diffusers_bksdm
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        diffusers_bksdm.nope  # noqa: B018
+    assert "compress_unet" in dir(diffusers_bksdm)

@@ -1,0 +1,147 @@
+"""Student configs and exact parameter counts on the real teacher configs (meta device), plans and the registry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from conftest import load_fixture_config
+from diffusers_bksdm import BKUNet2DConditionModel, RemovalPlan, build_block_map, compress_unet, list_variants
+from diffusers_bksdm.plan import get_variant, register_variant, unregister_variant
+
+# SPEC §2 and §7: exact UNet parameter counts
+COUNTS = {
+    "sd-v1-4": {"teacher": 859_520_964, "base": 579_384_964, "small": 482_346_884, "tiny": 323_384_964},
+    "sd-v2-1-base": {"teacher": 865_910_724, "base": 583_480_964, "small": 485_787_524, "tiny": 326_825_604},
+    "sd-v2-1": {"teacher": 865_910_724, "base": 583_480_964, "small": 485_787_524, "tiny": 326_825_604},
+    "sdxl-base-1.0": {"teacher": 2_567_463_684, "koala-1b": 1_161_184_324, "koala-700m": 782_822_724},
+}
+CASES = [(family, variant) for family, counts in COUNTS.items() for variant in counts if variant != "teacher"]
+
+
+def meta_unet(config: dict) -> UNet2DConditionModel:
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", list(COUNTS))
+def test_teacher_counts(family):
+    assert n_params(meta_unet(load_fixture_config(family))) == COUNTS[family]["teacher"]
+
+
+@pytest.mark.parametrize("family,variant", CASES, ids=[f"{f}-{v}" for f, v in CASES])
+def test_student_parameter_counts_are_exact(family, variant):
+    config = BKUNet2DConditionModel.config_from_teacher(load_fixture_config(family), variant)
+    assert n_params(meta_unet(config)) == COUNTS[family][variant]
+
+
+@pytest.mark.parametrize("family,variant", CASES, ids=[f"{f}-{v}" for f, v in CASES])
+def test_compress_real_size_teacher_on_meta_device(family, variant):
+    # the whole compress path (block map, key map, shape checks, assign) on a real-size teacher, at no memory cost
+    teacher = meta_unet(load_fixture_config(family))
+    student = compress_unet(teacher, variant)
+    assert type(student) is UNet2DConditionModel
+    assert n_params(student) == COUNTS[family][variant]
+    assert all(p.is_meta for p in student.parameters())
+
+
+@pytest.mark.parametrize("family", ["sd-v1-4", "sd-v2-1-base", "sd-v2-1"])
+def test_student_configs_follow_the_paper(family):
+    teacher = load_fixture_config(family)
+    base = BKUNet2DConditionModel.config_from_teacher(teacher, "base")
+    small = BKUNet2DConditionModel.config_from_teacher(teacher, "small")
+    tiny = BKUNet2DConditionModel.config_from_teacher(teacher, "tiny")
+
+    assert base["layers_per_block"] == 1 and base["mid_block_type"] == "UNetMidBlock2DCrossAttn"
+    assert small["layers_per_block"] == 1 and small["mid_block_type"] is None
+    assert tiny["layers_per_block"] == 1 and tiny["mid_block_type"] is None
+    assert tiny["block_out_channels"] == [320, 640, 1280]
+    assert tiny["down_block_types"] == ["CrossAttnDownBlock2D"] * 3
+    assert tiny["up_block_types"] == ["CrossAttnUpBlock2D"] * 3
+    expected_heads = [5, 10, 20] if family != "sd-v1-4" else 8
+    assert tiny["attention_head_dim"] == expected_heads
+    assert base["attention_head_dim"] == teacher["attention_head_dim"]
+    # everything else is the teacher's
+    changed = {"layers_per_block", "mid_block_type", "block_out_channels", "down_block_types", "up_block_types",
+               "attention_head_dim"}
+    for key, value in teacher.items():
+        if not key.startswith("_") and key not in changed:
+            assert tiny[key] == value, key
+    # the innermost remaining stage of tiny has no downsampler
+    student = meta_unet(tiny)
+    assert student.down_blocks[-1].downsamplers is None
+    assert student.down_blocks[0].downsamplers is not None
+    assert student.mid_block is None
+
+
+def test_metadata_is_private_and_records_the_plan():
+    config = BKUNet2DConditionModel.config_from_teacher(load_fixture_config("sd-v1-4"), "tiny")
+    meta = config["_bksdm"]
+    assert meta["variant"] == "tiny"
+    assert RemovalPlan.from_dict(meta["plan"]) == get_variant("tiny")
+    assert all(k.startswith("_") or k in UNet2DConditionModel.config_name or True for k in config)
+    assert [k for k in config if k.startswith("_")] == ["_bksdm"]
+
+
+def test_feature_pairs_of_the_paper():
+    teacher = load_fixture_config("sd-v1-4")
+    for variant in ("base", "small"):
+        pairs = build_block_map(teacher, variant).feature_pairs()
+        assert pairs == [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(4)] + [
+            (f"up_blocks.{i}", f"up_blocks.{i}") for i in range(4)
+        ]
+    assert build_block_map(teacher, "tiny").feature_pairs() == [
+        ("down_blocks.0", "down_blocks.0"),
+        ("down_blocks.1", "down_blocks.1"),
+        ("down_blocks.2.attentions.1.proj_out", "down_blocks.2.attentions.0.proj_out"),
+        ("up_blocks.1", "up_blocks.0"),
+        ("up_blocks.2", "up_blocks.1"),
+        ("up_blocks.3", "up_blocks.2"),
+    ]
+    assert ("mid_block", "mid_block") in build_block_map(teacher, "base").feature_pairs("all")
+    assert ("mid_block", "mid_block") not in build_block_map(teacher, "small").feature_pairs("all")
+    with pytest.raises(ValueError, match="feature_pairs"):
+        build_block_map(teacher, "base").feature_pairs("some")
+
+
+def test_removal_plan_json_round_trip_and_validation():
+    plan = RemovalPlan(down_layers=(0,), up_layers=(0, -1), remove_mid_block=True, transformer_layers_per_block=(1, 2))
+    assert RemovalPlan.from_json(plan.to_json()) == plan
+    assert json.loads(plan.to_json())["format_version"] == 1
+    with pytest.raises(ValueError, match="up_layers"):
+        RemovalPlan(down_layers=(0,), up_layers=(0,))
+    with pytest.raises(ValueError, match="remove_innermost_stages"):
+        RemovalPlan(remove_innermost_stages=-1)
+    with pytest.raises(ValueError, match="Unknown removal plan fields"):
+        RemovalPlan.from_dict({"down_layer": [0]})
+    with pytest.raises(ValueError, match="format_version"):
+        RemovalPlan.from_dict({"format_version": 99})
+
+
+def test_registry():
+    assert list_variants()[:3] == ["base", "small", "tiny"]
+    plan = RemovalPlan(down_layers=(0,), up_layers=(0, -1), description="test")
+    register_variant("test-variant", plan)
+    try:
+        assert get_variant("test-variant") is plan
+        with pytest.raises(ValueError, match="already registered"):
+            register_variant("test-variant", RemovalPlan())
+        assert get_variant("test-variant") is plan  # refused registration changed nothing
+    finally:
+        unregister_variant("test-variant")
+    for bad in ("", "Base", "has space", "-x", None):
+        with pytest.raises(ValueError, match="Invalid variant name"):
+            register_variant(bad, plan)
+    with pytest.raises(TypeError, match="RemovalPlan"):
+        register_variant("ok-name", {"down_layers": [0]})
+    with pytest.raises(ValueError, match="built-in"):
+        unregister_variant("base")
+    with pytest.raises(ValueError, match=r"Unknown variant 'huge'; known variants: \['base', 'small', 'tiny'"):
+        get_variant("huge")
