@@ -18,6 +18,7 @@ from .plan import (  # noqa: E402
     get_variant,
     list_variants,
     register_variant,
+    unregister_variant,
 )
 from .student import (  # noqa: E402
     BKUNet2DConditionModel,
@@ -43,6 +44,7 @@ __all__ = [
     "get_variant",
     "list_variants",
     "register_variant",
+    "unregister_variant",
     "BKUNet2DConditionModel",
     "compress_pipeline",
     "compress_unet",
