@@ -87,8 +87,10 @@ def main():
     print(f"| compress_unet | {compress_t:.2f} | {compress_t / clone_t:.2f} |")
     print(f"| clone kept tensors | {clone_t:.2f} | 1.00 |")
     print(f"| from_config (random init) | {init_t:.2f} | {init_t / clone_t:.2f} |")
-    print(f"peak RSS growth during compress_unet: {rss_growth / 2**20:.0f} MiB; student size "
-          f"{student_bytes / 2**20:.0f} MiB; ratio {rss_growth / student_bytes:.2f}")
+    print(
+        f"peak RSS growth during compress_unet: {rss_growth / 2**20:.0f} MiB; student size "
+        f"{student_bytes / 2**20:.0f} MiB; ratio {rss_growth / student_bytes:.2f}"
+    )
 
 
 if __name__ == "__main__":

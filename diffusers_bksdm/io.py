@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -17,7 +17,8 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 __all__ = [
     "RemovalPlan",
@@ -93,12 +94,16 @@ class RemovalPlan:
             value = getattr(self, name)
             if value is None:
                 continue
-            if isinstance(value, (str, bytes)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            if isinstance(value, (str, bytes)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value
+            ):
                 raise ValueError(f"`{name}` must be a sequence of integers or None, got {value!r}.")
             if len(value) == 0:
                 raise ValueError(f"`{name}` must not be empty, got {value!r}; use None to keep everything.")
             object.__setattr__(self, name, tuple(value))
-        if self.down_layers is not None and (min(self.down_layers) < 0 or len(set(self.down_layers)) != len(self.down_layers)):
+        if self.down_layers is not None and (
+            min(self.down_layers) < 0 or len(set(self.down_layers)) != len(self.down_layers)
+        ):
             raise ValueError(f"`down_layers` must hold distinct non-negative indices, got {self.down_layers!r}.")
         if self.transformer_layers_per_block is not None and min(self.transformer_layers_per_block) < 1:
             raise ValueError(
@@ -130,7 +135,7 @@ class RemovalPlan:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RemovalPlan":
+    def from_dict(cls, data: Mapping[str, Any]) -> RemovalPlan:
         data = dict(data)
         version = data.pop("format_version", PLAN_FORMAT_VERSION)
         if version != PLAN_FORMAT_VERSION:
@@ -151,7 +156,7 @@ class RemovalPlan:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "RemovalPlan":
+    def from_json(cls, text: str) -> RemovalPlan:
         return cls.from_dict(json.loads(text))
 
 
@@ -203,7 +208,7 @@ def get_variant(name: str) -> RemovalPlan:
         raise ValueError(f"Unknown variant {name!r}; known variants: {list_variants()}.") from None
 
 
-def resolve_plan(variant: "str | RemovalPlan") -> tuple[str | None, RemovalPlan]:
+def resolve_plan(variant: str | RemovalPlan) -> tuple[str | None, RemovalPlan]:
     """Return `(name, plan)` for a variant name or a plan."""
     if isinstance(variant, RemovalPlan):
         return None, variant
@@ -326,7 +331,9 @@ class BlockMap:
         have one.
         """
         if which not in ("bk", "all"):
-            raise ValueError(f"`feature_pairs` must be 'bk', 'all' or a list of (teacher, student) names, got {which!r}.")
+            raise ValueError(
+                f"`feature_pairs` must be 'bk', 'all' or a list of (teacher, student) names, got {which!r}."
+            )
         pairs = []
         for stage in self.down:
             teacher_block, student_block = f"down_blocks.{stage.teacher_index}", f"down_blocks.{stage.student_index}"
@@ -373,7 +380,7 @@ def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}
 
 
-def build_block_map(teacher_config: Mapping[str, Any], variant: "str | RemovalPlan") -> BlockMap:
+def build_block_map(teacher_config: Mapping[str, Any], variant: str | RemovalPlan) -> BlockMap:
     """Apply a removal plan (or a registered variant name) to a teacher `UNet2DConditionModel` config.
 
     Raises:
@@ -391,10 +398,15 @@ def build_block_map(teacher_config: Mapping[str, Any], variant: "str | RemovalPl
             f"Teacher config must have as many `down_block_types` as `up_block_types`, got {down_types!r} and "
             f"{up_types!r}."
         )
-    for key, types, accepted in (("down_block_types", down_types, DOWN_BLOCK_TYPES), ("up_block_types", up_types, UP_BLOCK_TYPES)):
+    for key, types, accepted in (
+        ("down_block_types", down_types, DOWN_BLOCK_TYPES),
+        ("up_block_types", up_types, UP_BLOCK_TYPES),
+    ):
         for t in types:
             if t not in accepted:
-                raise ValueError(f"Teacher config `{key}` contains {t!r}, which BK-SDM plans support only for {list(accepted)}.")
+                raise ValueError(
+                    f"Teacher config `{key}` contains {t!r}, which BK-SDM plans support only for {list(accepted)}."
+                )
     # the mid block is either kept whole (copied under its own names) or removed, so any type works
     mid_type = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
     if config.get("reverse_transformer_layers_per_block") is not None:
@@ -445,7 +457,9 @@ def build_block_map(teacher_config: Mapping[str, Any], variant: "str | RemovalPl
     teacher_has_mid = mid_type is not None
     keeps_mid = teacher_has_mid and not plan.remove_mid_block
     if plan.remove_mid_block and not teacher_has_mid:
-        raise ValueError("Teacher config `mid_block_type` is None; the plan removes a mid block the teacher does not have.")
+        raise ValueError(
+            "Teacher config `mid_block_type` is None; the plan removes a mid block the teacher does not have."
+        )
 
     if plan.transformer_layers_per_block is not None:
         new_depth = list(plan.transformer_layers_per_block)
@@ -454,7 +468,7 @@ def build_block_map(teacher_config: Mapping[str, Any], variant: "str | RemovalPl
                 f"Plan `transformer_layers_per_block` {new_depth!r} must have one entry per remaining stage "
                 f"({kept_stages}); teacher `transformer_layers_per_block` is {config.get('transformer_layers_per_block')!r}."
             )
-        for i, (new, old) in enumerate(zip(new_depth, depth)):
+        for i, (new, old) in enumerate(zip(new_depth, depth, strict=False)):
             if new > old:
                 raise ValueError(
                     f"Teacher config `transformer_layers_per_block` is {config.get('transformer_layers_per_block')!r}; "

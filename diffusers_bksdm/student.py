@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -56,11 +57,11 @@ class BKUNet2DConditionModel:
     """
 
     @staticmethod
-    def block_map(teacher_config: Mapping[str, Any], variant: "str | RemovalPlan" = "small") -> BlockMap:
+    def block_map(teacher_config: Mapping[str, Any], variant: str | RemovalPlan = "small") -> BlockMap:
         return build_block_map(teacher_config, variant)
 
     @staticmethod
-    def config_from_teacher(teacher_config: Mapping[str, Any], variant: "str | RemovalPlan" = "small") -> dict[str, Any]:
+    def config_from_teacher(teacher_config: Mapping[str, Any], variant: str | RemovalPlan = "small") -> dict[str, Any]:
         """The student config for `UNet2DConditionModel.from_config`, with its provenance under `_bksdm`."""
         block_map = build_block_map(teacher_config, variant)
         config = block_map.student_config()
@@ -69,13 +70,15 @@ class BKUNet2DConditionModel:
 
     @staticmethod
     def from_teacher(
-        unet: UNet2DConditionModel, variant: "str | RemovalPlan" = "small", *, copy_weights: bool = True
+        unet: UNet2DConditionModel, variant: str | RemovalPlan = "small", *, copy_weights: bool = True
     ) -> UNet2DConditionModel:
         """Same as :func:`compress_unet`."""
         return compress_unet(unet, variant, copy_weights=copy_weights)
 
 
-def _copied_tensors(student: torch.nn.Module, teacher: torch.nn.Module, block_map: BlockMap) -> dict[str, torch.Tensor]:
+def _copied_tensors(
+    student: torch.nn.Module, teacher: torch.nn.Module, block_map: BlockMap
+) -> dict[str, torch.Tensor]:
     """For every student parameter and persistent buffer, a copy of the teacher tensor the block map names."""
     teacher_tensors = teacher.state_dict(keep_vars=False)
     copied, problems = {}, []
@@ -98,7 +101,7 @@ def _copied_tensors(student: torch.nn.Module, teacher: torch.nn.Module, block_ma
 
 
 def compress_unet(
-    unet: UNet2DConditionModel, variant: "str | RemovalPlan" = "small", *, copy_weights: bool = True
+    unet: UNet2DConditionModel, variant: str | RemovalPlan = "small", *, copy_weights: bool = True
 ) -> UNet2DConditionModel:
     """Build a BK-SDM student from a teacher UNet.
 
@@ -141,7 +144,7 @@ def compress_unet(
     # non-persistent buffers are not in the state dict; take them from the teacher as well
     teacher_buffers = dict(unet.named_buffers())
     persistent = set(copied)
-    for name, buffer in list(student.named_buffers()):
+    for name, _buffer in list(student.named_buffers()):
         if name not in persistent:
             module_name, _, attr = name.rpartition(".")
             module = student.get_submodule(module_name) if module_name else student
@@ -159,7 +162,7 @@ def compress_unet(
     return student
 
 
-def compress_pipeline(pipe: Any, variant: "str | RemovalPlan" = "small", *, copy_weights: bool = True) -> Any:
+def compress_pipeline(pipe: Any, variant: str | RemovalPlan = "small", *, copy_weights: bool = True) -> Any:
     """Return a pipeline of the same class as `pipe` whose UNet is a BK-SDM student of `pipe.unet`.
 
     The other components (VAE, text encoder, tokenizer, scheduler, ...) are shared with `pipe`, not copied; `pipe`

@@ -76,7 +76,9 @@ def tiny_unet_config(family: str = "sd-v1") -> dict[str, Any]:
         "norm_num_groups": 8,
     }
     if family in ("sd-v2", "sd-v2-v"):
-        config.update(attention_head_dim=[2, 4, 4, 4], use_linear_projection=True, upcast_attention=family == "sd-v2-v")
+        config.update(
+            attention_head_dim=[2, 4, 4, 4], use_linear_projection=True, upcast_attention=family == "sd-v2-v"
+        )
     return config
 
 
@@ -125,7 +127,9 @@ def tiny_text_encoder(seed: int = 0):
 
 def _byte_characters() -> list[str]:
     # The printable stand-ins CLIP's byte-level BPE uses for the 256 byte values.
-    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    visible = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = [], 0
     for b in range(256):
         if b in visible:
@@ -183,7 +187,9 @@ def tiny_pipeline(family: str = "sd-v1", seed: int = 0):
     from diffusers import StableDiffusionPipeline
 
     if family == "sdxl":
-        raise ValueError("tiny_pipeline builds Stable Diffusion v1/v2 pipelines; use tiny_unet('sdxl') for SDXL UNets.")
+        raise ValueError(
+            "tiny_pipeline builds Stable Diffusion v1/v2 pipelines; use tiny_unet('sdxl') for SDXL UNets."
+        )
     return StableDiffusionPipeline(
         vae=tiny_vae(seed),
         text_encoder=tiny_text_encoder(seed),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from conftest import run_python
 from diffusers_bksdm import compress_pipeline, compress_unet, student_info
@@ -61,24 +60,32 @@ def test_save_and_reload_in_stock_diffusers(tmp_path):
     assert list((tmp_path / "unet").glob("*.safetensors"))
 
     g = torch.Generator().manual_seed(0)
-    inputs = {"sample": torch.randn(2, 4, 8, 8, generator=g), "t": torch.tensor([3, 700]),
-              "text": torch.randn(2, 7, 32, generator=g)}
+    inputs = {
+        "sample": torch.randn(2, 4, 8, 8, generator=g),
+        "t": torch.tensor([3, 700]),
+        "text": torch.randn(2, 7, 32, generator=g),
+    }
     torch.save(inputs, tmp_path / "inputs.pt")
     out_path = tmp_path / "outs.pt"
-    run_python(STOCK_LOADER, str(tmp_path / "unet"), str(tmp_path / "pipe"), str(tmp_path / "inputs.pt"),
-               str(out_path))
+    run_python(
+        STOCK_LOADER, str(tmp_path / "unet"), str(tmp_path / "pipe"), str(tmp_path / "inputs.pt"), str(out_path)
+    )
 
     report = json.loads((tmp_path / "outs.pt.json").read_text())
     assert report["imported_plugin"] is False
     assert (report["unet_class"], report["auto_class"], report["pipe_class"]) == (
-        "UNet2DConditionModel", "UNet2DConditionModel", "StableDiffusionPipeline")
+        "UNet2DConditionModel",
+        "UNet2DConditionModel",
+        "StableDiffusionPipeline",
+    )
     assert "not expected" not in report["log"], report["log"]  # the private metadata key loads silently
     outs = torch.load(out_path)
     with torch.no_grad():
         expected_unet = unet_only(inputs["sample"], inputs["t"], inputs["text"]).sample
         expected_pipe_unet = student_pipe.unet(inputs["sample"], inputs["t"], inputs["text"]).sample
-        image = student_pipe("a golden vase", num_inference_steps=2, output_type="np",
-                             generator=torch.Generator().manual_seed(0)).images
+        image = student_pipe(
+            "a golden vase", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
+        ).images
     torch.testing.assert_close(outs["unet"], expected_unet, rtol=0, atol=0)
     torch.testing.assert_close(outs["auto"], expected_unet, rtol=0, atol=0)
     torch.testing.assert_close(outs["pipe_unet"], expected_pipe_unet, rtol=0, atol=0)

@@ -27,8 +27,19 @@ def test_compress_whole_pipeline(tiny_pipeline_dir, tmp_path, capsys):
 
 def test_compress_bare_unet_in_fp16(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "unet"
-    args = ["compress", "--teacher", str(tiny_pipeline_dir), "--subfolder", "unet", "--variant", "base",
-            "--output", str(out), "--dtype", "fp16"]
+    args = [
+        "compress",
+        "--teacher",
+        str(tiny_pipeline_dir),
+        "--subfolder",
+        "unet",
+        "--variant",
+        "base",
+        "--output",
+        str(out),
+        "--dtype",
+        "fp16",
+    ]
     assert main(args) == 0
     assert not (out / "model_index.json").exists()
     from safetensors.torch import load_file
@@ -53,7 +64,10 @@ def test_errors_name_the_argument(tiny_pipeline_dir, tmp_path, capsys):
     assert "`--output`" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "user data"
 
-    assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--variant", "huge", "--output", str(tmp_path / "x")]) == 2
+    assert (
+        main(["compress", "--teacher", str(tiny_pipeline_dir), "--variant", "huge", "--output", str(tmp_path / "x")])
+        == 2
+    )
     assert "Unknown variant 'huge'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 

@@ -29,7 +29,7 @@ def expected_teacher_key(student_key: str, variant: str) -> str:
     match = re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", student_key)
     if match:
         block, kind, layer, rest = match.groups()
-        return f"up_blocks.{int(block) + shift}.{kind}.{ {'0': 0, '1': 2}[layer]}.{rest}"
+        return f"up_blocks.{int(block) + shift}.{kind}.{ {'0': 0, '1': 2}[layer] }.{rest}"
     match = re.match(r"up_blocks\.(\d+)\.(upsamplers.*)", student_key)
     if match:
         return f"up_blocks.{int(match.group(1)) + shift}.{match.group(2)}"
@@ -95,7 +95,7 @@ def test_from_teacher_and_config_from_teacher_agree_with_compress_unet(teachers)
     b = BKUNet2DConditionModel.from_teacher(teacher, "tiny")
     c = UNet2DConditionModel.from_config(BKUNet2DConditionModel.config_from_teacher(teacher.config, "tiny"))
     assert a.config == b.config == c.config
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=False))
     assert student_info(a)["variant"] == "tiny"
 
 
@@ -158,11 +158,21 @@ def test_not_a_unet():
     "change,variant,field",
     [
         ({"layers_per_block": 1}, "base", "layers_per_block"),
-        ({"down_block_types": ["SimpleCrossAttnDownBlock2D"] + ["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"]},
-         "base", "down_block_types"),
+        (
+            {"down_block_types": ["SimpleCrossAttnDownBlock2D"] + ["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"]},
+            "base",
+            "down_block_types",
+        ),
         ({"up_block_types": ["UpBlock2D"] + ["SimpleCrossAttnUpBlock2D"] * 3}, "small", "up_block_types"),
-        ({"block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-          "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}, "tiny", "block_out_channels"),
+        (
+            {
+                "block_out_channels": [32, 64],
+                "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            },
+            "tiny",
+            "block_out_channels",
+        ),
     ],
     ids=["already-one-layer", "unknown-down-block", "unknown-up-block", "tiny-of-two-stages"],
 )
@@ -192,7 +202,9 @@ def test_compress_pipeline_shares_components_and_keeps_the_class():
         assert getattr(student_pipe, name) is getattr(pipe, name)
     assert student_pipe.config.requires_safety_checker is False
     image = student_pipe(
-        "a golden vase with different flowers", num_inference_steps=2, output_type="np",
+        "a golden vase with different flowers",
+        num_inference_steps=2,
+        output_type="np",
         generator=torch.Generator().manual_seed(0),
     ).images
     assert image.shape == (1, 16, 16, 3)

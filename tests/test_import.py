@@ -21,7 +21,9 @@ print(json.dumps({"modules": mods, "cuda": torch.cuda.is_initialized(),
 def test_import_is_cheap():
     report = json.loads(run_python(CODE).stdout.strip().splitlines()[-1])
     assert set(report["modules"]) <= {
-        "diffusers_bksdm", "diffusers_bksdm.plan", "diffusers_bksdm.student",
+        "diffusers_bksdm",
+        "diffusers_bksdm.plan",
+        "diffusers_bksdm.student",
     }, report["modules"]
     assert report["cuda"] is False
     assert "datasets" not in report["heavy"] and "torchmetrics" not in report["heavy"]

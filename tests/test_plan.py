@@ -69,8 +69,14 @@ def test_student_configs_follow_the_paper(family):
     assert tiny["attention_head_dim"] == expected_heads
     assert base["attention_head_dim"] == teacher["attention_head_dim"]
     # everything else is the teacher's
-    changed = {"layers_per_block", "mid_block_type", "block_out_channels", "down_block_types", "up_block_types",
-               "attention_head_dim"}
+    changed = {
+        "layers_per_block",
+        "mid_block_type",
+        "block_out_channels",
+        "down_block_types",
+        "up_block_types",
+        "attention_head_dim",
+    }
     for key, value in teacher.items():
         if not key.startswith("_") and key not in changed:
             assert tiny[key] == value, key

@@ -22,7 +22,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--subfolder", default=None, help="Load a bare UNet from this subfolder (e.g. `unet`).")
     parser.add_argument("--revision", default=None, help="Hub revision of the teacher.")
     parser.add_argument("--variant", default="small", help="BK-SDM variant: base, small, tiny or a registered name.")
-    parser.add_argument("--output", "--output_dir", dest="output", required=True, help="Folder to write the student to.")
+    parser.add_argument(
+        "--output", "--output_dir", dest="output", required=True, help="Folder to write the student to."
+    )
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="Load and save in this dtype.")
     parser.add_argument("--overwrite", action="store_true", help="Replace --output if it exists and is not empty.")
     parser.set_defaults(func=run)
@@ -46,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
             student = compress_unet(teacher, args.variant)
             student.save_pretrained(tmp)
     before, after = count_parameters(teacher), count_parameters(student)
-    rows = [("teacher UNet", f"{before:,}"), (f"student UNet ({args.variant})", f"{after:,}"),
-            ("reduction", f"{1 - after / before:.1%}")]
+    rows = [
+        ("teacher UNet", f"{before:,}"),
+        (f"student UNet ({args.variant})", f"{after:,}"),
+        ("reduction", f"{1 - after / before:.1%}"),
+    ]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value:>15}")
