@@ -218,3 +218,23 @@ def test_compress_pipeline_img2img():
     student_pipe = compress_pipeline(pipe, "small")
     assert type(student_pipe) is StableDiffusionImg2ImgPipeline
     assert student_pipe.unet.config.mid_block_type is None
+
+
+def test_inpainting_teacher():
+    from diffusers import StableDiffusionInpaintPipeline
+
+    base = tiny_pipeline("sd-v1", seed=0)
+    unet = UNet2DConditionModel.from_config({**tiny_unet_config("sd-v1"), "in_channels": 9})
+    pipe = StableDiffusionInpaintPipeline(**{**base.components, "unet": unet}, requires_safety_checker=False)
+    student_pipe = compress_pipeline(pipe, "tiny")
+    assert type(student_pipe) is StableDiffusionInpaintPipeline
+    assert student_pipe.unet.config.in_channels == 9
+    assert torch.equal(student_pipe.unet.conv_in.weight, unet.conv_in.weight)
+    image = torch.rand(1, 3, 16, 16)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    out = student_pipe(
+        "a vase", image=image, mask_image=mask, height=16, width=16, num_inference_steps=2, output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert out.shape == (1, 16, 16, 3)
