@@ -1,0 +1,653 @@
+"""Efficiency report of a teacher and its BK-SDM students: parameters, MACs and latency, measured side by side.
+
+- Parameters: of the UNet, the text encoder(s), the VAE decoder and the generation pipeline (UNet + text encoders +
+  VAE decoder: what runs to make an image; the VAE encoder is not used for text-to-image).
+- MACs: one UNet forward of one sample at the given resolution, counted with `torch.utils.flop_counter` on the meta
+  device (no memory, no compute). The paper's convention counts the multiply-adds of convolutions and linear
+  layers; the products inside attention (`QK^T` and `softmax(.)V`, which have no weights) are reported apart. With
+  that convention the SD v1.4 UNet at 512x512 is 338.6G MACs and BK-SDM-Base 223.7G (paper: 338.7G and 223.8G).
+- Latency: UNet forwards of all models interleaved in one loop (warm-up first, the order rotated every repeat,
+  `torch.cuda.synchronize` on GPU), medians reported; optionally whole pipeline calls for N steps.
+
+Everything can be built from a UNet config alone (random weights), so the report runs with no download.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "SHIPPED_CONFIGS",
+    "BenchmarkSettings",
+    "ModelReport",
+    "BenchmarkReport",
+    "load_config",
+    "count_macs",
+    "unet_inputs",
+    "measure_latency",
+    "component_parameters",
+    "default_variants",
+    "benchmark",
+    "report_markdown",
+    "save_report",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Shipped config names (`--teacher_config sd-v1-4`) -> package data file.
+SHIPPED_CONFIGS = {
+    "sd-v1-4": "sd-v1-4.json",
+    "sd-v1-5": "sd-v1-4.json",
+    "sd-v2-1-base": "sd-v2-1-base.json",
+    "sd-v2-1": "sd-v2-1.json",
+    "sdxl-base-1.0": "sdxl-base-1.0.json",
+}
+#: Text encoder config per UNet `cross_attention_dim`, when building a pipeline from a UNet config alone:
+#: 768 -> CLIP ViT-L/14 (SD v1.x, shipped); 1024 -> the OpenCLIP ViT-H/14 text tower of SD v2.x.
+_TEXT_ENCODER_OVERRIDES = {
+    768: {},
+    1024: {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 23,
+           "projection_dim": 512, "hidden_act": "gelu"},
+}  # fmt: skip
+# aten ops that multiply activations by weights (the paper's MACs); everything else the counter sees is attention
+_WEIGHT_OPS = ("convolution", "_convolution", "convolution_backward", "addmm", "mm", "linear")
+
+
+def load_config(name_or_path: str | os.PathLike, argument: str = "--teacher_config") -> dict[str, Any]:
+    """A config dict from a JSON file, a folder holding `config.json`, or a shipped name (see :data:`SHIPPED_CONFIGS`
+    and the other files of `diffusers_bksdm/configs`, e.g. `sd-v1-4-vae`)."""
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name):
+        name = os.path.join(name, "config.json")
+    if os.path.isfile(name):
+        with open(name, encoding="utf-8") as f:
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"`{argument}` {name!r} is not valid JSON ({error}).") from error
+    files = resources.files("diffusers_bksdm").joinpath("configs")
+    shipped = {**{p.name[:-5]: p.name for p in files.iterdir() if p.name.endswith(".json")}, **SHIPPED_CONFIGS}
+    if name in shipped:
+        return json.loads(files.joinpath(shipped[name]).read_text(encoding="utf-8"))
+    raise ValueError(f"`{argument}` {name!r} is neither a JSON file nor a shipped config; shipped: {sorted(shipped)}.")
+
+
+@dataclass
+class BenchmarkSettings:
+    """What to measure.
+
+    Args:
+        resolution (`int`, *optional*, defaults to 512): image height and width.
+        batch_size (`int`, *optional*, defaults to 1): images per call; the UNet sees twice as many samples with
+            classifier-free guidance.
+        cfg (`bool`, *optional*, defaults to `True`): double the UNet batch as classifier-free guidance does.
+        repeats (`int`, *optional*, defaults to 5): timed UNet forwards per model (the median is reported).
+        warmup (`int`, *optional*, defaults to 1): untimed forwards per model first.
+        steps (`int`, *optional*, defaults to 0): denoising steps of the whole-pipeline latency (0: not measured).
+        pipeline_repeats (`int`, *optional*, defaults to 1): timed pipeline calls per model.
+        device (`str`, *optional*, defaults to `"cpu"`).
+        dtype (`torch.dtype`, *optional*): defaults to float16 on CUDA and float32 elsewhere.
+    """
+
+    resolution: int = 512
+    batch_size: int = 1
+    cfg: bool = True
+    repeats: int = 5
+    warmup: int = 1
+    steps: int = 0
+    pipeline_repeats: int = 1
+    device: str = "cpu"
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self):
+        for name in ("resolution", "batch_size", "repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`--{name}` must be a positive integer, got {value!r}.")
+        for name in ("warmup", "steps", "pipeline_repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"`--{name}` must be a non-negative integer, got {value!r}.")
+        if self.dtype is None:
+            self.dtype = torch.float16 if torch.device(self.device).type == "cuda" else torch.float32
+
+    @property
+    def unet_batch(self) -> int:
+        return self.batch_size * (2 if self.cfg else 1)
+
+
+@dataclass
+class ModelReport:
+    """One row of the report: a teacher or a student."""
+
+    name: str
+    unet_params: int
+    macs: float
+    attention_macs: float
+    text_encoder_params: int | None = None
+    vae_decoder_params: int | None = None
+    unet_latency_s: list[float] = field(default_factory=list)
+    pipeline_latency_s: list[float] = field(default_factory=list)
+
+    @property
+    def pipeline_params(self) -> int | None:
+        if self.text_encoder_params is None or self.vae_decoder_params is None:
+            return None
+        return self.unet_params + self.text_encoder_params + self.vae_decoder_params
+
+    @property
+    def unet_latency(self) -> float | None:
+        return statistics.median(self.unet_latency_s) if self.unet_latency_s else None
+
+    @property
+    def pipeline_latency(self) -> float | None:
+        return statistics.median(self.pipeline_latency_s) if self.pipeline_latency_s else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            pipeline_params=self.pipeline_params,
+            unet_latency_median_s=self.unet_latency,
+            pipeline_latency_median_s=self.pipeline_latency,
+        )
+        return data
+
+
+@dataclass
+class BenchmarkReport:
+    """All rows (the teacher first) and the conditions they were measured under."""
+
+    models: list[ModelReport]
+    settings: dict[str, Any]
+
+    def ratios(self, model: ModelReport) -> dict[str, float | None]:
+        """`model` relative to the teacher (first row): params, MACs, UNet and pipeline latency."""
+        teacher = self.models[0]
+
+        def ratio(a, b):
+            return a / b if a is not None and b else None
+
+        return {
+            "params": ratio(model.unet_params, teacher.unet_params),
+            "macs": ratio(model.macs, teacher.macs),
+            "unet_latency": ratio(model.unet_latency, teacher.unet_latency),
+            "pipeline_latency": ratio(model.pipeline_latency, teacher.pipeline_latency),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "models": [{**m.to_dict(), "ratios_to_teacher": self.ratios(m)} for m in self.models],
+        }
+
+
+# ------------------------------------------------------------------------------------------------------------ MACs
+
+
+def _meta_unet(config: Mapping[str, Any]):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(dict(config))
+
+
+def unet_inputs(
+    config: Mapping[str, Any],
+    batch: int,
+    latent_size: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Keyword arguments for one UNet forward: latents, a timestep, text states (77 tokens), and SDXL's extra
+    conditioning (`added_cond_kwargs`) when the config has `addition_embed_type: text_time`."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+
+    def randn(*shape):
+        tensor = torch.randn(*shape, generator=generator) if torch.device(device).type != "meta" else None
+        return torch.empty(*shape, device="meta", dtype=dtype) if tensor is None else tensor.to(device, dtype)
+
+    kwargs: dict[str, Any] = {
+        "sample": randn(batch, config.get("in_channels", 4), latent_size, latent_size),
+        "timestep": torch.tensor(500, device=device),
+        "encoder_hidden_states": randn(batch, 77, config["cross_attention_dim"]),
+    }
+    if config.get("addition_embed_type") == "text_time":
+        time_dim = config["addition_time_embed_dim"]
+        text_dim = config["projection_class_embeddings_input_dim"] - 6 * time_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": randn(batch, text_dim), "time_ids": randn(batch, 6)}
+    elif config.get("addition_embed_type") is not None or config.get("class_embed_type") is not None:
+        raise ValueError(
+            "Benchmarking supports UNets without extra conditioning or with SDXL's `addition_embed_type: text_time`; "
+            f"got addition_embed_type={config.get('addition_embed_type')!r}, "
+            f"class_embed_type={config.get('class_embed_type')!r}."
+        )
+    return kwargs
+
+
+def count_macs(config: Mapping[str, Any], latent_size: int = 64) -> dict[str, float]:
+    """Multiply-accumulates of one UNet forward of one sample, counted on the meta device.
+
+    Args:
+        config (`Mapping`): a `UNet2DConditionModel` config.
+        latent_size (`int`, *optional*, defaults to 64): latent height and width (64 for 512x512 images with SD's VAE).
+
+    Returns:
+        `dict`: `macs` (convolutions and linear layers: the paper's convention), `attention_macs` (the matmuls inside
+        attention) and `by_op` (MACs per aten op).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = _meta_unet(config)
+    inputs = unet_inputs(config, 1, latent_size, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        unet(**inputs)
+    by_op = {str(op).split(".")[-1]: flops / 2 for op, flops in counter.get_flop_counts()["Global"].items()}
+    weights = sum(v for k, v in by_op.items() if k in _WEIGHT_OPS)
+    return {"macs": weights, "attention_macs": sum(by_op.values()) - weights, "by_op": by_op}
+
+
+# ------------------------------------------------------------------------------------------------------ parameters
+
+
+def _count(module) -> int | None:
+    return None if module is None else sum(p.numel() for p in module.parameters())
+
+
+def component_parameters(pipe) -> dict[str, int | None]:
+    """Parameters of a pipeline's UNet, text encoder(s) (summed) and VAE decoder (`decoder` + `post_quant_conv`)."""
+    encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    encoders = [e for e in encoders if e is not None]
+    vae = getattr(pipe, "vae", None)
+    decoder = None
+    if vae is not None:
+        decoder = _count(vae.decoder) + (_count(getattr(vae, "post_quant_conv", None)) or 0)
+    return {
+        "unet": _count(pipe.unet),
+        "text_encoder": sum(_count(e) for e in encoders) if encoders else None,
+        "vae_decoder": decoder,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------- latency
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_latency(
+    calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1, device: str | torch.device = "cpu"
+) -> dict[str, list[float]]:
+    """Time several callables side by side: `warmup` untimed rounds, then `repeats` rounds in which every callable
+    runs once, in an order rotated each round so that none always runs first. Returns the seconds of each run."""
+    device = torch.device(device)
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for name in names:
+                calls[name]()
+        _synchronize(device)
+        for r in range(repeats):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                _synchronize(device)
+                start = time.perf_counter()
+                calls[name]()
+                _synchronize(device)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+# -------------------------------------------------------------------------------------------------------- pipeline
+
+
+def default_variants(teacher_config: Mapping[str, Any]) -> list[str]:
+    """`base, small, tiny` for SD v1/v2 teachers; `koala-1b, koala-700m` for SDXL (`addition_embed_type: text_time`)."""
+    if teacher_config.get("addition_embed_type") == "text_time":
+        return ["koala-1b", "koala-700m"]
+    return ["base", "small", "tiny"]
+
+
+def _pipeline_from_config(unet_config: Mapping[str, Any], vae_config: Mapping[str, Any] | None, text_config):
+    """A random-weight `StableDiffusionPipeline` built from configs (a tiny local tokenizer: token ids do not change
+    the cost)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tiny import tiny_scheduler, tiny_tokenizer
+
+    unet = UNet2DConditionModel.from_config(dict(unet_config))
+    if vae_config is None or text_config is None:
+        return None, unet
+    vae = AutoencoderKL.from_config(dict(vae_config))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), unet=unet, scheduler=tiny_scheduler("sd-v1"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    return pipe, unet
+
+
+def _text_config_for(unet_config: Mapping[str, Any]) -> dict[str, Any] | None:
+    overrides = _TEXT_ENCODER_OVERRIDES.get(unet_config.get("cross_attention_dim"))
+    if overrides is None or unet_config.get("addition_embed_type") is not None:
+        return None
+    return {**load_config("clip-vit-large-patch14-text", "--text_encoder_config"), **overrides}
+
+
+def _with_unet(pipe, unet):
+    """A pipeline sharing `pipe`'s components but `unet` (like `from_pipe`, without its dtype cast)."""
+    pipeline_class = type(pipe)
+    _, optional = pipeline_class._get_signature_keys(pipeline_class)
+    components = {**pipe.components, "unet": unet}
+    extra = {k: pipe.config[k] for k in optional if k in pipe.config and k not in components}
+    return pipeline_class(**components, **extra)
+
+
+def benchmark(
+    *,
+    teacher: str | None = None,
+    teacher_config: str | Mapping[str, Any] | None = None,
+    variants: Sequence[str] | None = None,
+    students: Mapping[str, str] | None = None,
+    settings: BenchmarkSettings | None = None,
+    vae_config: str | Mapping[str, Any] | None = None,
+    text_encoder_config: str | Mapping[str, Any] | None = None,
+    measure: bool = True,
+) -> BenchmarkReport:
+    """Measure a teacher and its students side by side.
+
+    Args:
+        teacher (`str`, *optional*): a pipeline or UNet folder / repo id, or `builtin:tiny-sd` (real weights).
+        teacher_config (`str` or `Mapping`, *optional*): instead of `teacher`, a UNet config (file, shipped name such
+            as `sd-v1-4`, or dict): random weights, no download. For SD v1/v2 configs a text encoder and VAE of the
+            family are built too, so whole-pipeline numbers are available.
+        variants (`Sequence[str]`, *optional*): students to build from the teacher (default: :func:`default_variants`).
+        students (`Mapping[str, str]`, *optional*): name -> folder of a saved student (a UNet or a pipeline), measured
+            instead of `variants`.
+        settings (`BenchmarkSettings`, *optional*): resolution, batch size, repeats, device, dtype, steps.
+        vae_config, text_encoder_config (*optional*): override the VAE / text encoder built in config mode.
+        measure (`bool`, *optional*, defaults to `True`): time the models; with `False` only parameters and MACs are
+            computed, all on the meta device (no memory).
+
+    Returns:
+        `BenchmarkReport`: the teacher first, then the students.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from .student import compress_unet
+
+    if (teacher is None) == (teacher_config is None):
+        raise ValueError("Pass exactly one of `--teacher` (a model) and `--teacher_config` (a UNet config).")
+    settings = settings or BenchmarkSettings()
+    if students and variants:
+        raise ValueError("Pass either `--variants` or `--student`, not both.")
+    device = torch.device(settings.device)
+
+    # ---- the teacher: its UNet config, and (unless measure=False in config mode) the real modules
+    teacher_pipe, teacher_unet = None, None
+    if teacher_config is not None:
+        unet_config = dict(teacher_config) if isinstance(teacher_config, Mapping) else load_config(teacher_config)
+        unet_config = {k: v for k, v in unet_config.items() if k != "_bksdm"}
+        vae_cfg = vae_config if vae_config is not None else (
+            "sd-v1-4-vae" if unet_config.get("addition_embed_type") is None else None
+        )
+        vae_cfg = load_config(vae_cfg, "--vae_config") if isinstance(vae_cfg, (str, os.PathLike)) else vae_cfg
+        text_cfg = text_encoder_config if text_encoder_config is not None else _text_config_for(unet_config)
+        if isinstance(text_cfg, (str, os.PathLike)):
+            text_cfg = load_config(text_cfg, "--text_encoder_config")
+        source = teacher_config if isinstance(teacher_config, str) else "config"
+        if measure:
+            torch.manual_seed(0)
+            teacher_pipe, teacher_unet = _pipeline_from_config(unet_config, vae_cfg, text_cfg)
+            text_params = component_parameters(teacher_pipe)["text_encoder"] if teacher_pipe is not None else None
+            decoder_params = component_parameters(teacher_pipe)["vae_decoder"] if teacher_pipe is not None else None
+        else:
+            text_params, decoder_params = _meta_component_params(vae_cfg, text_cfg)
+        vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) if vae_cfg else 8
+    else:
+        from .io import load_teacher
+
+        teacher_pipe, teacher_unet = load_teacher(teacher)
+        unet_config = {k: v for k, v in dict(teacher_unet.config).items() if not k.startswith("_")}
+        params = component_parameters(teacher_pipe) if teacher_pipe is not None else {}
+        text_params, decoder_params = params.get("text_encoder"), params.get("vae_decoder")
+        vae = getattr(teacher_pipe, "vae", None)
+        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        source = teacher
+    if settings.resolution % vae_factor:
+        raise ValueError(f"`--resolution` must be a multiple of {vae_factor} (the VAE factor), got {settings.resolution}.")
+    latent = settings.resolution // vae_factor
+
+    # ---- the students
+    entries: list[tuple[str, dict[str, Any], Any]] = []  # (name, unet config, unet or None)
+    if students:
+        for name, path in students.items():
+            student_unet = _load_student_unet(path, settings.dtype)
+            entries.append((name, dict(student_unet.config), student_unet))
+    else:
+        from .student import BKUNet2DConditionModel
+
+        for variant in variants or default_variants(unet_config):
+            config = BKUNet2DConditionModel.config_from_teacher(unet_config, variant)
+            config.pop("_bksdm", None)
+            student_unet = None
+            if teacher_unet is not None:
+                student_unet = compress_unet(teacher_unet, variant)
+            entries.append((f"bk-{variant}", config, student_unet))
+
+    rows = []
+    for name, config, _ in [("teacher", unet_config, teacher_unet)] + entries:
+        macs = count_macs(config, latent)
+        with torch.device("meta"):
+            unet_params = _count(UNet2DConditionModel.from_config(dict(config)))
+        rows.append(ModelReport(name, unet_params, macs["macs"], macs["attention_macs"], text_params, decoder_params))
+
+    # ---- latency, side by side
+    if measure:
+        unets = {"teacher": teacher_unet, **{name: unet for name, _, unet in entries}}
+        for unet in unets.values():
+            _move(unet, device, settings.dtype).eval()
+        inputs = unet_inputs(unet_config, settings.unet_batch, latent, device, settings.dtype)
+        calls = {name: (lambda u=unet: u(**inputs)) for name, unet in unets.items()}
+        logger.info("Timing %d UNets: %d warm-up + %d rounds", len(calls), settings.warmup, settings.repeats)
+        times = measure_latency(calls, settings.repeats, settings.warmup, device)
+        for row in rows:
+            row.unet_latency_s = times[row.name]
+        if settings.steps and teacher_pipe is not None:
+            for component in teacher_pipe.components.values():
+                if isinstance(component, torch.nn.Module):
+                    _move(component, device, settings.dtype)
+            teacher_pipe.set_progress_bar_config(disable=True)
+            pipes = {"teacher": teacher_pipe, **{name: _with_unet(teacher_pipe, unet) for name, _, unet in entries}}
+            for pipe in pipes.values():
+                pipe.set_progress_bar_config(disable=True)
+            prompt = ["a golden vase with different flowers"] * settings.batch_size
+
+            def pipeline_call(pipe):
+                return lambda: pipe(
+                    prompt=prompt, num_inference_steps=settings.steps, height=settings.resolution,
+                    width=settings.resolution, guidance_scale=7.5 if settings.cfg else 1.0, output_type="np",
+                    generator=torch.Generator("cpu").manual_seed(0),
+                )  # fmt: skip
+
+            logger.info("Timing %d pipelines: %d steps", len(pipes), settings.steps)
+            pipe_times = measure_latency(
+                {n: pipeline_call(p) for n, p in pipes.items()}, settings.pipeline_repeats or 1, min(settings.warmup, 1),
+                device,
+            )
+            for row in rows:
+                row.pipeline_latency_s = pipe_times[row.name]
+        elif settings.steps:
+            logger.warning("No text encoder / VAE for this teacher: whole-pipeline latency is not measured.")
+
+    meta = {
+        "teacher": source,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "dtype": str(settings.dtype).replace("torch.", ""),
+        "resolution": settings.resolution,
+        "latent_size": latent,
+        "batch_size": settings.batch_size,
+        "unet_batch": settings.unet_batch,
+        "repeats": settings.repeats,
+        "warmup": settings.warmup,
+        "steps": settings.steps,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "weights": "random (from config)" if teacher_config is not None else "loaded",
+        "macs_convention": "per sample; convolutions + linear layers (paper); attention matmuls apart",
+    }
+    return BenchmarkReport(rows, meta)
+
+
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    # `.to()` only where needed: diffusers warns on every cast of a model, even a no-op one
+    first = next(module.parameters(), None)
+    if first is not None and (first.device != device or first.dtype != dtype):
+        module.to(device=device, dtype=dtype)
+    return module
+
+
+def _meta_component_params(vae_cfg, text_cfg) -> tuple[int | None, int | None]:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_params = decoder_params = None
+    with torch.device("meta"):
+        if text_cfg is not None:
+            text_params = _count(CLIPTextModel(CLIPTextConfig(**text_cfg)))
+        if vae_cfg is not None:
+            vae = AutoencoderKL.from_config(dict(vae_cfg))
+            decoder_params = _count(vae.decoder) + (_count(getattr(vae, "post_quant_conv", None)) or 0)
+    return text_params, decoder_params
+
+
+def _load_student_unet(path: str, dtype: torch.dtype | None):
+    from diffusers import UNet2DConditionModel
+
+    subfolder = "unet" if os.path.isfile(os.path.join(path, "model_index.json")) else None
+    if os.path.isdir(path) and subfolder is None and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"`--student` {path!r} is neither a UNet folder (config.json) nor a pipeline (model_index.json).")
+    return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, use_safetensors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- output
+
+
+def _fmt_params(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:,.1f}M"
+
+
+def _fmt_macs(n: float) -> str:
+    return f"{n / 1e9:,.1f}G" if n >= 1e9 else f"{n / 1e6:,.1f}M"
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def report_markdown(report: BenchmarkReport) -> str:
+    """The report as a markdown table, with the conditions it was measured under."""
+    s = report.settings
+    lines = [
+        f"Teacher `{s['teacher']}` ({s['weights']} weights), {s['device']} ({s['device_name']}, {s['threads']} threads), "
+        f"{s['dtype']}, {s['resolution']}x{s['resolution']} images ({s['latent_size']}x{s['latent_size']} latents), "
+        f"UNet batch {s['unet_batch']}, median of {s['repeats']} runs after {s['warmup']} warm-up.",
+        "",
+        "| model | UNet params | pipeline params | MACs/sample | MACs ratio | UNet latency | latency ratio "
+        + ("| pipeline latency | pipeline ratio " if s.get("steps") else "")
+        + "|",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if s.get("steps") else ""),
+    ]
+    for m in report.models:
+        r = report.ratios(m)
+        latency = "-" if m.unet_latency is None else f"{m.unet_latency * 1000:,.0f} ms"
+        row = (
+            f"| {m.name} | {_fmt_params(m.unet_params)} | {_fmt_params(m.pipeline_params)} | {_fmt_macs(m.macs)} "
+            f"| {_fmt_ratio(r['macs'])} | {latency} | {_fmt_ratio(r['unet_latency'])} "
+        )
+        if s.get("steps"):
+            pipe = "-" if m.pipeline_latency is None else f"{m.pipeline_latency:,.2f} s"
+            row += f"| {pipe} ({s['steps']} steps) | {_fmt_ratio(r['pipeline_latency'])} "
+        lines.append(row + "|")
+    lines.append("")
+    lines.append(
+        "MACs: one UNet forward of one sample, convolutions + linear layers (the paper's convention); attention "
+        "matmuls add " + ", ".join(f"{m.name} {_fmt_macs(m.attention_macs)}" for m in report.models) + "."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _bar_chart(report: BenchmarkReport, path: str) -> None:
+    from matplotlib.figure import Figure
+
+    names = [m.name for m in report.models]
+    panels = [("UNet parameters (M)", [m.unet_params / 1e6 for m in report.models])]
+    panels.append(("MACs per sample (G)", [m.macs / 1e9 for m in report.models]))
+    if all(m.unet_latency is not None for m in report.models):
+        panels.append(
+            (f"UNet latency (ms, {report.settings['device']})", [m.unet_latency * 1000 for m in report.models])
+        )
+    figure = Figure(figsize=(4 * len(panels), 3.5), layout="constrained")
+    colors = ["#7f7f7f"] + ["#1f77b4"] * (len(names) - 1)
+    for axis, (title, values) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        bars = axis.bar(names, values, color=colors)
+        axis.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=8)
+        axis.set_title(title, fontsize=10)
+        axis.tick_params(axis="x", labelrotation=30, labelsize=8)
+    figure.savefig(path, dpi=100)
+
+
+def save_report(report: BenchmarkReport, output_dir: str | os.PathLike, chart: bool = True) -> dict[str, str]:
+    """Write `bench.json`, `bench.md` and (if matplotlib is installed) `bench.png` into `output_dir`.
+
+    Each file is written to a temporary name and renamed into place. Returns the paths written.
+    """
+    output_dir = os.fspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    written = {}
+
+    def write(name: str, writer: Callable[[str], None]) -> None:
+        path = os.path.join(output_dir, name)
+        stem, ext = os.path.splitext(name)
+        tmp = os.path.join(output_dir, f".{stem}.tmp-{uuid.uuid4().hex[:8]}{ext}")
+        try:
+            writer(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        written[name] = path
+
+    def write_text(text: str) -> Callable[[str], None]:
+        def writer(path: str) -> None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+
+        return writer
+
+    write("bench.json", write_text(json.dumps(report.to_dict(), indent=2) + "\n"))
+    write("bench.md", write_text(report_markdown(report)))
+    if chart:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            logger.warning("matplotlib is not installed: no bar chart (pip install matplotlib).")
+        else:
+            write("bench.png", lambda path: _bar_chart(report, path))
+    return written

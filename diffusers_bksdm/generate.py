@@ -1,0 +1,362 @@
+"""Generate evaluation images: one seed per prompt, resumable, sharded over processes with accelerate.
+
+The paper's protocol (MS-COCO 30K prompts, PNDM, 25 steps, guidance 7.5, seed 1234, 512x512 images downsampled to
+256x256 with PIL) is the default. Unlike the official BK-SDM script, which shares one generator over all prompts,
+every prompt gets its own generator seeded from `(seed, prompt index)`, so an image depends neither on the batch size
+nor on how the prompts are split across processes or runs.
+
+Layout of the output folder:
+
+```
+OUTPUT/
+  generation.json        settings of the run (a resumed run must use the same ones)
+  im512/000000.png ...   full-size images, named by prompt index
+  im256/000000.png ...   the same images downsampled for evaluation
+```
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CAPTION_COLUMNS",
+    "SCHEDULERS",
+    "GenerationConfig",
+    "read_prompts",
+    "prompt_seed",
+    "image_name",
+    "image_folder",
+    "load_pipeline",
+    "set_scheduler",
+    "generate_images",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Columns recognised as the caption column of a CSV prompt file, in order of preference.
+CAPTION_COLUMNS = ("caption", "text", "prompt")
+
+#: `--scheduler` name -> diffusers scheduler class name.
+SCHEDULERS = {
+    "pndm": "PNDMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+
+MANIFEST = "generation.json"
+# Settings that change the images: a resumed run must use the same values.
+_IMAGE_SETTINGS = (
+    "model", "unet", "num_inference_steps", "guidance_scale", "scheduler", "seed", "resolution", "eval_resolution",
+    "dtype", "num_prompts",
+)  # fmt: skip
+
+
+@dataclass
+class GenerationConfig:
+    """Settings of an evaluation-image run. The defaults are the BK-SDM paper's protocol.
+
+    Args:
+        num_inference_steps (`int`, *optional*, defaults to 25): denoising steps.
+        guidance_scale (`float`, *optional*, defaults to 7.5): classifier-free guidance scale.
+        scheduler (`str`, *optional*, defaults to `"pndm"`): one of :data:`SCHEDULERS`, or `None` to keep the
+            pipeline's own scheduler.
+        seed (`int`, *optional*, defaults to 1234): base seed; prompt `i` uses :func:`prompt_seed(seed, i)`.
+        resolution (`int`, *optional*, defaults to 512): height and width of the generated images.
+        eval_resolution (`int`, *optional*, defaults to 256): size of the downsampled copies (`None` or 0: none).
+        batch_size (`int`, *optional*, defaults to 1): prompts per pipeline call. It does not change the images.
+    """
+
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    scheduler: str | None = "pndm"
+    seed: int = 1234
+    resolution: int = 512
+    eval_resolution: int | None = 256
+    batch_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("num_inference_steps", "resolution", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.eval_resolution is not None and (not isinstance(self.eval_resolution, int) or self.eval_resolution < 0):
+            raise ValueError(f"`eval_resolution` must be a non-negative integer or None, got {self.eval_resolution!r}.")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"`scheduler` must be one of {sorted(SCHEDULERS)} or None, got {self.scheduler!r}.")
+
+
+def read_prompts(path: str | os.PathLike, caption_column: str | None = None) -> list[str]:
+    """Read prompts from a `.csv` file (one row per prompt) or a text file (one prompt per non-empty line).
+
+    Args:
+        path (`str` or `os.PathLike`): the prompt file.
+        caption_column (`str`, *optional*): the CSV column holding the prompts. By default the first of
+            :data:`CAPTION_COLUMNS` that the file has.
+
+    Returns:
+        `list[str]`: the prompts; prompt `i` is the `i`-th row (CSV) or non-empty line (text).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Prompt file {path!r} does not exist.")
+    if path.lower().endswith(".csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            if caption_column is None:
+                found = [c for c in CAPTION_COLUMNS if c in columns]
+                if not found:
+                    raise ValueError(
+                        f"Prompt file {path!r} has no caption column: its columns are {columns}; expected one of "
+                        f"{list(CAPTION_COLUMNS)} (or name the column with --caption_column)."
+                    )
+                caption_column = found[0]
+            elif caption_column not in columns:
+                raise ValueError(
+                    f"Prompt file {path!r} has no column {caption_column!r} (--caption_column); its columns are "
+                    f"{columns}."
+                )
+            prompts = [(row.get(caption_column) or "").strip() for row in reader]
+        empty = [i for i, p in enumerate(prompts) if not p]
+        if empty:
+            raise ValueError(
+                f"Prompt file {path!r} has {len(empty)} empty captions in column {caption_column!r} (first at row "
+                f"{empty[0]}); every row needs a prompt."
+            )
+    else:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"Prompt file {path!r} holds no prompts; expected a .csv with a caption column or a text file.")
+    return prompts
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The seed of prompt `index` in a run with base seed `seed`.
+
+    Derived with numpy's `SeedSequence`, so that runs with nearby base seeds do not share images (`seed + index`
+    would give prompt 1 of seed 1234 the image of prompt 0 of seed 1235).
+    """
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def image_name(index: int) -> str:
+    """File name of the image of prompt `index` (`000042.png`)."""
+    return f"{index:06d}.png"
+
+
+def image_folder(output_dir: str | os.PathLike, resolution: int) -> str:
+    """Folder that holds the images of a given size (`OUTPUT/im512`)."""
+    return os.path.join(os.fspath(output_dir), f"im{resolution}")
+
+
+def _save_png(image, path: str) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def load_pipeline(
+    model: str,
+    *,
+    unet: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    disable_safety_checker: bool = False,
+):
+    """Load a text-to-image pipeline for generation: a folder, a hub repo id, or `builtin:tiny-sd`.
+
+    Args:
+        model (`str`): pipeline folder or repo id (with `model_index.json`), or `builtin:<name>`.
+        unet (`str`, *optional*): a UNet folder (e.g. a BK-SDM student saved alone) that replaces the pipeline's.
+        torch_dtype (`torch.dtype`, *optional*): load in this dtype.
+        revision (`str`, *optional*): hub revision.
+        disable_safety_checker (`bool`, *optional*, defaults to `False`): drop the safety checker, whose black
+            images would count in FID.
+    """
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    from .tiny import BUILTIN_PREFIX, builtin_teacher
+
+    if model.startswith(BUILTIN_PREFIX):
+        pipe = builtin_teacher(model)
+    else:
+        if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise ValueError(
+                f"`--model` {model!r} is not a pipeline folder (no model_index.json). To evaluate a UNet saved alone, "
+                "pass the teacher pipeline as --model and the UNet folder as --unet."
+            )
+        kwargs: dict[str, Any] = {"revision": revision, "use_safetensors": True}
+        if disable_safety_checker:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    if unet is not None:
+        pipe.unet = UNet2DConditionModel.from_pretrained(unet, use_safetensors=True)
+    if disable_safety_checker and getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    if torch_dtype is not None:
+        pipe.to(dtype=torch_dtype)
+    if getattr(pipe, "unet", None) is None:
+        raise ValueError(f"`--model` {model!r} is a {type(pipe).__name__} without a `unet`: not a text-to-image model.")
+    return pipe
+
+
+def set_scheduler(pipe, name: str | None) -> None:
+    """Replace `pipe.scheduler` by the scheduler `name` (see :data:`SCHEDULERS`), built from the pipeline's config."""
+    if name is None:
+        return
+    if name not in SCHEDULERS:
+        raise ValueError(f"`--scheduler` must be one of {sorted(SCHEDULERS)}, got {name!r}.")
+    import diffusers
+
+    scheduler_class = getattr(diffusers, SCHEDULERS[name])
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+
+
+def _family(unet_config: Any) -> str | None:
+    dim = unet_config.get("cross_attention_dim") if hasattr(unet_config, "get") else None
+    return {768: "sd-v1", 1024: "sd-v2", 2048: "sdxl"}.get(dim)
+
+
+def _check_manifest(output_dir: str, settings: dict[str, Any]) -> None:
+    path = os.path.join(output_dir, MANIFEST)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            previous = json.load(f)
+        changed = {k: (previous.get(k), settings.get(k)) for k in _IMAGE_SETTINGS if previous.get(k) != settings.get(k)}
+        if changed:
+            shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"`--output` {output_dir!r} holds images generated with other settings ({shown}); resuming would mix "
+                "them. Use another --output folder, or the settings of the first run."
+            )
+
+
+def _write_manifest(output_dir: str, settings: dict[str, Any]) -> None:
+    path = os.path.join(output_dir, MANIFEST)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2)
+    os.replace(tmp, path)
+
+
+def generate_images(
+    pipe,
+    prompts: Sequence[str],
+    output_dir: str | os.PathLike,
+    config: GenerationConfig | None = None,
+    *,
+    state=None,
+    description: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[int]:
+    """Generate one image per prompt into `output_dir`, skipping prompts whose images already exist.
+
+    Prompt `i` is written as `im{resolution}/{i:06d}.png` (and downsampled to `im{eval_resolution}/`); its initial
+    noise comes from its own CPU generator seeded with :func:`prompt_seed(config.seed, i)`, so the image does not
+    depend on `batch_size`, on the number of processes or on interruptions.
+
+    Args:
+        pipe: a diffusers text-to-image pipeline (e.g. `StableDiffusionPipeline`), already on its device.
+        prompts (`Sequence[str]`): all prompts of the run (not only this process's share).
+        output_dir (`str` or `os.PathLike`): output folder (created if missing).
+        config (`GenerationConfig`, *optional*): the settings; the paper's protocol by default.
+        state (`accelerate.PartialState`, *optional*): the process layout. Each process generates the prompts
+            `accelerate` gives it (`split_between_processes` over the prompt indices). Defaults to a single process.
+        description (`dict`, *optional*): facts recorded in `generation.json` (model name, dtype, ...). A resumed run
+            with different image settings is refused.
+        progress (`Callable[[int, int], None]`, *optional*): called with (done, total) after every batch.
+
+    Returns:
+        `list[int]`: the prompt indices this process generated (skipped ones excluded).
+    """
+    from PIL import Image
+
+    config = config or GenerationConfig()
+    if len(prompts) == 0:
+        raise ValueError("`prompts` is empty: nothing to generate.")
+    output_dir = os.fspath(output_dir)
+    full_dir = image_folder(output_dir, config.resolution)
+    small = config.eval_resolution if config.eval_resolution and config.eval_resolution != config.resolution else None
+    small_dir = image_folder(output_dir, small) if small else None
+    is_main = state is None or state.is_main_process
+
+    settings = {
+        **(description or {}),
+        "num_inference_steps": config.num_inference_steps,
+        "guidance_scale": config.guidance_scale,
+        "scheduler": config.scheduler,
+        "seed": config.seed,
+        "resolution": config.resolution,
+        "eval_resolution": small,
+        "num_prompts": len(prompts),
+        "family": _family(pipe.unet.config),
+        "seed_rule": "numpy SeedSequence([seed, prompt_index]), one CPU generator per prompt",
+        "downsampling": "PIL bicubic",
+        **config.extra,
+    }
+    if is_main:
+        _check_manifest(output_dir, settings)
+        for folder in filter(None, (output_dir, full_dir, small_dir)):
+            os.makedirs(folder, exist_ok=True)
+        _write_manifest(output_dir, settings)
+    if state is not None:
+        state.wait_for_everyone()
+        if not is_main:
+            _check_manifest(output_dir, settings)
+
+    set_scheduler(pipe, config.scheduler)
+    indices = list(range(len(prompts)))
+    if state is not None and state.num_processes > 1:
+        with state.split_between_processes(indices) as share:
+            indices = list(share)
+
+    def done(i: int) -> bool:
+        name = image_name(i)
+        return os.path.isfile(os.path.join(full_dir, name)) and (
+            small_dir is None or os.path.isfile(os.path.join(small_dir, name))
+        )
+
+    pending = [i for i in indices if not done(i)]
+    if len(pending) < len(indices):
+        logger.info("Skipping %d prompts whose images exist in %s", len(indices) - len(pending), output_dir)
+    pipe.set_progress_bar_config(disable=True)
+    generated = []
+    for start in range(0, len(pending), config.batch_size):
+        batch = pending[start : start + config.batch_size]
+        generators = [torch.Generator("cpu").manual_seed(prompt_seed(config.seed, i)) for i in batch]
+        images = pipe(
+            prompt=[prompts[i] for i in batch],
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            height=config.resolution,
+            width=config.resolution,
+            generator=generators,
+            output_type="pil",
+        ).images
+        for i, image in zip(batch, images):
+            name = image_name(i)
+            if small_dir is not None:
+                resized = image.resize((small, small), resample=Image.Resampling.BICUBIC)
+                _save_png(resized, os.path.join(small_dir, name))
+            # the full-size image is written last: its presence marks the prompt as done
+            _save_png(image, os.path.join(full_dir, name))
+            generated.append(i)
+        if progress is not None:
+            progress(start + len(batch), len(pending))
+    return generated
+

@@ -1,0 +1,541 @@
+"""FID, IS and CLIP score of generated images, following the BK-SDM paper's protocol.
+
+- FID and IS come from torchmetrics (`FrechetInceptionDistance`, `InceptionScore`). By default they use the standard
+  Inception v3 weights of torch-fidelity / pytorch-fid (`pip install torch-fidelity`, downloaded on first use); any
+  `torch.nn.Module` mapping a uint8 `(N, 3, H, W)` batch to features (FID) or logits (IS) can be injected instead.
+- CLIP score is the mean raw cosine similarity between each image and its prompt (not torchmetrics' `100 * max(cos,
+  0)`), by default under the open_clip ViT-g-14 `laion2b_s34b_b88k` weights in transformers format; any
+  :class:`CLIPEmbedder` (or an object with the same two methods) can be injected.
+- The statistics of the real images (mean and covariance of their Inception features) are computed once and saved as
+  an `.npz` with `mu` and `sigma`, the format pytorch-fid reads and writes.
+
+Images are read in sorted file-name order; generated images are named by prompt index (`000042.png`, see
+:mod:`diffusers_bksdm.generate`), which pairs each image with its prompt for the CLIP score.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DEFAULT_CLIP_MODEL",
+    "PAPER_RESULTS",
+    "METRICS",
+    "list_images",
+    "iter_image_batches",
+    "RealStatistics",
+    "build_fid",
+    "build_inception_score",
+    "CLIPEmbedder",
+    "compute_real_statistics",
+    "evaluate_images",
+    "results_markdown",
+    "update_model_card",
+    "write_results",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DEFAULT_CLIP_MODEL = "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
+METRICS = ("fid", "is", "clip")
+#: Name recorded in real-statistics files computed with the standard extractor.
+STANDARD_FID_EXTRACTOR = "inception-v3-compat-2048"
+
+#: The paper's MS-COCO 30K results (BK-SDM, ECCV 2024, Table 2/3): family -> [(model, FID, IS, CLIP, UNet params)].
+PAPER_RESULTS: dict[str, list[tuple[str, float, float, float, str]]] = {
+    "sd-v1": [
+        ("SD v1.4", 13.05, 36.76, 0.2958, "0.86B"),
+        ("BK-SDM-Base", 15.76, 33.79, 0.2878, "0.58B"),
+        ("BK-SDM-Base-2M", 14.81, 34.17, 0.2883, "0.58B"),
+        ("BK-SDM-Small", 16.98, 31.68, 0.2677, "0.49B"),
+        ("BK-SDM-Small-2M", 17.05, 33.10, 0.2734, "0.49B"),
+        ("BK-SDM-Tiny", 17.12, 30.09, 0.2653, "0.33B"),
+        ("BK-SDM-Tiny-2M", 17.53, 31.32, 0.2690, "0.33B"),
+    ],
+    "sd-v2": [
+        ("SD v2.1-base", 13.93, 35.93, 0.3075, "0.87B"),
+        ("BK-SDM-v2-Base", 15.85, 31.70, 0.2868, "0.59B"),
+        ("BK-SDM-v2-Small", 16.61, 31.73, 0.2901, "0.49B"),
+        ("BK-SDM-v2-Tiny", 15.68, 31.64, 0.2897, "0.33B"),
+    ],
+}
+
+
+# ----------------------------------------------------------------------------------------------------------- images
+
+
+def list_images(folder: str | os.PathLike, argument: str = "--images") -> list[str]:
+    """The image files of `folder` (not recursive), sorted by name.
+
+    Raises:
+        `FileNotFoundError` if the folder does not exist, `ValueError` if it holds no image.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"`{argument}` {folder!r} is not a folder.")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))
+    if not names:
+        raise ValueError(f"`{argument}` {folder!r} holds no image; expected files ending in {list(IMAGE_EXTENSIONS)}.")
+    return [os.path.join(folder, n) for n in names]
+
+
+def iter_image_batches(
+    paths: Sequence[str], batch_size: int = 50, argument: str = "--images"
+) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """Yield `(paths, images)` batches, `images` a uint8 `(B, 3, H, W)` tensor (RGB).
+
+    All images must have the size of the first one: metrics computed on images of mixed sizes are not comparable.
+    """
+    from PIL import Image
+
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    expected = None
+    for start in range(0, len(paths), batch_size):
+        chunk = list(paths[start : start + batch_size])
+        arrays = []
+        for path in chunk:
+            with Image.open(path) as image:
+                if expected is None:
+                    expected = (image.size, paths[0])
+                elif image.size != expected[0]:
+                    raise ValueError(
+                        f"`{argument}`: {path!r} is {image.size[0]}x{image.size[1]} but {expected[1]!r} is "
+                        f"{expected[0][0]}x{expected[0][1]}; all images must have one size (resize them first, e.g. "
+                        "to 256x256 as in the paper's protocol)."
+                    )
+                arrays.append(np.asarray(image.convert("RGB")))
+        yield chunk, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------ FID and IS
+
+
+@dataclass
+class RealStatistics:
+    """Mean and covariance of the features of the real images: what FID compares generated images against.
+
+    Saved as an `.npz` with `mu` and `sigma` (the pytorch-fid format; files made by pytorch-fid load too), plus
+    `num_samples` and `feature_extractor`.
+    """
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_samples: int
+    feature_extractor: str | None = None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the statistics to `path` (an `.npz`), through a temporary file renamed into place."""
+        path = os.fspath(path)
+        if not path.endswith(".npz"):
+            raise ValueError(f"`--save_real_stats` must name an .npz file, got {path!r}.")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path[:-4]}.tmp-{uuid.uuid4().hex[:8]}.npz"
+        np.savez(
+            tmp,
+            mu=self.mu,
+            sigma=self.sigma,
+            num_samples=np.asarray(self.num_samples),
+            feature_extractor=np.asarray(self.feature_extractor or ""),
+        )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RealStatistics":
+        """Read statistics saved by :meth:`save` or by pytorch-fid (`--save-stats`)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"`--real_stats` {path!r} does not exist; compute it once with `bksdm eval --real_images DIR "
+                f"--save_real_stats {path}`."
+            )
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"`--real_stats` {path!r} is not a readable .npz file ({error}).") from error
+        with data:
+            missing = [k for k in ("mu", "sigma") if k not in data.files]
+            if missing:
+                raise ValueError(
+                    f"`--real_stats` {path!r} has no {missing} array; expected an .npz with `mu` (D,) and `sigma` "
+                    f"(D, D), as written by `bksdm eval --save_real_stats` or pytorch-fid. It has {data.files}."
+                )
+            mu, sigma = np.asarray(data["mu"], dtype=np.float64), np.asarray(data["sigma"], dtype=np.float64)
+            num = int(data["num_samples"]) if "num_samples" in data.files else 0
+            extractor = str(data["feature_extractor"]) if "feature_extractor" in data.files else None
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise ValueError(
+                f"`--real_stats` {path!r}: `mu` has shape {mu.shape} and `sigma` {sigma.shape}; expected (D,) and (D, D)."
+            )
+        return cls(mu=mu, sigma=sigma, num_samples=num, feature_extractor=extractor or None)
+
+    @classmethod
+    def from_fid(cls, fid, feature_extractor: str | None = None) -> "RealStatistics":
+        """The real-image statistics accumulated by a torchmetrics `FrechetInceptionDistance`."""
+        n = int(fid.real_features_num_samples)
+        if n < 2:
+            raise ValueError(f"Real statistics need at least 2 images, got {n}.")
+        total = fid.real_features_sum.double()
+        mu = total / n
+        cov = (fid.real_features_cov_sum.double() - n * torch.outer(mu, mu)) / (n - 1)
+        return cls(mu=mu.cpu().numpy(), sigma=cov.cpu().numpy(), num_samples=n, feature_extractor=feature_extractor)
+
+    def load_into(self, fid, source: str = "--real_stats") -> None:
+        """Set the real-image state of a torchmetrics `FrechetInceptionDistance` to these statistics."""
+        dim = fid.real_features_sum.shape[0]
+        if self.mu.shape[0] != dim:
+            raise ValueError(
+                f"`{source}` holds {self.mu.shape[0]}-dimensional features but the FID feature extractor gives {dim}."
+            )
+        # torchmetrics keeps sums; any n >= 2 reproduces mu and sigma exactly (pytorch-fid files do not record n)
+        n = self.num_samples if self.num_samples >= 2 else 2
+        device = fid.real_features_sum.device
+        mu = torch.from_numpy(self.mu).to(device, torch.float64)
+        sigma = torch.from_numpy(self.sigma).to(device, torch.float64)
+        fid.real_features_sum = mu * n
+        fid.real_features_cov_sum = sigma * (n - 1) + n * torch.outer(mu, mu)
+        fid.real_features_num_samples = torch.tensor(n, dtype=torch.long, device=device)
+
+
+def _needs_torch_fidelity(error: Exception) -> ImportError:
+    return ImportError(
+        "FID and IS with the standard Inception v3 weights need torch-fidelity: `pip install torch-fidelity` (or "
+        f"`pip install diffusers-bksdm[eval]`), or pass your own feature extractor. ({error})"
+    )
+
+
+def build_fid(feature_extractor: torch.nn.Module | None = None, device: str | torch.device = "cpu"):
+    """A torchmetrics `FrechetInceptionDistance` on uint8 images.
+
+    Args:
+        feature_extractor (`torch.nn.Module`, *optional*): maps a uint8 `(N, 3, H, W)` batch to `(N, D)` features. By
+            default the 2048-d pool features of torch-fidelity's Inception v3 (the pytorch-fid weights).
+        device (`str` or `torch.device`, *optional*, defaults to `"cpu"`).
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    try:
+        fid = FrechetInceptionDistance(
+            feature=feature_extractor if feature_extractor is not None else 2048, reset_real_features=False
+        )
+    except ModuleNotFoundError as error:
+        raise _needs_torch_fidelity(error) from error
+    return fid.to(device)
+
+
+def build_inception_score(
+    feature_extractor: torch.nn.Module | None = None, splits: int = 10, device: str | torch.device = "cpu"
+):
+    """A torchmetrics `InceptionScore` on uint8 images (10 splits, as torch-fidelity).
+
+    Args:
+        feature_extractor (`torch.nn.Module`, *optional*): maps a uint8 `(N, 3, H, W)` batch to `(N, C)` class
+            logits. By default torch-fidelity's Inception v3 `logits_unbiased`.
+        splits (`int`, *optional*, defaults to 10): the score is the mean over this many splits.
+        device (`str` or `torch.device`, *optional*, defaults to `"cpu"`).
+    """
+    import warnings
+
+    from torchmetrics.image.inception import InceptionScore
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            metric = InceptionScore(
+                feature=feature_extractor if feature_extractor is not None else "logits_unbiased", splits=splits
+            )
+    except ModuleNotFoundError as error:
+        raise _needs_torch_fidelity(error) from error
+    return metric.to(device)
+
+
+def _extractor_name(feature_extractor: torch.nn.Module | None) -> str:
+    if feature_extractor is None:
+        return STANDARD_FID_EXTRACTOR
+    return getattr(feature_extractor, "name", None) or type(feature_extractor).__qualname__
+
+
+def compute_real_statistics(
+    real_images: str | os.PathLike,
+    *,
+    feature_extractor: torch.nn.Module | None = None,
+    batch_size: int = 50,
+    device: str | torch.device = "cpu",
+) -> RealStatistics:
+    """Inception statistics of a folder of real images (all of one size, e.g. MS-COCO val2014 at 256x256)."""
+    fid = build_fid(feature_extractor, device)
+    paths = list_images(real_images, "--real_images")
+    with torch.inference_mode():
+        for _, images in iter_image_batches(paths, batch_size, "--real_images"):
+            fid.update(images.to(device), real=True)
+    logger.info("Computed real statistics from %d images in %s", len(paths), real_images)
+    return RealStatistics.from_fid(fid, _extractor_name(feature_extractor))
+
+
+# ------------------------------------------------------------------------------------------------------------- CLIP
+
+
+class CLIPEmbedder:
+    """Unit-norm image and text embeddings from a transformers `CLIPModel`.
+
+    Args:
+        model (`transformers.CLIPModel`): the CLIP model.
+        image_processor: a transformers image processor (resize, center crop, normalise), e.g. `CLIPImageProcessor`.
+        tokenizer: the model's tokenizer; prompts are truncated to its maximum length (77 tokens for CLIP).
+        device (`str` or `torch.device`, *optional*, defaults to `"cpu"`).
+
+    Example:
+
+    ```py
+    >>> embedder = CLIPEmbedder.from_pretrained("laion/CLIP-ViT-g-14-laion2B-s34B-b88K", device="cuda")
+    >>> cosine = (embedder.embed_images(images) * embedder.embed_texts(prompts)).sum(-1)
+    ```
+    """
+
+    def __init__(self, model, image_processor, tokenizer, device: str | torch.device = "cpu"):
+        self.model = model.eval().to(device)
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = DEFAULT_CLIP_MODEL,
+        *,
+        device: str | torch.device = "cpu",
+        torch_dtype: torch.dtype | None = None,
+        revision: str | None = None,
+    ) -> "CLIPEmbedder":
+        """Load a CLIP model, its image processor and tokenizer (safetensors weights only)."""
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+        model = CLIPModel.from_pretrained(
+            name_or_path, revision=revision, torch_dtype=torch_dtype, use_safetensors=True
+        )
+        image_processor = CLIPImageProcessor.from_pretrained(name_or_path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        return cls(model, image_processor, tokenizer, device)
+
+    @staticmethod
+    def _features(output) -> torch.Tensor:
+        # transformers < 5 returns the projected embeddings; 5.x wraps them as `pooler_output`
+        features = output if isinstance(output, torch.Tensor) else output.pooler_output
+        features = features.float()
+        return features / features.norm(dim=-1, keepdim=True)
+
+    @torch.inference_mode()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings `(N, D)` of a uint8 `(N, 3, H, W)` batch."""
+        arrays = list(images.permute(0, 2, 3, 1).cpu().numpy())
+        pixels = self.image_processor(images=arrays, return_tensors="pt")["pixel_values"]
+        dtype = next(self.model.parameters()).dtype
+        return self._features(self.model.get_image_features(pixel_values=pixels.to(self.device, dtype)))
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm embeddings `(N, D)` of `texts` (truncated to the tokenizer's maximum length)."""
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+        return self._features(self.model.get_text_features(**tokens))
+
+
+def _prompt_indices(paths: Sequence[str], num_prompts: int) -> list[int]:
+    indices = []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if not stem.isdigit() or int(stem) >= num_prompts:
+            raise ValueError(
+                f"`--images`: cannot pair {path!r} with a prompt: CLIP score needs images named by prompt index "
+                f"(000000.png .. {num_prompts - 1:06d}.png, as `bksdm generate` writes them) for the {num_prompts} "
+                "prompts of --prompts."
+            )
+        indices.append(int(stem))
+    return indices
+
+
+# ---------------------------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate_images(
+    images: str | os.PathLike,
+    prompts: Sequence[str] | None = None,
+    *,
+    metrics: Sequence[str] = METRICS,
+    real_stats: RealStatistics | str | os.PathLike | None = None,
+    real_images: str | os.PathLike | None = None,
+    fid_extractor: torch.nn.Module | None = None,
+    is_extractor: torch.nn.Module | None = None,
+    clip_embedder: Any = None,
+    clip_model: str = DEFAULT_CLIP_MODEL,
+    batch_size: int = 50,
+    is_splits: int = 10,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Compute FID, IS and/or CLIP score of a folder of generated images.
+
+    Args:
+        images (`str` or `os.PathLike`): folder of generated images, all of one size (e.g. `OUTPUT/im256`).
+        prompts (`Sequence[str]`, *optional*): all prompts of the run; needed for `"clip"`. Image `000042.png` is
+            paired with `prompts[42]`.
+        metrics (`Sequence[str]`, *optional*, defaults to `("fid", "is", "clip")`): which to compute.
+        real_stats (`RealStatistics` or path, *optional*): statistics of the real images, for FID.
+        real_images (`str` or `os.PathLike`, *optional*): folder of real images, for FID (instead of `real_stats`).
+        fid_extractor (`torch.nn.Module`, *optional*): FID features; the standard Inception v3 by default.
+        is_extractor (`torch.nn.Module`, *optional*): IS logits; the standard Inception v3 by default.
+        clip_embedder (*optional*): an object with `embed_images(uint8 images)` and `embed_texts(texts)` returning
+            unit-norm embeddings (e.g. :class:`CLIPEmbedder`); by default `clip_model` is loaded.
+        clip_model (`str`, *optional*): CLIP weights to load when `clip_embedder` is not given.
+        batch_size (`int`, *optional*, defaults to 50): images per batch.
+        is_splits (`int`, *optional*, defaults to 10): IS splits.
+        device (`str` or `torch.device`, *optional*, defaults to `"cpu"`).
+        seed (`int`, *optional*, defaults to 0): seeds the shuffling torchmetrics does before splitting for IS.
+
+    Returns:
+        `dict`: `fid`, `is`, `is_std`, `clip` (those asked for) and `num_images`.
+    """
+    metrics = [m.strip().lower() for m in metrics]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"`--metrics` must be a non-empty subset of {list(METRICS)}, got {list(metrics)}.")
+    paths = list_images(images)
+    results: dict[str, Any] = {"num_images": len(paths)}
+
+    fid = inception_score = None
+    if "fid" in metrics:
+        if real_stats is None and real_images is None:
+            raise ValueError("FID needs the real images: pass --real_stats FILE.npz or --real_images DIR.")
+        fid = build_fid(fid_extractor, device)
+        if real_stats is not None:
+            stats = real_stats if isinstance(real_stats, RealStatistics) else RealStatistics.load(real_stats)
+            expected = _extractor_name(fid_extractor)
+            if stats.feature_extractor and stats.feature_extractor != expected:
+                raise ValueError(
+                    f"`--real_stats` was computed with the feature extractor {stats.feature_extractor!r}, but FID is "
+                    f"computed with {expected!r}; recompute the statistics with the same extractor."
+                )
+            stats.load_into(fid)
+            results["real_num_samples"] = stats.num_samples or None
+        else:
+            with torch.inference_mode():
+                real_paths = list_images(real_images, "--real_images")
+                for _, batch in iter_image_batches(real_paths, batch_size, "--real_images"):
+                    fid.update(batch.to(device), real=True)
+            results["real_num_samples"] = len(real_paths)
+    if "is" in metrics:
+        inception_score = build_inception_score(is_extractor, is_splits, device)
+    want_clip = "clip" in metrics
+    clip_sum, clip_count = 0.0, 0
+    if want_clip:
+        if prompts is None:
+            raise ValueError("CLIP score needs the prompts: pass --prompts FILE.")
+        indices = _prompt_indices(paths, len(prompts))
+        if len(paths) < len(prompts):
+            logger.warning("%d images for %d prompts: the run looks incomplete.", len(paths), len(prompts))
+        if clip_embedder is None:
+            clip_embedder = CLIPEmbedder.from_pretrained(
+                clip_model, device=device, torch_dtype=torch.float16 if torch.device(device).type == "cuda" else None
+            )
+
+    with torch.inference_mode():
+        for batch_paths, batch in iter_image_batches(paths, batch_size):
+            batch = batch.to(device)
+            if fid is not None:
+                fid.update(batch, real=False)
+            if inception_score is not None:
+                inception_score.update(batch)
+            if want_clip:
+                batch_prompts = [prompts[i] for i in _prompt_indices(batch_paths, len(prompts))]
+                image_embeddings = clip_embedder.embed_images(batch).float()
+                text_embeddings = clip_embedder.embed_texts(batch_prompts).float().to(image_embeddings.device)
+                clip_sum += float((image_embeddings * text_embeddings).sum(dim=-1).double().sum())
+                clip_count += len(batch_paths)
+
+    if fid is not None:
+        if len(paths) < 2:
+            raise ValueError(f"FID needs at least 2 generated images; `--images` {os.fspath(images)!r} has 1.")
+        results["fid"] = float(fid.compute())
+    if inception_score is not None:
+        if len(paths) < is_splits:
+            raise ValueError(f"IS with {is_splits} splits needs at least {is_splits} images, got {len(paths)}.")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            mean, std = inception_score.compute()
+        results["is"], results["is_std"] = float(mean), float(std)
+    if want_clip:
+        results["clip"] = clip_sum / clip_count
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------- reports
+
+
+def results_markdown(results: Mapping[str, Any], name: str = "this model", family: str | None = None) -> str:
+    """A markdown table of `results`, followed by the paper's rows for `family` (`"sd-v1"` or `"sd-v2"`) if known."""
+    def cell(key: str, fmt: str) -> str:
+        return format(results[key], fmt) if results.get(key) is not None else "-"
+
+    lines = [
+        "| model | FID | IS | CLIP | images |",
+        "|---|---|---|---|---|",
+        f"| {name} | {cell('fid', '.2f')} | {cell('is', '.2f')} | {cell('clip', '.4f')} | {results.get('num_images', '-')} |",
+    ]
+    for model, fid, inception, clip, params in PAPER_RESULTS.get(family or "", []):
+        lines.append(f"| {model} (paper, UNet {params}) | {fid:.2f} | {inception:.2f} | {clip:.4f} | 30000 |")
+    return "\n".join(lines) + "\n"
+
+
+_CARD_START, _CARD_END = "<!-- bksdm-eval:start -->", "<!-- bksdm-eval:end -->"
+
+
+def update_model_card(model_dir: str | os.PathLike, table: str, settings: Mapping[str, Any] | None = None) -> str:
+    """Write (or replace) an "Evaluation" section in `model_dir/README.md`; returns the card's path.
+
+    The section sits between two HTML comments, so running the evaluation again replaces it rather than adding one.
+    """
+    model_dir = os.fspath(model_dir)
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"`--model_card` {model_dir!r} is not a folder.")
+    path = os.path.join(model_dir, "README.md")
+    text = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    protocol = ""
+    if settings:
+        protocol = "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + ".\n\n"
+    section = f"{_CARD_START}\n## Evaluation (MS-COCO protocol of BK-SDM)\n\n{protocol}{table}{_CARD_END}"
+    if _CARD_START in text and _CARD_END in text:
+        head, rest = text.split(_CARD_START, 1)
+        text = head + section + rest.split(_CARD_END, 1)[1]
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + section + "\n"
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_results(results: Mapping[str, Any], json_path: str | os.PathLike, markdown: str) -> tuple[str, str]:
+    """Write `results` as JSON and `markdown` beside it (`.md`), each through a temporary file."""
+    json_path = os.fspath(json_path)
+    md_path = os.path.splitext(json_path)[0] + ".md"
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    for path, content in ((json_path, json.dumps(dict(results), indent=2) + "\n"), (md_path, markdown)):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content)
+        os.replace(tmp, path)
+    return json_path, md_path
