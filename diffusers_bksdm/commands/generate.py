@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         if args.num_prompts < 1:
             raise ValueError(f"`--num_prompts` must be a positive integer, got {args.num_prompts}.")
         prompts = prompts[: args.num_prompts]
-    state = PartialState()
+    # cpu=True lets several CPU processes (torchrun / accelerate launch) form a MULTI_CPU group
+    state = PartialState(cpu=not torch.cuda.is_available())
     dtype = parse_dtype(args.dtype) or (torch.float16 if state.device.type == "cuda" else torch.float32)
     pipe = load_pipeline(
         args.model, unet=args.unet, torch_dtype=dtype, revision=args.revision,
@@ -75,9 +76,13 @@ def run(args: argparse.Namespace) -> int:
     def progress(done: int, total: int) -> None:
         print(f"[process {state.process_index}] {done}/{total} prompts", file=sys.stderr, flush=True)
 
-    generated = generate_images(
-        pipe, prompts, args.output, config, state=state, description=description, progress=progress
-    )
-    state.wait_for_everyone()
-    print(f"[process {state.process_index}] generated {len(generated)} images into {args.output}")
+    try:
+        generated = generate_images(
+            pipe, prompts, args.output, config, state=state, description=description, progress=progress
+        )
+        state.wait_for_everyone()
+        print(f"[process {state.process_index}] generated {len(generated)} images into {args.output}")
+    finally:
+        if state.num_processes > 1:
+            state.destroy_process_group()
     return 0
