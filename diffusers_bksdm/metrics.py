@@ -416,9 +416,14 @@ def evaluate_images(
     if "fid" in metrics:
         if real_stats is None and real_images is None:
             raise ValueError("FID needs the real images: pass --real_stats FILE.npz or --real_images DIR.")
-        fid = build_fid(fid_extractor, device)
+        # check the inputs before building (and maybe downloading) the feature extractor
+        stats = None
         if real_stats is not None:
             stats = real_stats if isinstance(real_stats, RealStatistics) else RealStatistics.load(real_stats)
+        else:
+            real_paths = list_images(real_images, "--real_images")
+        fid = build_fid(fid_extractor, device)
+        if stats is not None:
             expected = _extractor_name(fid_extractor)
             if stats.feature_extractor and stats.feature_extractor != expected:
                 raise ValueError(
@@ -429,7 +434,6 @@ def evaluate_images(
             results["real_num_samples"] = stats.num_samples or None
         else:
             with torch.inference_mode():
-                real_paths = list_images(real_images, "--real_images")
                 for _, batch in iter_image_batches(real_paths, batch_size, "--real_images"):
                     fid.update(batch.to(device), real=True)
             results["real_num_samples"] = len(real_paths)
@@ -469,10 +473,13 @@ def evaluate_images(
     if inception_score is not None:
         if len(paths) < is_splits:
             raise ValueError(f"IS with {is_splits} splits needs at least {is_splits} images, got {len(paths)}.")
-        with torch.random.fork_rng(devices=[]):
+        import warnings
+
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*degrees of freedom.*")  # the std of a single split
             torch.manual_seed(seed)
             mean, std = inception_score.compute()
-        results["is"], results["is_std"] = float(mean), float(std)
+        results["is"], results["is_std"] = float(mean), float(std) if is_splits > 1 else None
     if want_clip:
         results["clip"] = clip_sum / clip_count
     return results
