@@ -1,0 +1,325 @@
+"""A latent / text-embedding cache: encode every image and caption once, then train without the VAE encoder and
+the text encoder.
+
+Layout of a cache folder (written to a temporary folder and renamed into place when complete):
+
+- `index.json`: format version, sample count, shard list, sample keys, skipped samples, and the fingerprint the cache
+  must match (VAE and text-encoder weights, tokenizer, resolution, crop);
+- `shard-00000.safetensors`, ...: per sample `latent_mean` / `latent_std` (the VAE's posterior, unscaled) of the
+  image **and** of its horizontal flip (`latent_mean_flip` / `latent_std_flip`), and `encoder_hidden_states`.
+
+Keeping the posterior rather than one sample means training still draws a fresh latent every step, from the trainer's
+seeded generator, exactly as it does from images; keeping both flips means `--random_flip` still works. Random crops
+cannot be cached: a cache is always center-cropped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Iterable
+
+import torch
+
+from .data import SkippedSamples, sample_rng, tokenize
+
+__all__ = ["CACHE_FORMAT", "module_fingerprint", "tokenizer_fingerprint", "build_cache", "LatentCache",
+           "CachedSource", "CachedCollator"]
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+INDEX_FILE = "index.json"
+TENSOR_NAMES = ("latent_mean", "latent_std", "latent_mean_flip", "latent_std_flip", "encoder_hidden_states")
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A SHA-256 of a model's config and weights. Compute it on the weights as loaded, before any dtype cast."""
+    digest = hashlib.sha256()
+    config = getattr(module, "config", None)
+    if config is not None:
+        as_dict = dict(config) if isinstance(config, dict) else config.to_dict()
+        as_dict = {k: v for k, v in as_dict.items() if not k.startswith("_") and k not in ("transformers_version",)}
+        digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    payload = json.dumps({"vocab": vocab, "max_length": tokenizer.model_max_length}, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@torch.no_grad()
+def _encode_images(vae, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    parameter = next(vae.parameters())
+    dist = vae.encode(pixel_values.to(parameter.device, parameter.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+@torch.no_grad()
+def _encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
+    device = next(text_encoder.parameters()).device
+    return text_encoder(input_ids.to(device), return_dict=False)[0]
+
+
+def build_cache(
+    source,
+    vae,
+    text_encoder,
+    tokenizer,
+    output: str,
+    *,
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+    shard_size: int = 1024,
+    teacher: str | None = None,
+    overwrite: bool = False,
+    fingerprints: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Encode every sample of a map-style source (:class:`~diffusers_bksdm.data.ImageFolderSource` or
+    :class:`~diffusers_bksdm.data.HFDatasetSource`) into a cache folder.
+
+    Args:
+        source: the images and captions; its transform must center-crop (random crops cannot be cached). Flips in
+            the transform are ignored: both orientations are stored.
+        vae (`AutoencoderKL`), text_encoder (`CLIPTextModel`), tokenizer (`CLIPTokenizer`): the teacher's.
+        output (`str`): the cache folder (must not exist or be empty unless `overwrite`).
+        batch_size (`int`, *optional*, defaults to 8): images per VAE / text-encoder call.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): storage dtype (fp16 halves the size).
+        shard_size (`int`, *optional*, defaults to 1024): samples per safetensors shard.
+        teacher (`str`, *optional*): the teacher's name, recorded for the error messages.
+        fingerprints (`dict`, *optional*): precomputed `{"vae", "text_encoder"}` fingerprints of the weights as
+            loaded (pass them when the models were cast after loading).
+
+    Returns:
+        `dict`: the cache index (also written to `index.json`).
+    """
+    from safetensors.torch import save_file
+
+    from .io import atomic_directory
+
+    if not source.transform.center_crop:
+        raise ValueError("A latent cache needs center-cropped images (random crops cannot be cached); pass "
+                         "--center_crop.")
+    for argument, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{argument}` must be an integer >= 1, got {value!r}.")
+    fingerprints = dict(fingerprints or {})
+    fingerprints.setdefault("vae", module_fingerprint(vae))
+    fingerprints.setdefault("text_encoder", module_fingerprint(text_encoder))
+    skipped = SkippedSamples()
+    keys: list[str] = []
+    shards: list[dict[str, Any]] = []
+    with atomic_directory(output, overwrite=overwrite, argument="--cache_dir") as tmp:
+        buffer: dict[str, list[torch.Tensor]] = {name: [] for name in TENSOR_NAMES}
+
+        def flush_shard():
+            count = sum(t.shape[0] for t in buffer["latent_mean"])
+            if not count:
+                return
+            name = f"shard-{len(shards):05d}.safetensors"
+            tensors = {k: torch.cat(v).to("cpu", dtype).contiguous() for k, v in buffer.items()}
+            save_file(tensors, os.path.join(tmp, name), metadata={"format": str(CACHE_FORMAT)})
+            shards.append({"file": name, "num_samples": count})
+            for v in buffer.values():
+                v.clear()
+
+        def encode(batch: list[tuple[str, torch.Tensor, str]]):
+            pixels = torch.stack([p for _, p, _ in batch])
+            mean, std = _encode_images(vae, pixels)
+            mean_flip, std_flip = _encode_images(vae, torch.flip(pixels, dims=[3]))
+            hidden = _encode_text(text_encoder, tokenize(tokenizer, [c for _, _, c in batch]))
+            for name, value in zip(TENSOR_NAMES, (mean, std, mean_flip, std_flip, hidden)):
+                buffer[name].append(value.float().cpu())
+            keys.extend(k for k, _, _ in batch)
+
+        pending: list[tuple[str, torch.Tensor, str]] = []
+        in_shard = 0
+        for index in range(len(source)):
+            key = source.sample_key(index)
+            try:
+                image, caption = source.read(index)
+            except Exception as error:  # noqa: BLE001 - unreadable samples are skipped and reported
+                skipped.update([(key, f"{type(error).__name__}: {error}")])
+                continue
+            pixels, _ = source.transform(image, None)
+            pending.append((key, pixels, caption))
+            if len(pending) == batch_size or in_shard + len(pending) == shard_size:
+                encode(pending)
+                in_shard += len(pending)
+                pending = []
+                if in_shard == shard_size:
+                    flush_shard()
+                    in_shard = 0
+            if index and index % 1000 == 0:
+                logger.info("cache: %d / %d samples encoded", index, len(source))
+        if pending:
+            encode(pending)
+        flush_shard()
+        if not keys:
+            raise ValueError(f"No readable sample to cache ({skipped.summary()}).")
+        index = {
+            "format": CACHE_FORMAT,
+            "num_samples": len(keys),
+            "shards": shards,
+            "keys": keys,
+            "dtype": str(dtype).replace("torch.", ""),
+            "fingerprint": {
+                "vae": fingerprints["vae"],
+                "text_encoder": fingerprints["text_encoder"],
+                "tokenizer": tokenizer_fingerprint(tokenizer),
+                "resolution": int(source.transform.resolution),
+                "center_crop": True,
+                "latent_shape": list(buffer_shape(tmp, shards)),
+            },
+            "teacher": teacher,
+            "source": getattr(source, "description", None),
+            "skipped": skipped.state_dict(),
+        }
+        with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=1)
+    if skipped.total:
+        logger.warning("cache: %s", skipped.summary())
+    logger.info("cache: %d samples in %d shard(s) written to %s", len(keys), len(shards), output)
+    return index
+
+
+def buffer_shape(folder: str, shards: list[dict[str, Any]]) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, shards[0]["file"]), framework="pt") as f:
+        return tuple(f.get_slice("latent_mean").get_shape()[1:])
+
+
+class LatentCache:
+    """A cache folder written by :func:`build_cache`.
+
+    Args:
+        path (`str`): the folder.
+    """
+
+    def __init__(self, path: str):
+        index_path = os.path.join(path, INDEX_FILE)
+        if not os.path.isfile(index_path):
+            raise FileNotFoundError(
+                f"`--latent_cache_dir` {path!r} is not a latent cache (no {INDEX_FILE}); build one with `bksdm cache`."
+            )
+        with open(index_path, encoding="utf-8") as f:
+            self.index = json.load(f)
+        if self.index.get("format") != CACHE_FORMAT:
+            raise ValueError(
+                f"`--latent_cache_dir` {path!r} has cache format {self.index.get('format')!r}; this version reads "
+                f"format {CACHE_FORMAT}. Rebuild it with `bksdm cache`."
+            )
+        self.path = path
+        self.keys: list[str] = self.index["keys"]
+        self.offsets: list[int] = []
+        total = 0
+        for shard in self.index["shards"]:
+            self.offsets.append(total)
+            total += shard["num_samples"]
+        self._handles: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return int(self.index["num_samples"])
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.index["fingerprint"]
+
+    def check(
+        self,
+        *,
+        resolution: int,
+        center_crop: bool,
+        vae_fingerprint: str | None = None,
+        text_encoder_fingerprint: str | None = None,
+        tokenizer_fingerprint: str | None = None,
+        teacher: str | None = None,
+    ) -> None:
+        """Raise a ValueError naming every way the cache differs from the run it is used for."""
+        fp = self.fingerprint
+        problems = []
+        if int(resolution) != fp["resolution"]:
+            problems.append(f"it was built at --resolution {fp['resolution']}, the run uses {resolution}")
+        if not center_crop:
+            problems.append("the run asks for random crops (--no-center_crop), a cache holds center crops only")
+        built_with = f" (built with teacher {self.index.get('teacher')!r})" if self.index.get("teacher") else ""
+        for what, expected in (("VAE", vae_fingerprint), ("text encoder", text_encoder_fingerprint),
+                               ("tokenizer", tokenizer_fingerprint)):
+            key = {"VAE": "vae", "text encoder": "text_encoder", "tokenizer": "tokenizer"}[what]
+            if expected is not None and fp.get(key) != expected:
+                problems.append(f"its {what} weights differ from those of the teacher"
+                                f"{' ' + repr(teacher) if teacher else ''}{built_with}")
+        if problems:
+            raise ValueError(
+                f"`--latent_cache_dir` {self.path!r} does not match this run: " + "; ".join(problems)
+                + ". Rebuild it with `bksdm cache` for this teacher and resolution."
+            )
+
+    def _handle(self, shard: int):
+        from safetensors import safe_open
+
+        name = self.index["shards"][shard]["file"]
+        handle = self._handles.get(name)
+        if handle is None:
+            handle = self._handles[name] = safe_open(os.path.join(self.path, name), framework="pt")
+        return handle
+
+    def get(self, index: int, flip: bool = False) -> dict[str, torch.Tensor]:
+        """`latent_mean`, `latent_std` (of the flipped image when `flip`) and `encoder_hidden_states` of a sample."""
+        shard = bisect.bisect_right(self.offsets, index) - 1
+        row = index - self.offsets[shard]
+        handle = self._handle(shard)
+        suffix = "_flip" if flip else ""
+        out = {name: handle.get_slice(name + suffix)[row : row + 1][0] for name in ("latent_mean", "latent_std")}
+        out["encoder_hidden_states"] = handle.get_slice("encoder_hidden_states")[row : row + 1][0]
+        return out
+
+    def __getstate__(self):  # safetensors handles do not cross into worker processes
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+
+class CachedSource(torch.utils.data.Dataset):
+    """Training samples read from a :class:`LatentCache`, with the same `(epoch, index)` keys and flip draws as the
+    image sources (so a run from the cache sees the same flips as the run from images)."""
+
+    def __init__(self, cache: LatentCache, random_flip: bool = True, seed: int = 0):
+        self.cache, self.random_flip, self.seed = cache, random_flip, int(seed)
+        self.description = {"type": "latent_cache", "path": cache.path, "source": cache.index.get("source")}
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        name = self.cache.keys[index]
+        # the image sources draw the crop position first (not with center crops) and then the flip
+        flipped = bool(self.random_flip and sample_rng(self.seed, epoch, name).random() < 0.5)
+        out = self.cache.get(index, flip=flipped)
+        out.update(flip=flipped, key=name, index=index)
+        return out
+
+
+class CachedCollator:
+    """Stacks cached samples into a batch (`latent_mean`, `latent_std`, `encoder_hidden_states`)."""
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        samples = list(samples)
+        batch: dict[str, Any] = {
+            name: torch.stack([s[name] for s in samples]).float()
+            for name in ("latent_mean", "latent_std", "encoder_hidden_states")
+        }
+        batch.update(skipped=[], keys=[s["key"] for s in samples],
+                     flip=torch.tensor([s["flip"] for s in samples], dtype=torch.bool),
+                     index=torch.tensor([s["index"] for s in samples], dtype=torch.long))
+        return batch

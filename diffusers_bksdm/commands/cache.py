@@ -1,0 +1,75 @@
+"""`bksdm cache`: encode a dataset's images (VAE) and captions (text encoder) once, for `bksdm distill
+--latent_cache_dir`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "cache",
+        help="Encode images and captions once into a latent cache (safetensors shards + index).",
+        description="Run the teacher's VAE encoder and text encoder over a dataset once. `bksdm distill "
+        "--latent_cache_dir DIR` then trains without them. Both horizontal flips are stored, so --random_flip still "
+        "works; images are center-cropped.",
+    )
+    parser.add_argument("--pretrained_model_name_or_path", required=True,
+                        help="Teacher pipeline (folder, hub id, or builtin:tiny-sd).")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--train_data_dir", default=None, help="Image folder with metadata.csv or metadata.jsonl.")
+    parser.add_argument("--dataset_name", default=None, help="A `datasets` dataset (hub name or local folder).")
+    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--caption_column", default="text")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--cache_dir", default=None, help="Hugging Face download cache (as in diffusers).")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="Defaults to the teacher UNet's sample_size x the VAE factor.")
+    parser.add_argument("--output_dir", "--latent_cache_dir", dest="output_dir", required=True,
+                        help="The cache folder to write.")
+    parser.add_argument("--batch_size", type=int, default=8, help="Images per VAE call.")
+    parser.add_argument("--shard_size", type=int, default=1024, help="Samples per safetensors shard.")
+    parser.add_argument("--cache_dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="Storage dtype (fp16 halves the size; fp32 reproduces training from images exactly).")
+    parser.add_argument("--device", default=None, help="Device for the encoders (default: cuda if available).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing cache.")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..cache import build_cache, module_fingerprint
+    from ..data import HFDatasetSource, ImageFolderSource, ImageTransform
+    from ..io import load_teacher, parse_dtype
+
+    if bool(args.train_data_dir) == bool(args.dataset_name):
+        raise ValueError("Pass exactly one of --train_data_dir and --dataset_name.")
+    pipe, _ = load_teacher(args.pretrained_model_name_or_path, revision=args.revision)
+    if pipe is None or getattr(pipe, "vae", None) is None or getattr(pipe, "text_encoder", None) is None:
+        raise ValueError(f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} must be a "
+                         "pipeline with a VAE and a text encoder.")
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    resolution = args.resolution or int(pipe.unet.config.sample_size) * vae_factor
+    transform = ImageTransform(resolution, center_crop=True, random_flip=False)
+    if args.train_data_dir:
+        source = ImageFolderSource(args.train_data_dir, transform, args.caption_column,
+                                   max_train_samples=args.max_train_samples)
+    else:
+        source = HFDatasetSource.from_name(args.dataset_name, transform, dataset_config_name=args.dataset_config_name,
+                                           image_column=args.image_column, caption_column=args.caption_column,
+                                           cache_dir=args.cache_dir, max_train_samples=args.max_train_samples)
+    fingerprints = {"vae": module_fingerprint(pipe.vae), "text_encoder": module_fingerprint(pipe.text_encoder)}
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.vae.to(device)
+    pipe.text_encoder.to(device)
+    index = build_cache(source, pipe.vae, pipe.text_encoder, pipe.tokenizer, args.output_dir,
+                        batch_size=args.batch_size, shard_size=args.shard_size,
+                        dtype=parse_dtype(args.cache_dtype, "--cache_dtype"),
+                        teacher=args.pretrained_model_name_or_path, overwrite=args.overwrite,
+                        fingerprints=fingerprints)
+    skipped = index["skipped"]
+    print(f"cached {index['num_samples']} samples at {resolution}px in {len(index['shards'])} shard(s) to "
+          f"{args.output_dir}; skipped {len(skipped['reasons'])} unreadable sample(s)")
+    return 0

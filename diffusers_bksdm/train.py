@@ -1,0 +1,758 @@
+"""The BK-SDM trainer on accelerate: `bksdm distill`, `python -m diffusers_bksdm.train`,
+`accelerate launch -m diffusers_bksdm.train`.
+
+One run: load the teacher pipeline, build the student with :func:`~diffusers_bksdm.compress_unet`, train it with
+:class:`~diffusers_bksdm.distill.BKDistiller` (the teacher frozen, cast to `--teacher_dtype`, kept out of
+`accelerator.prepare`), and write a student pipeline in the stock diffusers class, a model card and, with
+`--push_to_hub`, upload it.
+
+Exact resumption: the data order comes from :class:`~diffusers_bksdm.data.EpochShuffleSampler` (seeded by seed and
+epoch), augmentations from `(seed, epoch, sample)`, and the latents / noise / timesteps from a dedicated generator
+whose state is saved in every checkpoint (one file per process); `accelerator.skip_first_batches` skips what an epoch
+already consumed. A checkpoint is written to `.checkpoint-N.tmp` and renamed to `checkpoint-N` when every process is
+done, so `--resume_from_checkpoint latest` never picks a half-written one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import torch
+
+from .train_args import SECRET_ARGS, check_train_args, parse_train_args
+
+__all__ = ["train", "main", "latest_checkpoint", "TrainLog", "CHECKPOINT_PATTERN"]
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+LOG_FILE = "train_log.csv"
+LOSS_TERMS = ("loss", "task_loss", "output_kd_loss", "feature_kd_loss")
+
+
+def _logger():
+    from accelerate.logging import get_logger
+
+    return get_logger(__name__, log_level="INFO")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The complete checkpoint with the highest step in `output_dir` (`checkpoint-N` holding a trainer state)."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
+            found.append((int(match.group(1)), name))
+    return os.path.join(output_dir, max(found)[1]) if found else None
+
+
+def _resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    if not resume:
+        return None
+    if resume == "latest":
+        return latest_checkpoint(output_dir)
+    if not os.path.isfile(os.path.join(resume, STATE_FILE)):
+        raise ValueError(
+            f"`--resume_from_checkpoint` {resume!r} is not a complete checkpoint (no {STATE_FILE}); pass a "
+            "checkpoint-N folder or 'latest'."
+        )
+    return resume
+
+
+def _public_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in SECRET_ARGS and k != "func"}
+
+
+class TrainLog:
+    """A CSV file with one row per optimizer step (every loss term, per feature pair, learning rate, ...).
+
+    On resumption, rows after the checkpoint's step are dropped so that the file reads like one straight run.
+    """
+
+    def __init__(self, path: str, fields: list[str], resume_step: int | None = None):
+        self.path, self.fields = path, fields
+        rows: list[dict[str, str]] = []
+        if resume_step is not None and os.path.isfile(path):
+            with open(path, encoding="utf-8", newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+        self._file = open(path, "a", encoding="utf-8", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=fields, extrasaction="ignore")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop writes a checkpoint at the next step and exits. A second signal raises."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt(f"second signal {signum}")
+        self.signal = signum
+        logging.getLogger(__name__).warning(
+            "Received %s: writing a checkpoint at the end of this step, then exiting.", signal.Signals(signum).name
+        )
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _scheduler_config_value(scheduler, name: str, default: Any = None) -> Any:
+    return scheduler.config.get(name, default) if hasattr(scheduler, "config") else default
+
+
+def _grid(rows: list[list[Any]]):
+    from PIL import Image
+
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * len(rows[0]), height * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image.convert("RGB").resize((width, height)), (c * width, r * height))
+    return grid
+
+
+def _build_pipeline(template, unet):
+    """A pipeline of the teacher's class with `unet` swapped in (the other components shared)."""
+    import inspect
+
+    components = dict(template.components)
+    components["unet"] = unet
+    if "requires_safety_checker" in inspect.signature(type(template).__init__).parameters:
+        components["requires_safety_checker"] = template.config.get("requires_safety_checker", False)
+    pipe = type(template)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _reload_components(args: argparse.Namespace, student_unet, fallback):
+    """The teacher pipeline as saved (full-precision VAE / text encoder) with the student UNet."""
+    from diffusers import DiffusionPipeline
+
+    from .tiny import BUILTIN_PREFIX, builtin_teacher
+
+    name = args.pretrained_model_name_or_path
+    if name.startswith(BUILTIN_PREFIX):
+        return _build_pipeline(builtin_teacher(name), student_unet)
+    if fallback is not None:
+        return _build_pipeline(fallback, student_unet)
+    return DiffusionPipeline.from_pretrained(name, unet=student_unet, revision=args.revision, use_safetensors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool = True) -> dict[str, Any]:
+    """Run one distillation (see the module docstring and `bksdm distill --help`).
+
+    Args:
+        args (`argparse.Namespace`): parsed arguments (:func:`~diffusers_bksdm.train_args.parse_train_args`).
+        teacher_pipeline (`DiffusionPipeline`, *optional*): an already loaded teacher pipeline (in float32) used
+            instead of loading `--pretrained_model_name_or_path` (benchmarks, notebooks).
+        save_final (`bool`, *optional*, defaults to `True`): write the final pipeline and model card (and push).
+
+    Returns:
+        `dict`: `global_step`, `output_dir`, `interrupted` (the signal number or `None`), `skipped_samples`,
+        `samples_per_second` and `final_loss`.
+    """
+    import numpy as np
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    from .cache import CachedCollator, CachedSource, LatentCache, module_fingerprint, tokenizer_fingerprint
+    from .data import (
+        CaptionCollator,
+        EpochShuffleSampler,
+        HFDatasetSource,
+        ImageFolderSource,
+        ImageTransform,
+        SkippedSamples,
+        webdataset_source,
+    )
+    from .distill import BKDistiller, training_target, unwrap_model
+    from .io import count_parameters, load_teacher, parse_dtype
+    from .plan import get_variant
+    from .student import compress_unet
+
+    check_train_args(args)
+    get_variant(args.variant)  # a bad name fails before anything is loaded
+    logger = _logger()
+    output_dir = os.path.abspath(args.output_dir)
+    project_config = ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, args.logging_dir))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project_config,
+    )
+    main_process = accelerator.is_main_process
+    if main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        for name in os.listdir(output_dir):  # leftovers of a run killed while writing a checkpoint or the output
+            if name.startswith((".checkpoint-", ".final.tmp-")):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+    # ---- resume point and seed (needed before the data is built) ----
+    resume_path = _resolve_resume(args.resume_from_checkpoint, output_dir)
+    if args.resume_from_checkpoint and resume_path is None:
+        logger.info(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
+    resume_state: dict[str, Any] = {}
+    if resume_path is not None:
+        with open(os.path.join(resume_path, STATE_FILE), encoding="utf-8") as f:
+            resume_state = json.load(f)
+    seed = args.seed if args.seed is not None else resume_state.get("seed")
+    if seed is None:
+        seed = [int.from_bytes(os.urandom(4), "little") % (2**31)]
+        broadcast_object_list(seed)
+        seed = seed[0]
+    elif resume_state.get("seed") not in (None, seed):
+        logger.warning(f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: not an exact resume.")
+    set_seed(seed)
+
+    # ---- models ----
+    if teacher_pipeline is not None:
+        pipe = teacher_pipeline
+    else:
+        pipe, _ = load_teacher(args.pretrained_model_name_or_path, revision=args.revision)
+        if pipe is None:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} is a bare UNet; distillation "
+                "needs a whole pipeline (VAE, text encoder, tokenizer, scheduler)."
+            )
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, c, None) is None]
+    if missing or getattr(pipe, "text_encoder_2", None) is not None:
+        what = f"has no {missing}" if missing else "has two text encoders (SDXL), which this trainer does not support yet"
+        raise ValueError(f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} {what}; "
+                         "accepted: Stable Diffusion v1/v2 pipelines.")
+    teacher, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    resolution = args.resolution or int(teacher.config.sample_size) * vae_factor
+    fingerprints = None
+    if args.latent_cache_dir:  # before any cast: the cache records the weights as loaded
+        fingerprints = {"vae": module_fingerprint(vae), "text_encoder": module_fingerprint(text_encoder),
+                        "tokenizer": tokenizer_fingerprint(tokenizer)}
+
+    student = compress_unet(teacher, args.variant)
+    student.train()
+    teacher_params, student_params = count_parameters(teacher), count_parameters(student)
+    logger.info(f"teacher UNet {teacher_params:,} parameters -> student ({args.variant}) {student_params:,}")
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    teacher_dtype = parse_dtype(args.teacher_dtype, "--teacher_dtype") or weight_dtype
+    for module in (teacher, vae, text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    teacher.to(accelerator.device, dtype=teacher_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(student.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
+                       model_config=student.config)
+        ema.to(accelerator.device)
+
+    def save_model_hook(models, weights, hook_dir):
+        if accelerator.is_main_process:
+            if ema is not None:
+                ema.save_pretrained(os.path.join(hook_dir, "unet_ema"))
+            for model in models:
+                unwrap_model(model).save_pretrained(os.path.join(hook_dir, "unet"))
+        while weights:  # the unet/ folder replaces accelerate's own copy of the weights
+            weights.pop()
+
+    def load_model_hook(models, hook_dir):
+        if ema is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(hook_dir, "unet_ema"), UNet2DConditionModel)
+            ema.load_state_dict(loaded.state_dict())
+            ema.to(accelerator.device)
+            del loaded
+        while models:
+            model = unwrap_model(models.pop())
+            loaded = UNet2DConditionModel.from_pretrained(hook_dir, subfolder="unet", use_safetensors=True)
+            model.register_to_config(**loaded.config)
+            model.load_state_dict(loaded.state_dict())
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.") from error
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(student.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+    # ---- data ----
+    streamed = bool(args.train_shards)
+    use_cache = bool(args.latent_cache_dir)
+    transform = ImageTransform(resolution, center_crop=args.center_crop, random_flip=args.random_flip)
+    if use_cache:
+        cache = LatentCache(args.latent_cache_dir)
+        cache.check(resolution=resolution, center_crop=args.center_crop, vae_fingerprint=fingerprints["vae"],
+                    text_encoder_fingerprint=fingerprints["text_encoder"],
+                    tokenizer_fingerprint=fingerprints["tokenizer"], teacher=args.pretrained_model_name_or_path)
+        dataset = CachedSource(cache, random_flip=args.random_flip, seed=seed)
+        collate = CachedCollator()
+    elif args.train_data_dir:
+        dataset = ImageFolderSource(args.train_data_dir, transform, args.caption_column, seed, args.max_train_samples)
+        collate = CaptionCollator(tokenizer)
+    elif args.dataset_name:
+        with accelerator.main_process_first():
+            dataset = HFDatasetSource.from_name(
+                args.dataset_name, transform, dataset_config_name=args.dataset_config_name,
+                image_column=args.image_column, caption_column=args.caption_column, cache_dir=args.cache_dir,
+                seed=seed, max_train_samples=args.max_train_samples)
+        collate = CaptionCollator(tokenizer)
+    else:
+        dataset = webdataset_source(args.train_shards, transform, caption_column=args.caption_column, seed=seed,
+                                    shuffle_buffer=args.shuffle_buffer)
+        if dataset.num_shards < accelerator.num_processes:
+            raise ValueError(f"`--train_shards` has {dataset.num_shards} shard(s) for {accelerator.num_processes} "
+                             "processes; every process needs at least one shard.")
+        collate = CaptionCollator(tokenizer)
+    loader_kwargs = dict(batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
+    if streamed:
+        train_dataloader = torch.utils.data.DataLoader(dataset, **loader_kwargs)
+    else:
+        sampler = EpochShuffleSampler(len(dataset), seed=seed)
+        train_dataloader = torch.utils.data.DataLoader(dataset, sampler=sampler, **loader_kwargs)
+
+    # ---- schedule ----
+    ga = args.gradient_accumulation_steps
+    if streamed:
+        num_update_steps_per_epoch = None
+        max_train_steps = args.max_train_steps
+        num_train_epochs = sys.maxsize
+        scheduler_steps = max_train_steps * accelerator.num_processes
+    else:
+        batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
+        num_update_steps_per_epoch = math.ceil(batches_per_process / ga)
+        max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
+        num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+        scheduler_steps = max_train_steps * accelerator.num_processes
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=scheduler_steps)
+    if streamed:
+        student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    else:
+        student, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            student, optimizer, train_dataloader, lr_scheduler)
+        num_update_steps_per_epoch = math.ceil(len(train_dataloader) / ga)
+        num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+
+    kd = BKDistiller(teacher, student, variant=args.variant, lambda_task=args.lambda_task,
+                     lambda_out=args.lambda_out, lambda_feat=args.lambda_feat, feature_pairs=args.feature_pairs,
+                     normalize_features=args.normalize_features, on_nonfinite=args.on_nonfinite)
+    pair_names = [f"{t}->{s}" for t, s in kd.feature_pairs]
+
+    if main_process:
+        config = {k: v for k, v in _public_args(args).items() if isinstance(v, (int, float, str, bool))}
+        config.update(seed=seed, resolution=resolution)
+        accelerator.init_trackers(args.tracker_project_name, config=config)
+
+    generator = torch.Generator(device=accelerator.device).manual_seed(seed + accelerator.process_index)
+    skipped = SkippedSamples()
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    samples_seen, skipped_steps = 0, 0
+    if resume_path is not None:
+        logger.info(f"Resuming from checkpoint {resume_path}")
+        accelerator.load_state(resume_path)
+        generator_file = os.path.join(resume_path, f"rng_state_{accelerator.process_index}.safetensors")
+        if os.path.isfile(generator_file):
+            generator.set_state(load_file(generator_file)["state"])
+        else:
+            logger.warning(f"{generator_file} is missing (a different process count?): the noise will not match.",
+                           main_process_only=False)
+        global_step = int(resume_state["global_step"])
+        samples_seen = int(resume_state.get("samples", 0))
+        skipped_steps = int(resume_state.get("skipped_steps", 0))
+        if main_process:
+            skipped.merge(resume_state.get("skipped", {}))
+        if not streamed:
+            first_epoch = global_step // num_update_steps_per_epoch
+            resume_batches = (global_step % num_update_steps_per_epoch) * ga
+        else:
+            first_epoch = int(resume_state.get("epoch", 0))
+            resume_batches = int(resume_state.get("batches_in_epoch", 0))
+
+    log_file = None
+    if main_process:
+        fields = ["step", "epoch", *LOSS_TERMS, "lr", "grad_norm", "samples", "skipped_steps",
+                  *[f"feat/{p}" for p in pair_names]]
+        log_file = TrainLog(os.path.join(output_dir, LOG_FILE), fields,
+                            resume_step=global_step if resume_path is not None else 0)
+
+    # ---- validation ----
+    prompts = list(args.validation_prompts or [])
+    last_grid: list[str | None] = [None]
+    last_validation = [-1]
+
+    def validate(step: int) -> None:
+        if not prompts:
+            return
+        last_validation[0] = step
+        if accelerator.is_main_process:
+            unwrapped = unwrap_model(student)
+            if ema is not None:
+                ema.store(unwrapped.parameters())
+                ema.copy_to(unwrapped.parameters())
+            unwrapped.eval()
+            teacher_pipe = _build_pipeline(pipe, teacher)
+            student_pipe = _build_pipeline(pipe, unwrapped)
+            rows = []
+            with accelerator.autocast(), torch.no_grad():
+                for i, prompt in enumerate(prompts):
+                    row = []
+                    for p in (teacher_pipe, student_pipe):
+                        gen = torch.Generator(device=accelerator.device).manual_seed(seed + i)
+                        row.append(p(prompt, num_inference_steps=args.validation_inference_steps,
+                                     guidance_scale=args.validation_guidance_scale, generator=gen,
+                                     height=resolution, width=resolution).images[0])
+                    rows.append(row)
+            unwrapped.train()
+            if ema is not None:
+                ema.restore(unwrapped.parameters())
+            grid = _grid(rows)
+            folder = os.path.join(output_dir, "validation")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"step-{step:06d}.png")
+            grid.save(path + ".tmp.png")
+            os.replace(path + ".tmp.png", path)
+            last_grid[0] = path
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_images("validation", np.stack([np.asarray(grid)]), step, dataformats="NHWC")
+                elif tracker.name == "wandb":
+                    import wandb
+
+                    tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(prompts))]}, step=step)
+            logger.info(f"validation grid (teacher | student) written to {path}")
+        accelerator.wait_for_everyone()
+
+    # ---- checkpoints ----
+    counters = {"samples": 0, "skipped_steps": 0}
+
+    def save_checkpoint(step: int, epoch: int, batches_in_epoch: int) -> str:
+        final = os.path.join(output_dir, f"checkpoint-{step}")
+        tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
+        if accelerator.is_main_process and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(tmp)
+        save_file({"state": generator.get_state()},
+                  os.path.join(tmp, f"rng_state_{accelerator.process_index}.safetensors"))
+        gathered = gather_object([skipped.state_dict()])
+        if accelerator.is_main_process:
+            merged = SkippedSamples()
+            for state in gathered:
+                merged.merge(state)
+            state = {"global_step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "seed": seed,
+                     "samples": counters["samples"], "skipped_steps": counters["skipped_steps"],
+                     "num_processes": accelerator.num_processes, "skipped": skipped.state_dict(),
+                     "skipped_all_processes": merged.state_dict(), "args": _public_args(args)}
+            with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=1, default=str)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if os.path.exists(final):
+                old = os.path.join(output_dir, f".checkpoint-{step}.old-{uuid.uuid4().hex[:8]}")
+                os.replace(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+            if args.checkpoints_total_limit is not None:
+                complete = sorted(
+                    (int(m.group(1)), n) for n in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(n)))
+                for _, name in complete[: max(0, len(complete) - args.checkpoints_total_limit)]:
+                    logger.info(f"removing checkpoint {name} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+                    shutil.rmtree(os.path.join(output_dir, name))
+            logger.info(f"Saved state to {final}")
+        accelerator.wait_for_everyone()
+        return final
+
+    # ---- the loop ----
+    logger.info("***** Running distillation *****")
+    logger.info(f"  Teacher = {args.pretrained_model_name_or_path}, variant = {args.variant}")
+    logger.info(f"  Data = {getattr(dataset, 'description', {})}")
+    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
+    logger.info(f"  Total batch size = {args.train_batch_size * accelerator.num_processes * ga}")
+    logger.info(f"  Gradient accumulation steps = {ga}; total optimization steps = {max_train_steps}")
+
+    stop = _StopRequest()
+    stop.install()
+    scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
+    shift = getattr(vae.config, "shift_factor", None)
+    progress = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+    sums = torch.zeros(len(LOSS_TERMS) + len(pair_names), device=accelerator.device, dtype=torch.float64)
+    micro = 0
+    grad_norm = None
+    started = time.perf_counter()
+    steps_this_run = 0
+    last_row: dict[str, Any] = {}
+    interrupted: int | None = None
+    epoch = first_epoch
+    try:
+        for epoch in range(first_epoch, num_train_epochs):
+            if global_step >= max_train_steps:
+                break
+            if streamed:
+                dataset.set_epoch(epoch)
+                loader = train_dataloader
+                skip = resume_batches if epoch == first_epoch else 0
+            else:
+                train_dataloader.set_epoch(epoch)
+                loader = train_dataloader
+                skip = 0
+                if epoch == first_epoch and resume_batches:
+                    loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
+            batches_in_epoch = resume_batches if epoch == first_epoch else 0
+            for batch in loader:
+                if skip:
+                    skip -= 1
+                    continue
+                batches_in_epoch += 1
+                skipped.update(batch["skipped"])
+                n = len(batch["keys"])
+                if n == 0:
+                    continue
+                with accelerator.accumulate(student):
+                    with torch.no_grad():
+                        if use_cache:
+                            mean = batch["latent_mean"].to(accelerator.device, torch.float32)
+                            std = batch["latent_std"].to(accelerator.device, torch.float32)
+                            hidden = batch["encoder_hidden_states"].to(accelerator.device, torch.float32)
+                        else:
+                            pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
+                            dist = vae.encode(pixels).latent_dist
+                            mean, std = dist.mean.float(), dist.std.float()
+                            ids = batch["input_ids"].to(accelerator.device)
+                            hidden = text_encoder(ids, return_dict=False)[0].float()
+                        sample = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+                        latents = mean + std * sample
+                        if shift is not None:
+                            latents = latents - shift
+                        latents = latents * scaling
+                        noise = torch.randn(latents.shape, generator=generator, device=latents.device,
+                                            dtype=latents.dtype)
+                        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                                  generator=generator, device=latents.device).long()
+                        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                        target = training_target(noise_scheduler, latents, noise, timesteps)
+                    out = kd(noisy, timesteps, hidden, target)
+                    terms = [out.loss, out.task_loss, out.output_kd_loss, out.feature_kd_loss,
+                             *[out.feature_losses[p] for p in pair_names]]
+                    terms = torch.stack([t.detach().to(torch.float64) for t in terms] +
+                                        [torch.tensor(float(n), dtype=torch.float64, device=accelerator.device)])
+                    gathered_terms = accelerator.gather(terms[None])
+                    sums += gathered_terms[:, :-1].mean(0)
+                    samples_seen += int(gathered_terms[:, -1].sum().item())
+                    micro += 1
+                    skipped_steps += int(out.skipped)
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                steps_this_run += 1
+                progress.update(1)
+                if ema is not None:
+                    ema.step(unwrap_model(student).parameters())
+                means = (sums / max(micro, 1)).tolist()
+                sums.zero_()
+                micro = 0
+                row = {"step": global_step, "epoch": epoch, **dict(zip(LOSS_TERMS, means[: len(LOSS_TERMS)])),
+                       "lr": float(lr_scheduler.get_last_lr()[0]),
+                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                       "samples": samples_seen, "skipped_steps": skipped_steps,
+                       **{f"feat/{p}": v for p, v in zip(pair_names, means[len(LOSS_TERMS):])}}
+                last_row = row
+                if log_file is not None:
+                    log_file.write(row)
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
+                progress.set_postfix(loss=f"{row['loss']:.4g}")
+
+                requested = stop.signal
+                if accelerator.num_processes > 1:
+                    flag = torch.tensor([float(stop.signal or 0)], device=accelerator.device)
+                    requested = int(accelerator.reduce(flag, reduction="max").item()) or None
+                if global_step % args.checkpointing_steps == 0 or requested:
+                    counters.update(samples=samples_seen, skipped_steps=skipped_steps)
+                    save_checkpoint(global_step, epoch, batches_in_epoch)
+                if requested:
+                    interrupted = int(requested)
+                    break
+                if global_step % args.validation_steps == 0:
+                    validate(global_step)
+                if global_step >= max_train_steps:
+                    break
+            if interrupted or global_step >= max_train_steps:
+                break
+    finally:
+        stop.restore()
+        progress.close()
+        if log_file is not None:
+            log_file.close()
+    elapsed = time.perf_counter() - started
+
+    # ---- report skipped samples ----
+    gathered = gather_object([skipped.state_dict()])
+    total_skipped = SkippedSamples()
+    for state in gathered:
+        total_skipped.merge(state)
+    if total_skipped.total:
+        logger.warning(f"Data: {total_skipped.summary()}")
+
+    result = {"global_step": global_step, "output_dir": output_dir, "interrupted": interrupted,
+              "skipped_samples": total_skipped.state_dict(), "final_loss": last_row.get("loss"),
+              "samples_per_second": samples_seen * accelerator.num_processes / elapsed if elapsed > 0 else None,
+              "steps_this_run": steps_this_run, "elapsed_s": elapsed}
+    kd.remove_hooks()
+    if interrupted or not save_final:
+        if not interrupted:
+            accelerator.end_training()
+            return result
+        logger.warning(f"Stopped by signal {interrupted} at step {global_step}; resume with "
+                       "--resume_from_checkpoint latest.")
+        accelerator.end_training()
+        return result
+
+    if last_validation[0] != global_step:
+        validate(global_step)  # the grid of the final weights, for the model card
+
+    # ---- final student pipeline, model card, push ----
+    accelerator.wait_for_everyone()
+    if main_process:
+        from .hub import build_model_card, push_folder, write_model_card
+
+        unwrapped = unwrap_model(student)
+        if ema is not None:
+            ema.copy_to(unwrapped.parameters())
+        if unwrapped.dtype != torch.float32:
+            unwrapped = unwrapped.to(torch.float32)
+        full_precision = weight_dtype == torch.float32
+        final_pipe = _reload_components(args, unwrapped, pipe if full_precision or teacher_pipeline is not None
+                                        else None)
+        tmp = os.path.join(output_dir, f".final.tmp-{uuid.uuid4().hex[:8]}")
+        final_pipe.save_pretrained(tmp, safe_serialization=True)
+        grid = last_grid[0]
+        recipe = {
+            "data": getattr(dataset, "description", {}),
+            "optimizer steps": global_step,
+            "batch": f"{args.train_batch_size} x {accelerator.num_processes} processes x {ga} accumulation = "
+                     f"{args.train_batch_size * accelerator.num_processes * ga}",
+            "learning rate": f"{args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)",
+            "optimizer": "AdamW 8-bit" if args.use_8bit_adam else "AdamW",
+            "resolution": resolution,
+            "lambdas (task, out, feat)": f"{args.lambda_task}, {args.lambda_out}, {args.lambda_feat}",
+            "feature pairs": args.feature_pairs,
+            "mixed precision": accelerator.mixed_precision,
+            "EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
+            "seed": seed,
+            "skipped samples": len(total_skipped.reasons),
+        }
+        card = build_model_card(
+            teacher=args.pretrained_model_name_or_path, variant=args.variant, teacher_parameters=teacher_params,
+            student_parameters=student_params, recipe=recipe,
+            validation_image=os.path.relpath(grid, output_dir) if grid else None, validation_prompts=prompts,
+            repo_id=args.hub_model_id if args.push_to_hub else None)
+        write_model_card(tmp, card)
+        entries = sorted(os.listdir(tmp), key=lambda name: name == "model_index.json")  # the index goes last
+        for name in entries:
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target):
+                old = os.path.join(output_dir, f".final.tmp-old-{uuid.uuid4().hex[:8]}")
+                os.replace(target, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(os.path.join(tmp, name), target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.info(f"student pipeline written to {output_dir}")
+        if args.push_to_hub:
+            repo_id = args.hub_model_id or os.path.basename(output_dir.rstrip(os.sep))
+            result["hub_url"] = push_folder(output_dir, repo_id, token=args.hub_token, private=args.hub_private)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m diffusers_bksdm.train` and `accelerate launch -m diffusers_bksdm.train`."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_train_args(argv)
+    result = train(args)
+    if result["interrupted"]:
+        return 128 + int(result["interrupted"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Command-line arguments of the trainer (`bksdm distill`, `python -m diffusers_bksdm.train`).
+
+Flag names, meanings and error messages follow diffusers' `examples/text_to_image/train_text_to_image.py`; the
+defaults are the BK-SDM paper's recipe (AdamW, constant lr 5e-5, no warm-up, grad-norm clip 1, 512 px resize +
+center crop + random flip). This module imports nothing heavy, so `bksdm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_train_arguments", "build_train_parser", "parse_train_args", "check_train_args", "SECRET_ARGS"]
+
+#: arguments never written to trackers, model cards, logs or checkpoints
+SECRET_ARGS = ("hub_token",)
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}")
+    return number
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    model = parser.add_argument_group("teacher and student")
+    model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                       help="Teacher pipeline: a local folder, a hub repo id, or builtin:tiny-sd (built locally).")
+    model.add_argument("--revision", type=str, default=None, help="Hub revision of the teacher.")
+    model.add_argument("--variant", type=str, default="small",
+                       help="BK-SDM variant of the student: base, small, tiny or a registered name.")
+    model.add_argument("--lambda_task", type=float, default=1.0, help="Weight of the task (denoising) loss.")
+    model.add_argument("--lambda_out", type=float, default=1.0, help="Weight of the output-level KD loss.")
+    model.add_argument("--lambda_feat", type=float, default=1.0, help="Weight of the feature-level KD loss.")
+    model.add_argument("--feature_pairs", type=str, default="bk", choices=["bk", "all"],
+                       help="bk: BK-SDM's feature pairs; all: also the mid block where both UNets have one.")
+    model.add_argument("--normalize_features", action="store_true",
+                       help="Divide each feature loss by the teacher feature's mean square (LAPTOP-Diff).")
+    model.add_argument("--teacher_dtype", type=str, default=None, choices=["fp32", "fp16", "bf16"],
+                       help="dtype of the frozen teacher UNet. Defaults to the --mixed_precision dtype (fp32 without).")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", type=str, default=None,
+                      help="A `datasets` dataset: hub name, a folder saved with save_to_disk, or a folder "
+                           "load_dataset reads.")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="The config of the dataset.")
+    data.add_argument("--train_data_dir", type=str, default=None,
+                      help="An image folder with metadata.csv or metadata.jsonl (file_name + caption column).")
+    data.add_argument("--train_shards", type=str, default=None,
+                      help="webdataset tar shards, e.g. 'data/{00000..00099}.tar' (img2dataset layout); streamed "
+                           "and split across processes. Needs --max_train_steps.")
+    data.add_argument("--latent_cache_dir", type=str, default=None,
+                      help="Train from a latent cache written by `bksdm cache` (no VAE encoder / text encoder).")
+    data.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
+    data.add_argument("--caption_column", type=str, default="text",
+                      help="Caption column (--dataset_name, --train_data_dir metadata, or the key in webdataset "
+                           "samples: 'txt' is read when this one is missing).")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Truncate the training set.")
+    data.add_argument("--cache_dir", type=str, default=None,
+                      help="Where downloaded models and datasets are stored (the Hugging Face cache).")
+    data.add_argument("--resolution", type=int, default=None,
+                      help="Training resolution. Defaults to the teacher UNet's sample_size x the VAE factor.")
+    data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
+                      help="Center crop (default, as in BK-SDM); --no-center_crop crops at random.")
+    data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True,
+                      help="Flip images horizontally at random (default, as in BK-SDM).")
+    data.add_argument("--dataloader_num_workers", type=int, default=0,
+                      help="Subprocesses for data loading (0: in the main process).")
+    data.add_argument("--shuffle_buffer", type=int, default=1000, help="webdataset shuffle buffer (0: no shuffle).")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", type=str, default="bk-sdm-student",
+                       help="Where the checkpoints, logs and the final student pipeline are written.")
+    train.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    train.add_argument("--train_batch_size", type=_positive_int, default=16, help="Batch size per device.")
+    train.add_argument("--num_train_epochs", type=int, default=100)
+    train.add_argument("--max_train_steps", type=int, default=None,
+                       help="Total optimizer steps. If provided, overrides --num_train_epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1,
+                       help="Steps to accumulate before an update (BK-SDM: batch 64 x 4 accumulation = 256).")
+    train.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Trade compute for memory in the student's backward pass.")
+    train.add_argument("--learning_rate", type=float, default=5e-5, help="Learning rate (BK-SDM: 5e-5).")
+    train.add_argument("--scale_lr", action="store_true",
+                       help="Scale the learning rate by GPUs x accumulation steps x batch size.")
+    train.add_argument("--lr_scheduler", type=str, default="constant",
+                       help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
+                            '"constant_with_warmup".')
+    train.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps (BK-SDM: none).")
+    train.add_argument("--use_8bit_adam", action="store_true", help="8-bit Adam from bitsandbytes.")
+    train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 on Ampere GPUs.")
+    train.add_argument("--use_ema", action="store_true", help="Keep an EMA of the student; the output uses it.")
+    train.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay.")
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    train.add_argument("--adam_epsilon", type=float, default=1e-08)
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Max gradient norm (BK-SDM: 1).")
+    train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Defaults to the accelerate config or `--mixed_precision` of `accelerate launch`.")
+    train.add_argument("--on_nonfinite", type=str, default="raise", choices=["raise", "skip"],
+                       help="What a NaN/inf loss does: raise, or skip the step.")
+
+    logging = parser.add_argument_group("logging, checkpoints and validation")
+    logging.add_argument("--logging_dir", type=str, default="logs",
+                         help="TensorBoard log directory, relative to --output_dir.")
+    logging.add_argument("--report_to", type=str, default="tensorboard",
+                         help='"tensorboard", "wandb", "all" or "none". A CSV of every loss term is always written.')
+    logging.add_argument("--tracker_project_name", type=str, default="bksdm-distill")
+    logging.add_argument("--checkpointing_steps", type=int, default=500,
+                         help="Save a checkpoint (accelerate state + unet/ folders) every X updates.")
+    logging.add_argument("--checkpoints_total_limit", type=int, default=None, help="Max checkpoints to keep.")
+    logging.add_argument("--resume_from_checkpoint", type=str, default=None,
+                         help='A checkpoint folder, or "latest" for the last complete one in --output_dir.')
+    logging.add_argument("--validation_prompts", type=str, default=None, nargs="+",
+                         help="Prompts rendered by teacher and student every --validation_steps (a grid PNG).")
+    logging.add_argument("--validation_steps", type=int, default=500, help="Validate every X updates.")
+    logging.add_argument("--validation_inference_steps", type=int, default=25,
+                         help="Denoising steps of the validation images.")
+    logging.add_argument("--validation_guidance_scale", type=float, default=7.5)
+
+    hub = parser.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="Push the final student pipeline to the hub.")
+    hub.add_argument("--hub_model_id", type=str, default=None,
+                     help="Repo to push to (defaults to the --output_dir folder name under your account).")
+    hub.add_argument("--hub_token", type=str, default=None,
+                     help="Hub token (prefer `hf auth login` or HF_TOKEN); never written or logged.")
+    hub.add_argument("--hub_private", action="store_true", help="Create the hub repo as private.")
+    return parser
+
+
+def build_train_parser(prog: str = "bksdm distill") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Distill a BK-SDM student from a Stable Diffusion teacher (accelerate: multi-GPU, mixed "
+        "precision, checkpoints that resume exactly).",
+    )
+    return add_train_arguments(parser)
+
+
+def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_train_parser().parse_args(argv)
+    check_train_args(args)
+    return args
+
+
+def check_train_args(args: argparse.Namespace) -> None:
+    """Reject inconsistent arguments before anything is loaded (the messages name the flags)."""
+    sources = [name for name in ("dataset_name", "train_data_dir", "train_shards", "latent_cache_dir")
+               if getattr(args, name)]
+    if not sources:
+        raise ValueError("Need either a dataset name or a training folder (--dataset_name, --train_data_dir, "
+                         "--train_shards or --latent_cache_dir).")
+    if len(sources) > 1:
+        raise ValueError(f"Pass only one data source; got {', '.join('--' + s for s in sources)}.")
+    if args.train_shards and args.max_train_steps is None:
+        raise ValueError("--train_shards streams data of unknown length: pass --max_train_steps.")
+    for name, minimum in (("num_train_epochs", 1), ("max_train_steps", 1), ("checkpointing_steps", 1),
+                          ("validation_steps", 1), ("checkpoints_total_limit", 1), ("lr_warmup_steps", 0),
+                          ("dataloader_num_workers", 0), ("max_train_samples", 1), ("shuffle_buffer", 0),
+                          ("validation_inference_steps", 1), ("resolution", 8)):
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"`--{name}` must be >= {minimum}, got {value!r}.")
+    if args.resolution is not None and args.resolution % 8:
+        raise ValueError(f"`--resolution` must be a multiple of 8, got {args.resolution}.")
+    for name in ("learning_rate", "max_grad_norm"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"`--{name}` must be > 0, got {getattr(args, name)!r}.")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        raise ValueError(f"`--ema_decay` must be in [0, 1], got {args.ema_decay!r}.")
+    if args.report_to not in ("tensorboard", "wandb", "all", "none"):
+        raise ValueError(f"`--report_to` must be one of tensorboard, wandb, all, none; got {args.report_to!r}.")
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        raise ValueError(
+            "You cannot use both --report_to=wandb and --hub_token due to a security risk of exposing your token."
+            " Please use `hf auth login` to authenticate with the Hub."
+        )
+    if args.hub_model_id and not args.push_to_hub:
+        raise ValueError("--hub_model_id needs --push_to_hub.")
