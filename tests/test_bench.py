@@ -1,0 +1,117 @@
+"""`bksdm bench`: exact counts and MACs on the real configs (meta device), side-by-side timing on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from diffusers_bksdm.bench import BenchmarkSettings, benchmark, count_macs, load_config, measure_latency
+from diffusers_bksdm.cli import main
+
+# ../shared/SPEC.md section 2 (UNet) and section 7 (SDXL)
+EXPECTED_UNET_PARAMS = {
+    "sd-v1-4": {"teacher": 859_520_964, "bk-base": 579_384_964, "bk-small": 482_346_884, "bk-tiny": 323_384_964},
+    "sd-v2-1": {"teacher": 865_910_724, "bk-base": 583_480_964, "bk-small": 485_787_524, "bk-tiny": 326_825_604},
+    "sdxl-base-1.0": {"teacher": 2_567_463_684, "bk-koala-1b": 1_161_184_324, "bk-koala-700m": 782_822_724},
+}
+
+
+@pytest.mark.parametrize("config", list(EXPECTED_UNET_PARAMS), ids=list(EXPECTED_UNET_PARAMS))
+def test_counts_on_real_configs_are_exact(config):
+    report = benchmark(teacher_config=config, measure=False)
+    assert {m.name: m.unet_params for m in report.models} == EXPECTED_UNET_PARAMS[config]
+    assert all(m.unet_latency_s == [] for m in report.models)
+
+
+def test_sd_v1_4_macs_and_pipeline_params_match_the_paper(capsys):
+    code = main(["bench", "--teacher_config", "sd-v1-4", "--counts_only", "--resolution", "512"])
+    assert code == 0
+    table = capsys.readouterr().out
+    report = benchmark(teacher_config="sd-v1-4", measure=False)
+    macs = {m.name: m.macs for m in report.models}
+    assert macs["teacher"] == pytest.approx(338.7e9, rel=0.02)
+    assert macs["bk-base"] == pytest.approx(223.8e9, rel=0.02)
+    assert macs["bk-tiny"] < macs["bk-small"] < macs["bk-base"]
+    teacher = report.models[0]
+    assert teacher.text_encoder_params == 123_060_480  # CLIP ViT-L/14 text model
+    assert teacher.pipeline_params == 859_520_964 + 123_060_480 + teacher.vae_decoder_params
+    assert "| teacher | 859.5M | 1,032.1M | 338.6G | 1.00x |" in table
+    assert "| bk-base | 579.4M | 751.9M | 223.7G | 0.66x |" in table
+
+
+def test_macs_scale_with_resolution_and_count_attention_apart():
+    config = load_config("sd-v1-4")
+    at_256, at_512 = count_macs(config, 32), count_macs(config, 64)
+    # convolutions grow with the number of pixels; so do the linear layers, except the cross-attention key/value
+    # projections of the 77 text tokens; attention maps grow with its square
+    assert at_512["by_op"]["convolution"] == 4 * at_256["by_op"]["convolution"]
+    assert 3.9 * at_256["macs"] < at_512["macs"] < 4 * at_256["macs"]
+    assert at_512["attention_macs"] > 4 * at_256["attention_macs"] > 0
+    assert at_512["macs"] + at_512["attention_macs"] == pytest.approx(sum(at_512["by_op"].values()))
+
+
+def test_measure_latency_warms_up_and_rotates_the_order():
+    calls = []
+    report = measure_latency({k: (lambda k=k: calls.append(k)) for k in "abc"}, repeats=4, warmup=2)
+    assert calls[:6] == list("abcabc")  # warm-up
+    assert calls[6:] == list("abc" "bca" "cab" "abc")
+    assert {k: len(v) for k, v in report.items()} == {"a": 4, "b": 4, "c": 4}
+    assert all(t >= 0 for v in report.values() for t in v)
+
+
+def test_bench_cli_times_tiny_teacher_and_students_and_writes_reports(tmp_path, capsys):
+    output = tmp_path / "report"
+    argv = ["bench", "--teacher", "builtin:tiny-sd", "--resolution", "16", "--repeats", "2", "--steps", "1",
+            "--output", str(output)]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((output / "bench.json").read_text())
+    names = [m["name"] for m in data["models"]]
+    assert names == ["teacher", "bk-base", "bk-small", "bk-tiny"]
+    for model in data["models"]:
+        assert len(model["unet_latency_s"]) == 2 and model["unet_latency_median_s"] > 0
+        assert len(model["pipeline_latency_s"]) == 1
+    assert data["models"][0]["ratios_to_teacher"]["macs"] == 1.0
+    assert data["models"][1]["ratios_to_teacher"]["params"] == pytest.approx(2_140_036 / 3_222_692)
+    assert data["settings"]["unet_batch"] == 2 and data["settings"]["latent_size"] == 8
+    markdown = (output / "bench.md").read_text()
+    assert markdown.count("\n| bk-") == 3 and "pipeline latency" in markdown
+    with Image.open(output / "bench.png") as chart:
+        assert chart.format == "PNG" and chart.size[0] > chart.size[1]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bench_a_saved_student(tmp_path):
+    from diffusers_bksdm import compress_unet
+    from diffusers_bksdm.tiny import tiny_unet
+
+    teacher = tiny_unet("sd-v1", seed=0)
+    teacher.save_pretrained(tmp_path / "teacher")
+    compress_unet(teacher, "tiny").save_pretrained(tmp_path / "my-tiny")
+    report = benchmark(
+        teacher=str(tmp_path / "teacher"),
+        students={"my-tiny": str(tmp_path / "my-tiny")},
+        settings=BenchmarkSettings(resolution=8, repeats=1, warmup=0),
+    )
+    assert [m.name for m in report.models] == ["teacher", "my-tiny"]
+    assert report.models[1].unet_params == sum(p.numel() for p in compress_unet(teacher, "tiny").parameters())
+    assert report.models[0].pipeline_params is None  # a bare UNet: no text encoder or VAE
+    assert report.ratios(report.models[1])["unet_latency"] > 0
+
+
+def test_bench_bad_input(tmp_path):
+    with pytest.raises(ValueError, match=r"`--teacher_config` 'sd-v9' is neither a JSON file nor a shipped config; "
+                                         r"shipped: \[.*'sd-v1-4'"):
+        load_config("sd-v9")
+    broken = tmp_path / "config.json"
+    broken.write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"config\.json' is not valid JSON"):
+        load_config(broken)
+    with pytest.raises(ValueError, match="exactly one of `--teacher`"):
+        benchmark(teacher="builtin:tiny-sd", teacher_config="sd-v1-4")
+    with pytest.raises(ValueError, match="`--repeats` must be a positive integer, got 0"):
+        BenchmarkSettings(repeats=0)
+    with pytest.raises(ValueError, match="`--resolution` must be a multiple of 8"):
+        benchmark(teacher_config="sd-v1-4", settings=BenchmarkSettings(resolution=500), measure=False)
+    assert main(["bench", "--teacher_config", "sd-v1-4", "--variants", "huge", "--counts_only"]) == 2
