@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import gc
+import inspect
 import logging
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -575,3 +577,167 @@ def test_nonfinite_skip_returns_a_zero_loss_with_zero_gradients(teacher, student
         out.loss.backward()
         assert all(p.grad is not None and not p.grad.any() for p in student.parameters())
         assert not kd(noisy, timesteps, text, target).skipped
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The drop-in for diffusers' examples/text_to_image/train_text_to_image.py (docs/use-in-diffusers-scripts.md)
+
+GUIDE = Path(__file__).parent.parent / "docs" / "use-in-diffusers-scripts.md"
+
+
+def guide_added_lines() -> list[str]:
+    """The `+` lines of the guide's diff blocks, without indentation."""
+    lines, in_diff = [], False
+    for line in GUIDE.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            in_diff = line.strip() == "```diff"
+            continue
+        if in_diff and line.startswith("+") and line[1:].strip():
+            lines.append(line[1:].strip())
+    return lines
+
+
+def test_every_line_of_the_guide_is_in_the_script_style_test():
+    source = {line.strip() for line in inspect.getsource(test_train_text_to_image_style_loop).splitlines()}
+    added = guide_added_lines()
+    assert len(added) >= 9
+    missing = [line for line in added if line not in source]
+    assert missing == []
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_train_text_to_image_style_loop(tiny_pipeline_dir, tmp_path, mixed_precision):
+    """A short run written the way train_text_to_image.py is written, with the guide's lines."""
+    import json
+    import math
+
+    import torch.nn.functional as F  # noqa: F401  (as in the script)
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from diffusers_bksdm import BKDistiller, compress_unet, training_target
+
+    path = str(tiny_pipeline_dir)
+    gradient_accumulation_steps, train_batch_size, max_train_steps = 2, 2, 2
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision, cpu=True
+    )
+    try:
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        teacher_unet = unet
+        unet = compress_unet(teacher_unet, "small")
+        teacher_unet.requires_grad_(False)
+
+        vae.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        unet.train()
+        ema_unet = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
+        unet.enable_gradient_checkpointing()
+
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(0)
+        captions = ["a golden vase with different flowers", "a cat", "a red car", "a house"] * 2
+        dataset = [
+            {
+                "pixel_values": torch.rand(3, 16, 16, generator=g) * 2 - 1,
+                "input_ids": tokenizer(
+                    caption,
+                    max_length=tokenizer.model_max_length,
+                    padding="max_length",
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids[0],
+            }
+            for caption in captions
+        ]
+
+        def collate_fn(examples):
+            pixel_values = torch.stack([example["pixel_values"] for example in examples]).float()
+            input_ids = torch.stack([example["input_ids"] for example in examples])
+            return {"pixel_values": pixel_values, "input_ids": input_ids}
+
+        train_dataloader = torch.utils.data.DataLoader(
+            dataset, shuffle=False, collate_fn=collate_fn, batch_size=train_batch_size
+        )
+        num_update_steps_per_epoch = math.ceil(len(train_dataloader) / gradient_accumulation_steps)
+        num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+        lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+        unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            unet, optimizer, train_dataloader, lr_scheduler
+        )
+
+        weight_dtype = torch.float32
+        if accelerator.mixed_precision == "bf16":
+            weight_dtype = torch.bfloat16
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
+        vae.to(accelerator.device, dtype=weight_dtype)
+        teacher_unet.to(accelerator.device, dtype=weight_dtype)
+        kd = BKDistiller(teacher_unet, unet)
+
+        student = accelerator.unwrap_model(unet)
+        initial = {k: v.clone() for k, v in student.state_dict().items()}
+        teacher_before = {k: v.clone() for k, v in teacher_unet.state_dict().items()}
+        global_step, losses = 0, []
+        for epoch in range(num_train_epochs):
+            for step, batch in enumerate(train_dataloader):
+                with accelerator.accumulate(unet):
+                    latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
+                    latents = latents * vae.config.scaling_factor
+                    noise = torch.randn_like(latents)
+                    bsz = latents.shape[0]
+                    timesteps = torch.randint(
+                        0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device
+                    )
+                    timesteps = timesteps.long()
+                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                    encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+                    target = training_target(noise_scheduler, latents, noise, timesteps)
+                    out = kd(noisy_latents, timesteps, encoder_hidden_states, target)
+                    loss = out.loss
+
+                    avg_loss = accelerator.gather(loss.repeat(train_batch_size)).mean()
+                    losses.append(avg_loss.item())
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+                if accelerator.sync_gradients:
+                    ema_unet.step(unet.parameters())
+                    global_step += 1
+                if global_step >= max_train_steps:
+                    break
+
+        assert global_step == max_train_steps and len(losses) == max_train_steps * gradient_accumulation_steps
+        assert all(math.isfinite(v) for v in losses)
+        assert any(not torch.equal(v, initial[k]) for k, v in student.state_dict().items())
+        assert all(torch.equal(v, teacher_before[k]) for k, v in teacher_unet.state_dict().items())
+        assert all(p.grad is None for p in teacher_unet.parameters())
+
+        # the end of the script: the stock pipeline with the trained student
+        accelerator.wait_for_everyone()
+        unet = accelerator.unwrap_model(unet)
+        ema_unet.copy_to(unet.parameters())
+        pipeline = StableDiffusionPipeline.from_pretrained(path, text_encoder=text_encoder, vae=vae, unet=unet)
+        pipeline.save_pretrained(tmp_path / "output")
+        kd.remove_hooks()
+        config = json.loads((tmp_path / "output" / "unet" / "config.json").read_text())
+        assert config["mid_block_type"] is None and config["layers_per_block"] == 1
+        assert (
+            json.loads((tmp_path / "output" / "model_index.json").read_text())["_class_name"]
+            == "StableDiffusionPipeline"
+        )
+        reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "output", subfolder="unet")
+        assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in unet.parameters())
+    finally:
+        accelerator.end_training()
+        AcceleratorState._reset_state(True)

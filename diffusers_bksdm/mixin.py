@@ -1,0 +1,373 @@
+"""`BKDistillationMixin`: BK-SDM compression and distillation on the diffusers pipeline you already have.
+
+```py
+>>> from diffusers import StableDiffusionPipeline
+>>> from diffusers_bksdm import BKDistillationMixin
+>>> class MyPipe(BKDistillationMixin, StableDiffusionPipeline):
+...     pass
+>>> pipe = MyPipe.from_pretrained("CompVis/stable-diffusion-v1-4").compress("small")
+>>> # or, for an existing instance: pipe = BKDistillationMixin.wrap(StableDiffusionPipeline.from_pretrained(...))
+>>> out = pipe.distillation_loss(pixel_values, ["a golden vase with different flowers"])
+>>> out.loss.backward()
+>>> pipe.save_pretrained("bk-sdm-small")  # a stock StableDiffusionPipeline folder, without the teacher
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from typing import Any, Sequence
+
+import torch
+
+from .distill import BKDistiller, DistillationOutput, training_target, unwrap_model
+from .plan import RemovalPlan
+from .student import compress_unet
+
+__all__ = ["BKDistillationMixin", "stock_pipeline_class"]
+
+logger = logging.getLogger(__name__)
+
+_WRAPPED_CLASSES: dict[type, type] = {}
+
+
+def stock_pipeline_class(cls: type) -> type:
+    """The first class in `cls.__mro__` that diffusers itself defines (e.g. `StableDiffusionPipeline`)."""
+    from diffusers import DiffusionPipeline
+
+    for klass in cls.__mro__:
+        module = getattr(klass, "__module__", "") or ""
+        if (module == "diffusers" or module.startswith("diffusers.")) and issubclass(klass, DiffusionPipeline):
+            return klass
+    raise TypeError(f"{cls.__qualname__} does not derive from a diffusers pipeline class.")
+
+
+def _move_into(saved: str, target: str) -> None:
+    """Move the entries of the finished folder `saved` into `target`.
+
+    Every saved entry replaces the entry of the same name by a rename (component folders are replaced whole, so no
+    stale weight shard of an earlier save survives); other files in `target` are kept; `model_index.json` moves last,
+    so a folder with the new index always has the new components.
+    """
+    os.makedirs(target, exist_ok=True)
+    names = sorted(os.listdir(saved), key=lambda n: n == "model_index.json")
+    for name in names:
+        source, destination = os.path.join(saved, name), os.path.join(target, name)
+        old = None
+        if os.path.isdir(destination) and not os.path.islink(destination):
+            old = os.path.join(target, f".{name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(destination, old)
+        os.replace(source, destination)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(saved, ignore_errors=True)
+
+
+class BKDistillationMixin:
+    """Adds BK-SDM compression and distillation to a diffusers pipeline with a `unet`.
+
+    Use it as the first base class (`class MyPipe(BKDistillationMixin, StableDiffusionPipeline)`), or give an existing
+    pipeline its methods with :meth:`wrap`.
+
+    - :meth:`compress` swaps in a BK-SDM student and keeps the teacher UNet on the side (`pipe.teacher_unet`); the
+      teacher is not a registered component, so it is never saved.
+    - :meth:`distillation_loss` encodes images/prompts with the pipeline's VAE/text encoder (or takes latents /
+      embeddings), samples noise and timesteps and returns the :class:`~diffusers_bksdm.BKDistiller` output.
+    - :meth:`save_pretrained` / :meth:`push_to_hub` save the **stock** diffusers pipeline class with the student UNet,
+      so the folder loads with stock diffusers, without this package.
+    """
+
+    # ---- construction ----------------------------------------------------------------------------------------------
+    @classmethod
+    def wrap(cls, pipe: Any) -> Any:
+        """Give an existing pipeline instance the mixin's methods and return it (the same object).
+
+        Its class becomes a subclass `BKDistillation<PipelineClass>` of its own class; saving still writes the stock
+        class name.
+        """
+        from diffusers import DiffusionPipeline
+
+        if isinstance(pipe, BKDistillationMixin):
+            return pipe
+        if not isinstance(pipe, DiffusionPipeline):
+            raise TypeError(f"`pipe` must be a diffusers DiffusionPipeline, got {type(pipe).__qualname__}.")
+        base = type(pipe)
+        wrapped = _WRAPPED_CLASSES.get(base)
+        if wrapped is None:
+            wrapped = type(f"BKDistillation{base.__name__}", (BKDistillationMixin, base), {"__module__": __name__})
+            _WRAPPED_CLASSES[base] = wrapped
+        pipe.__class__ = wrapped
+        return pipe
+
+    def _bk_state(self) -> dict[str, Any]:
+        state = self.__dict__.get("_bk")
+        if state is None:
+            state = {"teacher": None, "distiller": None, "distiller_kwargs": {}, "noise_scheduler": None}
+            object.__setattr__(self, "_bk", state)
+        return state
+
+    @property
+    def teacher_unet(self) -> torch.nn.Module | None:
+        """The teacher UNet kept by :meth:`compress` (not a pipeline component), or `None`."""
+        return self._bk_state()["teacher"]
+
+    def compress(
+        self, variant: str | RemovalPlan = "small", *, copy_weights: bool = True, **distiller_kwargs: Any
+    ) -> Any:
+        """Replace the pipeline's UNet by a BK-SDM student of it and keep the teacher on the side.
+
+        Args:
+            variant (`str` or `RemovalPlan`, *optional*, defaults to `"small"`): see
+                :func:`~diffusers_bksdm.compress_unet`.
+            copy_weights (`bool`, *optional*, defaults to `True`): initialise the student from the teacher.
+            **distiller_kwargs: options for the :class:`~diffusers_bksdm.BKDistiller` that
+                :meth:`distillation_loss` uses (`lambda_task`, `lambda_out`, `lambda_feat`, `feature_pairs`,
+                `normalize_features`, `on_nonfinite`).
+
+        Calling it again compresses the kept teacher (not the current student) with the new variant.
+
+        Returns:
+            The pipeline itself.
+        """
+        from diffusers import UNet2DConditionModel
+
+        state = self._bk_state()
+        unet = state["teacher"] if state["teacher"] is not None else unwrap_model(getattr(self, "unet", None))
+        if not isinstance(unet, UNet2DConditionModel):
+            raise TypeError(
+                f"{type(self).__qualname__} needs a `unet` component that is a UNet2DConditionModel, got "
+                f"{type(unet).__qualname__}."
+            )
+        allowed = {"lambda_task", "lambda_out", "lambda_feat", "feature_pairs", "normalize_features", "on_nonfinite"}
+        unknown = sorted(set(distiller_kwargs) - allowed)
+        if unknown:
+            raise TypeError(f"Unknown distiller options {unknown}; accepted: {sorted(allowed)}.")
+        student = compress_unet(unet, variant, copy_weights=copy_weights)
+        self._drop_distiller()
+        unet.requires_grad_(False)
+        unet.eval()
+        state["teacher"] = unet
+        state["distiller_kwargs"] = dict(distiller_kwargs)
+        self.register_modules(unet=student)
+        return self
+
+    def remove_teacher(self) -> None:
+        """Drop the teacher and the distiller (frees their memory); the pipeline keeps the student."""
+        self._drop_distiller()
+        self._bk_state()["teacher"] = None
+
+    def _drop_distiller(self) -> None:
+        state = self._bk_state()
+        if state["distiller"] is not None:
+            state["distiller"].remove_hooks()
+            state["distiller"] = None
+
+    @property
+    def distiller(self) -> BKDistiller:
+        """The :class:`~diffusers_bksdm.BKDistiller` between the kept teacher and the current `unet` (built on first
+        use; follows `pipe.unet` when it is replaced, e.g. by `accelerator.prepare(pipe.unet)`)."""
+        state = self._bk_state()
+        if state["teacher"] is None:
+            raise RuntimeError("No teacher: call `pipe.compress(variant)` before distilling.")
+        unet = self.unet
+        distiller = state["distiller"]
+        if distiller is None:
+            distiller = BKDistiller(state["teacher"], unet, **state["distiller_kwargs"])
+            state["distiller"] = distiller
+        elif distiller.student is not unet:
+            distiller.student = unet
+        return distiller
+
+    # ---- device / dtype --------------------------------------------------------------------------------------------
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """`DiffusionPipeline.to`, which also moves the kept teacher."""
+        result = super().to(*args, **kwargs)
+        teacher = self._bk_state()["teacher"]
+        if teacher is not None:
+            device, dtype = kwargs.get("device"), kwargs.get("dtype")
+            for arg in args:
+                if isinstance(arg, torch.dtype):
+                    dtype = arg
+                elif isinstance(arg, (str, torch.device, int)):
+                    device = arg
+            teacher.to(device=device, dtype=dtype)
+        return result
+
+    # ---- the loss --------------------------------------------------------------------------------------------------
+    @property
+    def noise_scheduler(self) -> Any:
+        """The training noise scheduler: a `DDPMScheduler` built from the pipeline scheduler's config (same betas and
+        prediction type), as diffusers' training scripts use. Assign another one to override."""
+        state = self._bk_state()
+        if state["noise_scheduler"] is None:
+            from diffusers import DDPMScheduler
+
+            state["noise_scheduler"] = DDPMScheduler.from_config(self.scheduler.config)
+        return state["noise_scheduler"]
+
+    @noise_scheduler.setter
+    def noise_scheduler(self, scheduler: Any) -> None:
+        self._bk_state()["noise_scheduler"] = scheduler
+
+    def _student_parameter(self) -> torch.Tensor:
+        return next(unwrap_model(self.unet).parameters())
+
+    @torch.no_grad()
+    def encode_images(self, images: Any, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents of images (a `(batch, 3, H, W)` tensor in [-1, 1], or what `pipe.image_processor.preprocess`
+        takes: PIL images, arrays), sampled from the VAE posterior and scaled as the UNet expects."""
+        vae = getattr(self, "vae", None)
+        if vae is None:
+            raise ValueError(f"{type(self).__qualname__} has no `vae`; pass latents instead of images.")
+        if not isinstance(images, torch.Tensor):
+            processor = getattr(self, "image_processor", None)
+            if processor is None:
+                raise ValueError("`images_or_latents` must be a tensor for a pipeline without `image_processor`.")
+            images = processor.preprocess(images)
+        parameter = next(vae.parameters())
+        pixels = images.to(device=parameter.device, dtype=parameter.dtype)
+        latents = vae.encode(pixels).latent_dist.sample(generator=generator)
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift is not None:
+            latents = latents - shift
+        return latents * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_text(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Text embeddings of prompts, as `train_text_to_image.py` computes them (`text_encoder(input_ids)[0]`)."""
+        tokenizer, text_encoder = getattr(self, "tokenizer", None), getattr(self, "text_encoder", None)
+        if tokenizer is None or text_encoder is None:
+            raise ValueError(f"{type(self).__qualname__} has no tokenizer/text encoder; pass embeddings instead.")
+        if getattr(self, "text_encoder_2", None) is not None:
+            raise ValueError(
+                f"{type(self).__qualname__} has two text encoders (SDXL); pass the prompt embeddings and "
+                "`added_cond_kwargs={'text_embeds', 'time_ids'}` instead of prompts."
+            )
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return text_encoder(ids.to(next(text_encoder.parameters()).device), return_dict=False)[0]
+
+    def distillation_loss(
+        self,
+        images_or_latents: Any,
+        prompts_or_embeddings: Any,
+        generator: torch.Generator | None = None,
+        *,
+        timesteps: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    ) -> DistillationOutput:
+        """The BK-SDM loss of the student on one batch.
+
+        Args:
+            images_or_latents: `(batch, 3, H, W)` images in [-1, 1] (or PIL images / arrays, see
+                :meth:`encode_images`), or `(batch, C, h, w)` latents where `C` is the UNet's `in_channels`.
+            prompts_or_embeddings: a prompt, a list of prompts, or `(batch, tokens, dim)` text embeddings.
+            generator (`torch.Generator`, *optional*): draws the VAE sample, the noise and the timesteps, in that
+                order; the global generator when `None`.
+            timesteps (`torch.Tensor`, *optional*): fixed timesteps instead of uniform ones over
+                `[0, num_train_timesteps)`.
+            added_cond_kwargs (`dict`, *optional*): extra UNet conditioning (SDXL).
+
+        Returns:
+            :class:`~diffusers_bksdm.DistillationOutput`; call `.loss.backward()`.
+        """
+        from diffusers.utils.torch_utils import randn_tensor
+
+        distiller = self.distiller
+        unet_config = unwrap_model(self.unet).config
+        parameter = self._student_parameter()
+        device, dtype = parameter.device, parameter.dtype
+
+        if (
+            isinstance(images_or_latents, torch.Tensor)
+            and images_or_latents.ndim == 4
+            and (images_or_latents.shape[1] == unet_config.in_channels and images_or_latents.shape[1] != 3)
+        ):
+            latents = images_or_latents
+        elif isinstance(images_or_latents, torch.Tensor) and (
+            images_or_latents.ndim != 4 or images_or_latents.shape[1] != 3
+        ):
+            raise ValueError(
+                f"`images_or_latents` has shape {tuple(images_or_latents.shape)}; expected images (batch, 3, H, W) or "
+                f"latents (batch, {unet_config.in_channels}, h, w)."
+            )
+        else:
+            latents = self.encode_images(images_or_latents, generator=generator)
+        latents = latents.to(device=device, dtype=dtype)
+
+        if isinstance(prompts_or_embeddings, torch.Tensor):
+            embeddings = prompts_or_embeddings
+        elif isinstance(prompts_or_embeddings, str) or (
+            isinstance(prompts_or_embeddings, Sequence) and all(isinstance(p, str) for p in prompts_or_embeddings)
+        ):
+            embeddings = self.encode_text(prompts_or_embeddings)
+        else:
+            raise ValueError(
+                "`prompts_or_embeddings` must be a prompt, a list of prompts or a (batch, tokens, dim) tensor, got "
+                f"{type(prompts_or_embeddings).__name__}."
+            )
+        embeddings = embeddings.to(device=device, dtype=dtype)
+
+        scheduler = self.noise_scheduler
+        batch = latents.shape[0]
+        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        if timesteps is None:
+            sample_device = generator.device if generator is not None else latents.device
+            timesteps = torch.randint(
+                0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=sample_device
+            )
+        timesteps = timesteps.to(device=latents.device, dtype=torch.long)
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        target = training_target(scheduler, latents, noise, timesteps)
+        return distiller(noisy_latents, timesteps, embeddings, target, added_cond_kwargs=added_cond_kwargs)
+
+    # ---- saving ----------------------------------------------------------------------------------------------------
+    def stock_pipeline(self) -> Any:
+        """The same components (student UNet, unwrapped) in the stock diffusers pipeline class, without the teacher."""
+        stock = stock_pipeline_class(type(self))
+        _, optional_kwargs = stock._get_signature_keys(stock)
+        components = {
+            name: unwrap_model(value) if isinstance(value, torch.nn.Module) else value
+            for name, value in self.components.items()
+        }
+        settings = {k: self.config[k] for k in optional_kwargs if k in self.config and k not in components}
+        pipe = stock(**components, **settings)
+        if self.config.get("_name_or_path"):
+            pipe.register_to_config(_name_or_path=self.config["_name_or_path"])
+        return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Save the stock pipeline class with the student UNet (never the teacher); same arguments as
+        `DiffusionPipeline.save_pretrained`.
+
+        The folder is written beside `save_directory` and then moved in: each saved component folder replaces the
+        old one whole, `model_index.json` last; other files already in `save_directory` are kept.
+        """
+        target = os.path.abspath(os.fspath(save_directory))
+        if os.path.exists(target) and not os.path.isdir(target):
+            raise ValueError(f"`save_directory` {target!r} exists and is not a folder.")
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex[:8]}")
+        if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
+            kwargs["repo_id"] = os.path.basename(target)
+        try:
+            self.stock_pipeline().save_pretrained(tmp, *args, **kwargs)
+            _move_into(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any) -> str:
+        """Push the stock pipeline class with the student UNet (never the teacher) to the Hub; same arguments as
+        `DiffusionPipeline.push_to_hub`."""
+        return self.stock_pipeline().push_to_hub(repo_id, *args, **kwargs)
