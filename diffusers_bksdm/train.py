@@ -198,7 +198,8 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
 
     Returns:
         `dict`: `global_step`, `output_dir`, `interrupted` (the signal number or `None`), `skipped_samples`,
-        `samples_per_second` and `final_loss`.
+        `samples_per_second`, `final_loss` and `student` (the trained student UNet of this process, unwrapped; with
+        `--use_ema` the final output holds the EMA weights instead).
     """
     import numpy as np
     from accelerate import Accelerator
@@ -675,7 +676,7 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
     result = {"global_step": global_step, "output_dir": output_dir, "interrupted": interrupted,
               "skipped_samples": total_skipped.state_dict(), "final_loss": last_row.get("loss"),
               "samples_per_second": samples_seen * accelerator.num_processes / elapsed if elapsed > 0 else None,
-              "steps_this_run": steps_this_run, "elapsed_s": elapsed}
+              "steps_this_run": steps_this_run, "elapsed_s": elapsed, "student": unwrap_model(student)}
     kd.remove_hooks()
     if interrupted or not save_final:
         if not interrupted:
