@@ -7,7 +7,8 @@
   layers; the products inside attention (`QK^T` and `softmax(.)V`, which have no weights) are reported apart. With
   that convention the SD v1.4 UNet at 512x512 is 338.6G MACs and BK-SDM-Base 223.7G (paper: 338.7G and 223.8G).
 - Latency: UNet forwards of all models interleaved in one loop (warm-up first, the order rotated every repeat,
-  `torch.cuda.synchronize` on GPU), medians reported; optionally whole pipeline calls for N steps.
+  `torch.cuda.synchronize` on GPU); medians reported, and ratios to the teacher as the median of the ratios within
+  each round; optionally whole pipeline calls for N steps.
 
 Everything can be built from a UNet config alone (random weights), so the report runs with no download.
 """
@@ -172,17 +173,27 @@ class BenchmarkReport:
     settings: dict[str, Any]
 
     def ratios(self, model: ModelReport) -> dict[str, float | None]:
-        """`model` relative to the teacher (first row): params, MACs, UNet and pipeline latency."""
+        """`model` relative to the teacher (first row): params, MACs, UNet and pipeline latency.
+
+        A latency ratio is the median over rounds of `model time / teacher time` within the same round: the two ran
+        seconds apart, so a load that changes during the run (other jobs on the machine) cancels out far better than
+        in a ratio of two medians.
+        """
         teacher = self.models[0]
 
         def ratio(a, b):
             return a / b if a is not None and b else None
 
+        def paired(a: list[float], b: list[float]) -> float | None:
+            if not a or len(a) != len(b):
+                return None
+            return statistics.median(x / y for x, y in zip(a, b))
+
         return {
             "params": ratio(model.unet_params, teacher.unet_params),
             "macs": ratio(model.macs, teacher.macs),
-            "unet_latency": ratio(model.unet_latency, teacher.unet_latency),
-            "pipeline_latency": ratio(model.pipeline_latency, teacher.pipeline_latency),
+            "unet_latency": paired(model.unet_latency_s, teacher.unet_latency_s),
+            "pipeline_latency": paired(model.pipeline_latency_s, teacher.pipeline_latency_s),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -358,6 +369,69 @@ def _with_unet(pipe, unet):
     return pipeline_class(**components, **extra)
 
 
+@dataclass
+class _Teacher:
+    unet_config: dict[str, Any]
+    pipe: Any  # a pipeline, or None (bare UNet, or counts only)
+    unet: Any  # the UNet module, or None (counts only)
+    text_params: int | None
+    decoder_params: int | None
+    vae_factor: int
+    source: str
+
+
+def _teacher_from_config(teacher_config, vae_config, text_encoder_config, measure: bool) -> _Teacher:
+    unet_config = dict(teacher_config) if isinstance(teacher_config, Mapping) else load_config(teacher_config)
+    unet_config = {k: v for k, v in unet_config.items() if k != "_bksdm"}
+    if vae_config is None and unet_config.get("addition_embed_type") is None:
+        vae_config = "sd-v1-4-vae"  # SD v1.x and v2.x share the VAE architecture
+    if isinstance(vae_config, (str, os.PathLike)):
+        vae_config = load_config(vae_config, "--vae_config")
+    text_config = text_encoder_config if text_encoder_config is not None else _text_config_for(unet_config)
+    if isinstance(text_config, (str, os.PathLike)):
+        text_config = load_config(text_config, "--text_encoder_config")
+    pipe = unet = None
+    if measure:
+        torch.manual_seed(0)
+        pipe, unet = _pipeline_from_config(unet_config, vae_config, text_config)
+    text_params, decoder_params = _meta_component_params(vae_config, text_config)
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 8
+    source = os.fspath(teacher_config) if isinstance(teacher_config, (str, os.PathLike)) else "config"
+    return _Teacher(unet_config, pipe, unet, text_params, decoder_params, vae_factor, source)
+
+
+def _teacher_from_model(teacher: str) -> _Teacher:
+    from .io import load_teacher
+
+    pipe, unet = load_teacher(teacher)
+    unet_config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    params = component_parameters(pipe) if pipe is not None else {}
+    vae = getattr(pipe, "vae", None)
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+    return _Teacher(unet_config, pipe, unet, params.get("text_encoder"), params.get("vae_decoder"), vae_factor, teacher)
+
+
+def _time_pipelines(teacher: _Teacher, entries, settings: BenchmarkSettings) -> dict[str, list[float]]:
+    device = torch.device(settings.device)
+    for component in teacher.pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            _move(component, device, settings.dtype)
+    pipes = {"teacher": teacher.pipe, **{name: _with_unet(teacher.pipe, unet) for name, _, unet in entries}}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    prompt = ["a golden vase with different flowers"] * settings.batch_size
+
+    def call(pipe):
+        return lambda: pipe(
+            prompt=prompt, num_inference_steps=settings.steps, height=settings.resolution, width=settings.resolution,
+            guidance_scale=7.5 if settings.cfg else 1.0, output_type="np", generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+
+    logger.info("Timing %d pipelines: %d steps", len(pipes), settings.steps)
+    calls = {name: call(pipe) for name, pipe in pipes.items()}
+    return measure_latency(calls, settings.pipeline_repeats or 1, min(settings.warmup, 1), device)
+
+
 def benchmark(
     *,
     teacher: str | None = None,
@@ -372,7 +446,7 @@ def benchmark(
     """Measure a teacher and its students side by side.
 
     Args:
-        teacher (`str`, *optional*): a pipeline or UNet folder / repo id, or `builtin:tiny-sd` (real weights).
+        teacher (`str`, *optional*): a pipeline or UNet folder / repo id, or `builtin:tiny-sd` (its own weights).
         teacher_config (`str` or `Mapping`, *optional*): instead of `teacher`, a UNet config (file, shipped name such
             as `sd-v1-4`, or dict): random weights, no download. For SD v1/v2 configs a text encoder and VAE of the
             family are built too, so whole-pipeline numbers are available.
@@ -382,123 +456,80 @@ def benchmark(
         settings (`BenchmarkSettings`, *optional*): resolution, batch size, repeats, device, dtype, steps.
         vae_config, text_encoder_config (*optional*): override the VAE / text encoder built in config mode.
         measure (`bool`, *optional*, defaults to `True`): time the models; with `False` only parameters and MACs are
-            computed, all on the meta device (no memory).
+            computed (in config mode on the meta device only: no memory, about a second).
 
     Returns:
         `BenchmarkReport`: the teacher first, then the students.
+
+    Example:
+
+    ```py
+    >>> report = benchmark(teacher_config="sd-v1-4", settings=BenchmarkSettings(resolution=512, repeats=3))
+    >>> print(report_markdown(report))
+    ```
     """
     from diffusers import UNet2DConditionModel
 
-    from .student import compress_unet
+    from .student import BKUNet2DConditionModel, compress_unet
 
     if (teacher is None) == (teacher_config is None):
         raise ValueError("Pass exactly one of `--teacher` (a model) and `--teacher_config` (a UNet config).")
-    settings = settings or BenchmarkSettings()
     if students and variants:
         raise ValueError("Pass either `--variants` or `--student`, not both.")
+    settings = settings or BenchmarkSettings()
     device = torch.device(settings.device)
-
-    # ---- the teacher: its UNet config, and (unless measure=False in config mode) the real modules
-    teacher_pipe, teacher_unet = None, None
     if teacher_config is not None:
-        unet_config = dict(teacher_config) if isinstance(teacher_config, Mapping) else load_config(teacher_config)
-        unet_config = {k: v for k, v in unet_config.items() if k != "_bksdm"}
-        vae_cfg = vae_config if vae_config is not None else (
-            "sd-v1-4-vae" if unet_config.get("addition_embed_type") is None else None
-        )
-        vae_cfg = load_config(vae_cfg, "--vae_config") if isinstance(vae_cfg, (str, os.PathLike)) else vae_cfg
-        text_cfg = text_encoder_config if text_encoder_config is not None else _text_config_for(unet_config)
-        if isinstance(text_cfg, (str, os.PathLike)):
-            text_cfg = load_config(text_cfg, "--text_encoder_config")
-        source = teacher_config if isinstance(teacher_config, str) else "config"
-        if measure:
-            torch.manual_seed(0)
-            teacher_pipe, teacher_unet = _pipeline_from_config(unet_config, vae_cfg, text_cfg)
-            text_params = component_parameters(teacher_pipe)["text_encoder"] if teacher_pipe is not None else None
-            decoder_params = component_parameters(teacher_pipe)["vae_decoder"] if teacher_pipe is not None else None
-        else:
-            text_params, decoder_params = _meta_component_params(vae_cfg, text_cfg)
-        vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) if vae_cfg else 8
+        base = _teacher_from_config(teacher_config, vae_config, text_encoder_config, measure)
     else:
-        from .io import load_teacher
+        base = _teacher_from_model(teacher)
+    if settings.resolution % base.vae_factor:
+        raise ValueError(
+            f"`--resolution` must be a multiple of {base.vae_factor} (the VAE factor), got {settings.resolution}."
+        )
+    latent = settings.resolution // base.vae_factor
 
-        teacher_pipe, teacher_unet = load_teacher(teacher)
-        unet_config = {k: v for k, v in dict(teacher_unet.config).items() if not k.startswith("_")}
-        params = component_parameters(teacher_pipe) if teacher_pipe is not None else {}
-        text_params, decoder_params = params.get("text_encoder"), params.get("vae_decoder")
-        vae = getattr(teacher_pipe, "vae", None)
-        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
-        source = teacher
-    if settings.resolution % vae_factor:
-        raise ValueError(f"`--resolution` must be a multiple of {vae_factor} (the VAE factor), got {settings.resolution}.")
-    latent = settings.resolution // vae_factor
-
-    # ---- the students
-    entries: list[tuple[str, dict[str, Any], Any]] = []  # (name, unet config, unet or None)
+    entries: list[tuple[str, dict[str, Any], Any]] = []  # (name, UNet config, UNet module or None)
     if students:
         for name, path in students.items():
             student_unet = _load_student_unet(path, settings.dtype)
             entries.append((name, dict(student_unet.config), student_unet))
     else:
-        from .student import BKUNet2DConditionModel
-
-        for variant in variants or default_variants(unet_config):
-            config = BKUNet2DConditionModel.config_from_teacher(unet_config, variant)
-            config.pop("_bksdm", None)
-            student_unet = None
-            if teacher_unet is not None:
-                student_unet = compress_unet(teacher_unet, variant)
+        for variant in variants or default_variants(base.unet_config):
+            config = BKUNet2DConditionModel.config_from_teacher(base.unet_config, variant)
+            student_unet = compress_unet(base.unet, variant) if base.unet is not None else None
             entries.append((f"bk-{variant}", config, student_unet))
 
     rows = []
-    for name, config, _ in [("teacher", unet_config, teacher_unet)] + entries:
+    for name, config, _ in [("teacher", base.unet_config, base.unet)] + entries:
         macs = count_macs(config, latent)
         with torch.device("meta"):
             unet_params = _count(UNet2DConditionModel.from_config(dict(config)))
-        rows.append(ModelReport(name, unet_params, macs["macs"], macs["attention_macs"], text_params, decoder_params))
+        rows.append(
+            ModelReport(name, unet_params, macs["macs"], macs["attention_macs"], base.text_params, base.decoder_params)
+        )
 
-    # ---- latency, side by side
     if measure:
-        unets = {"teacher": teacher_unet, **{name: unet for name, _, unet in entries}}
+        unets = {"teacher": base.unet, **{name: unet for name, _, unet in entries}}
         for unet in unets.values():
             _move(unet, device, settings.dtype).eval()
-        inputs = unet_inputs(unet_config, settings.unet_batch, latent, device, settings.dtype)
+        inputs = unet_inputs(base.unet_config, settings.unet_batch, latent, device, settings.dtype)
         calls = {name: (lambda u=unet: u(**inputs)) for name, unet in unets.items()}
         logger.info("Timing %d UNets: %d warm-up + %d rounds", len(calls), settings.warmup, settings.repeats)
         times = measure_latency(calls, settings.repeats, settings.warmup, device)
-        for row in rows:
-            row.unet_latency_s = times[row.name]
-        if settings.steps and teacher_pipe is not None:
-            for component in teacher_pipe.components.values():
-                if isinstance(component, torch.nn.Module):
-                    _move(component, device, settings.dtype)
-            teacher_pipe.set_progress_bar_config(disable=True)
-            pipes = {"teacher": teacher_pipe, **{name: _with_unet(teacher_pipe, unet) for name, _, unet in entries}}
-            for pipe in pipes.values():
-                pipe.set_progress_bar_config(disable=True)
-            prompt = ["a golden vase with different flowers"] * settings.batch_size
-
-            def pipeline_call(pipe):
-                return lambda: pipe(
-                    prompt=prompt, num_inference_steps=settings.steps, height=settings.resolution,
-                    width=settings.resolution, guidance_scale=7.5 if settings.cfg else 1.0, output_type="np",
-                    generator=torch.Generator("cpu").manual_seed(0),
-                )  # fmt: skip
-
-            logger.info("Timing %d pipelines: %d steps", len(pipes), settings.steps)
-            pipe_times = measure_latency(
-                {n: pipeline_call(p) for n, p in pipes.items()}, settings.pipeline_repeats or 1, min(settings.warmup, 1),
-                device,
-            )
-            for row in rows:
-                row.pipeline_latency_s = pipe_times[row.name]
+        pipe_times = {}
+        if settings.steps and base.pipe is not None:
+            pipe_times = _time_pipelines(base, entries, settings)
         elif settings.steps:
             logger.warning("No text encoder / VAE for this teacher: whole-pipeline latency is not measured.")
+        for row in rows:
+            row.unet_latency_s = times[row.name]
+            row.pipeline_latency_s = pipe_times.get(row.name, [])
 
+    processor = platform.processor() or platform.machine()
     meta = {
-        "teacher": source,
+        "teacher": base.source,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else processor,
         "dtype": str(settings.dtype).replace("torch.", ""),
         "resolution": settings.resolution,
         "latent_size": latent,
@@ -567,7 +598,8 @@ def report_markdown(report: BenchmarkReport) -> str:
     lines = [
         f"Teacher `{s['teacher']}` ({s['weights']} weights), {s['device']} ({s['device_name']}, {s['threads']} threads), "
         f"{s['dtype']}, {s['resolution']}x{s['resolution']} images ({s['latent_size']}x{s['latent_size']} latents), "
-        f"UNet batch {s['unet_batch']}, median of {s['repeats']} runs after {s['warmup']} warm-up.",
+        f"UNet batch {s['unet_batch']}, median of {s['repeats']} runs after {s['warmup']} warm-up; a latency ratio is "
+        "the median of the ratios to the teacher within each round.",
         "",
         "| model | UNet params | pipeline params | MACs/sample | MACs ratio | UNet latency | latency ratio "
         + ("| pipeline latency | pipeline ratio " if s.get("steps") else "")

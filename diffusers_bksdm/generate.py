@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -86,7 +86,6 @@ class GenerationConfig:
     resolution: int = 512
     eval_resolution: int | None = 256
     batch_size: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("num_inference_steps", "resolution", "batch_size"):
@@ -307,7 +306,6 @@ def generate_images(
         "family": _family(pipe.unet.config),
         "seed_rule": "numpy SeedSequence([seed, prompt_index]), one CPU generator per prompt",
         "downsampling": "PIL bicubic",
-        **config.extra,
     }
     if is_main:
         _check_manifest(output_dir, settings)

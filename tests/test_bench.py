@@ -115,3 +115,15 @@ def test_bench_bad_input(tmp_path):
     with pytest.raises(ValueError, match="`--resolution` must be a multiple of 8"):
         benchmark(teacher_config="sd-v1-4", settings=BenchmarkSettings(resolution=500), measure=False)
     assert main(["bench", "--teacher_config", "sd-v1-4", "--variants", "huge", "--counts_only"]) == 2
+
+
+def test_latency_ratio_pairs_the_runs_of_each_round():
+    from diffusers_bksdm.bench import BenchmarkReport, ModelReport
+
+    teacher = ModelReport("teacher", 10, 100.0, 0.0, unet_latency_s=[10.0, 30.0, 20.0])
+    student = ModelReport("student", 6, 60.0, 0.0, unet_latency_s=[7.0, 24.0, 8.0])
+    report = BenchmarkReport([teacher, student], {})
+    # per round: 0.7, 0.8, 0.4 -> median 0.7 (the ratio of the medians, 8 / 20, would be 0.4)
+    assert report.ratios(student)["unet_latency"] == pytest.approx(0.7)
+    assert report.ratios(student)["macs"] == pytest.approx(0.6)
+    assert report.ratios(student)["pipeline_latency"] is None
