@@ -1,0 +1,93 @@
+"""The latent cache: `bksdm cache`, training from it, and refusing a cache that does not match the run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _train_utils import base_args, read_log, reset_accelerate, run_train, write_image_folder
+
+from diffusers_bksdm.cache import LatentCache
+from diffusers_bksdm.cli import main
+
+
+@pytest.fixture(scope="module")
+def cached(tiny_pipeline_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    images = write_image_folder(root / "images", n=6)
+    cache = root / "latents"
+    code = main(["cache", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(images),
+                 "--output_dir", str(cache), "--batch_size", "2", "--shard_size", "3"])
+    assert code == 0
+    return images, cache
+
+
+def test_cache_layout_and_contents(tiny_pipeline_dir, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from diffusers_bksdm.data import ImageFolderSource, ImageTransform
+
+    images = write_image_folder(tmp_path / "images", n=6, corrupt=(4,))
+    cache_dir = tmp_path / "latents"
+    assert main(["cache", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(images),
+                 "--output_dir", str(cache_dir), "--batch_size", "2", "--shard_size", "3"]) == 0
+    index = json.loads((cache_dir / "index.json").read_text())
+    assert index["num_samples"] == 5 and [s["num_samples"] for s in index["shards"]] == [3, 2]
+    assert list(index["skipped"]["reasons"]) == ["img_4.png"]
+    assert index["fingerprint"]["resolution"] == 16 and index["fingerprint"]["latent_shape"] == [4, 8, 8]
+    cache = LatentCache(str(cache_dir))
+    # img_4 is unreadable: the cache holds img_0..3 and img_5; its stored posterior is the VAE's, for both flips
+    assert cache.keys == ["img_0.png", "img_1.png", "img_2.png", "img_3.png", "img_5.png"]
+    vae = AutoencoderKL.from_pretrained(tiny_pipeline_dir / "vae")
+    pixels = ImageFolderSource(str(images), ImageTransform(16, random_flip=False))[5]["pixel_values"][None]
+    with torch.no_grad():
+        plain, flipped = vae.encode(pixels).latent_dist, vae.encode(torch.flip(pixels, dims=[3])).latent_dist
+    torch.testing.assert_close(cache.get(4)["latent_mean"], plain.mean[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.get(4, flip=True)["latent_std"], flipped.std[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cache.get(4, flip=True)["latent_mean"], plain.mean[0])
+    assert cache.get(4)["encoder_hidden_states"].shape == (77, 32)
+
+
+@pytest.mark.parametrize("flip", ["--no-random_flip", "--random_flip"], ids=["flips-off", "flips-on"])
+def test_training_from_cache_matches_training_from_images(tiny_pipeline_dir, cached, tmp_path, flip):
+    images, cache_dir = cached
+    from_images = run_train(base_args(tiny_pipeline_dir, tmp_path / "images", flip, data=images, steps=3))
+    from_cache = run_train(base_args(tiny_pipeline_dir, tmp_path / "cache", flip, "--latent_cache_dir",
+                                     str(cache_dir), steps=3))
+    assert from_images["global_step"] == from_cache["global_step"] == 3
+    rows_images, rows_cache = read_log(tmp_path / "images"), read_log(tmp_path / "cache")
+    for a, b in zip(rows_images, rows_cache, strict=True):
+        for column in ("loss", "task_loss", "output_kd_loss", "feature_kd_loss"):
+            assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-5, abs=1e-7), (a["step"], column)
+    for name, tensor in from_images["student"].state_dict().items():
+        # Adam divides by sqrt(v): float noise on near-zero gradients moves a weight by a fraction of lr (5e-5)
+        torch.testing.assert_close(from_cache["student"].state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_mismatched_cache_is_refused(tiny_pipeline_dir, cached, tmp_path):
+    from diffusers_bksdm.tiny import tiny_pipeline
+
+    _, cache_dir = cached
+    other_teacher = tmp_path / "other"
+    tiny_pipeline("sd-v1", seed=1).save_pretrained(other_teacher)  # different VAE / text-encoder weights
+    with pytest.raises(ValueError, match=r"--latent_cache_dir.*does not match this run: its VAE weights differ.*"
+                                         r"text encoder weights differ.*Rebuild it with `bksdm cache`"):
+        run_train(base_args(other_teacher, tmp_path / "o1", "--latent_cache_dir", str(cache_dir)))
+    with pytest.raises(ValueError, match="built at --resolution 16, the run uses 32"):
+        run_train(base_args(tiny_pipeline_dir, tmp_path / "o2", "--latent_cache_dir", str(cache_dir),
+                            "--resolution", "32"))
+    with pytest.raises(ValueError, match="random crops"):
+        run_train(base_args(tiny_pipeline_dir, tmp_path / "o3", "--latent_cache_dir", str(cache_dir),
+                            "--no-center_crop"))
+    with pytest.raises(FileNotFoundError, match="is not a latent cache"):
+        run_train(base_args(tiny_pipeline_dir, tmp_path / "o4", "--latent_cache_dir", str(tmp_path)))
+    reset_accelerate()
+
+
+def test_cache_refuses_to_overwrite(tiny_pipeline_dir, cached, capsys):
+    images, cache_dir = cached
+    code = main(["cache", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(images),
+                 "--output_dir", str(cache_dir)])
+    assert code == 2
+    assert "exists and is not empty" in capsys.readouterr().err
