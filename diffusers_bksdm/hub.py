@@ -61,7 +61,8 @@ def build_model_card(
         validation_image (`str`, *optional*): path of the teacher | student grid, relative to the card's folder.
         validation_prompts (list of `str`, *optional*): the grid's prompts, top to bottom.
         evaluation (`dict`, *optional*): evaluation scores (FID, CLIP score, ...).
-        repo_id (`str`, *optional*): the hub repo the card is for; `None` builds it locally without a hub lookup.
+        repo_id (`str`, *optional*): the hub repo the card is for (shown in the usage snippet). The card is always
+            built locally, without a hub lookup.
         license (`str`, *optional*): the license (defaults to the teacher's family license for SD v1,
             `creativeml-openrail-m`).
         extra_tags (list of `str`, *optional*): tags besides :data:`MODEL_CARD_TAGS`.
@@ -114,11 +115,8 @@ def build_model_card(
     base_model = None if os.path.isabs(teacher) or teacher.startswith("builtin:") else teacher
     kwargs = dict(from_training=True, base_model=base_model, model_description=description, inference=True,
                   license=license or "creativeml-openrail-m")
-    if repo_id is None:
-        with _offline():
-            card = load_or_create_model_card("bksdm-local/student", **kwargs)
-    else:
-        card = load_or_create_model_card(repo_id, **kwargs)
+    with _offline():  # always built from what we know locally; no hub round-trip during training
+        card = load_or_create_model_card(repo_id or "bksdm-local/student", **kwargs)
     return populate_model_card(card, tags=[*MODEL_CARD_TAGS, f"bk-sdm-{variant}", *extra_tags])
 
 

@@ -20,9 +20,17 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from ..train import train
 
-    result = train(args)
+    try:
+        result = train(args)
+    except RuntimeError as error:
+        if "bksdm push" not in str(error):
+            raise
+        print(f"bksdm distill: error: {error}", file=sys.stderr)  # training finished; only the upload failed
+        return 1
     if result["interrupted"]:
         print(f"interrupted at step {result['global_step']}; resume with --resume_from_checkpoint latest")
         return 128 + int(result["interrupted"])

@@ -22,6 +22,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import os
+    import sys
 
     from ..hub import build_model_card, push_folder, write_model_card
     from ..student import student_info
@@ -37,7 +38,11 @@ def run(args: argparse.Namespace) -> int:
         card = build_model_card(teacher=str(info.get("teacher") or "unknown"), variant=str(info.get("variant")),
                                 repo_id=None)
         write_model_card(args.folder, card)
-    url = push_folder(args.folder, args.repo_id, token=args.hub_token, private=args.private,
-                      commit_message=args.commit_message)
+    try:
+        url = push_folder(args.folder, args.repo_id, token=args.hub_token, private=args.private,
+                          commit_message=args.commit_message)
+    except RuntimeError as error:  # the message says how to retry and never holds the token
+        print(f"bksdm push: error: {error}", file=sys.stderr)
+        return 1
     print(f"pushed {args.folder} to {url}")
     return 0
