@@ -230,7 +230,11 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
     logger = _logger()
     output_dir = os.path.abspath(args.output_dir)
     project_config = ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, args.logging_dir))
+    # torchrun on a machine without GPUs: accelerate needs `cpu=True` to form a gloo process group (MULTI_CPU);
+    # without it every process would believe it is alone and all of them would write the same files.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=multi_cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
