@@ -198,7 +198,8 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
 
     Returns:
         `dict`: `global_step`, `output_dir`, `interrupted` (the signal number or `None`), `skipped_samples`,
-        `samples_per_second`, `final_loss` and `student` (the trained student UNet of this process, unwrapped; with
+        `samples_per_second`, `step_times` (wall seconds of each optimizer step of this run), `final_loss` and
+        `student` (the trained student UNet of this process, unwrapped; with
         `--use_ema` the final output holds the EMA weights instead).
     """
     import numpy as np
@@ -556,7 +557,8 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
     sums = torch.zeros(len(LOSS_TERMS) + len(pair_names), device=accelerator.device, dtype=torch.float64)
     micro = 0
     grad_norm = None
-    started = time.perf_counter()
+    started = step_started = time.perf_counter()
+    step_times: list[float] = []
     steps_this_run = 0
     last_row: dict[str, Any] = {}
     interrupted: int | None = None
@@ -629,6 +631,9 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
                     continue
                 global_step += 1
                 steps_this_run += 1
+                now = time.perf_counter()
+                step_times.append(now - step_started)
+                step_started = now
                 progress.update(1)
                 if ema is not None:
                     ema.step(unwrap_model(student).parameters())
@@ -680,7 +685,7 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
     result = {"global_step": global_step, "output_dir": output_dir, "interrupted": interrupted,
               "skipped_samples": total_skipped.state_dict(), "final_loss": last_row.get("loss"),
               "samples_per_second": samples_seen * accelerator.num_processes / elapsed if elapsed > 0 else None,
-              "steps_this_run": steps_this_run, "elapsed_s": elapsed, "student": unwrap_model(student)}
+              "steps_this_run": steps_this_run, "elapsed_s": elapsed, "step_times": step_times, "student": unwrap_model(student)}
     kd.remove_hooks()
     if interrupted or not save_final:
         if not interrupted:

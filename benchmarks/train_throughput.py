@@ -1,0 +1,158 @@
+"""Trainer throughput from images versus from the latent cache, on the real-size SD v1.4 architecture.
+
+The teacher pipeline (UNet, VAE, CLIP text encoder) is built from the package's real configs with random weights
+(no download; the tokenizer is the tiny local one, which does not change the cost). A folder of random images is
+written, a latent cache is built from it with `build_cache`, and then the *trainer itself* (`diffusers_bksdm.train`)
+runs alternately from the images and from the cache, same seed, same steps. Reported: median seconds per optimizer
+step (the first step of each run is a warm-up and is dropped), samples/s, the ratio, and the share of an image-mode
+step that the VAE encoder + text encoder take (timed on their own, same batch).
+
+    python benchmarks/train_throughput.py --resolution 256 --train_batch_size 1 --steps 4 --rounds 2
+
+Needs about 12 GB of RAM for the small variant at 256 px (teacher 0.86B + student 0.48B with AdamW states).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import tempfile
+import time
+from importlib import resources
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def build_sd14_pipeline(seed: int = 0):
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffusers_bksdm.tiny import tiny_tokenizer
+
+    def config(name):
+        return json.loads(resources.files("diffusers_bksdm").joinpath("configs", name).read_text())
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(config("sd-v1-4.json"))
+    vae = AutoencoderKL.from_config(config("sd-v1-4-vae.json"))
+    text_config = {k: v for k, v in config("clip-vit-large-patch14-text.json").items() if k != "architectures"}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def write_images(folder: str, n: int, resolution: int) -> None:
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
+        for i in range(n):
+            size = (resolution + 16 * (i % 3), resolution)
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+                os.path.join(folder, f"{i}.png"))
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a photograph of object number {i}"}) + "\n")
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_trainer(pipe, argv: list[str]) -> list[float]:
+    from diffusers_bksdm.train import train
+    from diffusers_bksdm.train_args import parse_train_args
+
+    try:
+        result = train(parse_train_args(argv), teacher_pipeline=pipe, save_final=False)
+    finally:
+        reset_accelerate()
+    times = result["step_times"][1:]  # the first step warms up the allocator and the data loader
+    del result
+    gc.collect()
+    return times
+
+
+@torch.no_grad()
+def time_encoders(pipe, folder: str, resolution: int, batch: int, repeats: int) -> list[float]:
+    from diffusers_bksdm.data import ImageFolderSource, ImageTransform, tokenize
+
+    source = ImageFolderSource(folder, ImageTransform(resolution, random_flip=False))
+    pixels = torch.stack([source[i]["pixel_values"] for i in range(batch)])
+    ids = tokenize(pipe.tokenizer, [source[i]["caption"] for i in range(batch)])
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        pipe.vae.encode(pixels).latent_dist.sample()
+        pipe.text_encoder(ids)[0]
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--variant", default="small")
+    parser.add_argument("--train_batch_size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4, help="Measured optimizer steps per run (plus one warm-up).")
+    parser.add_argument("--rounds", type=int, default=2, help="Alternating (images, cache) rounds.")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from diffusers_bksdm.cache import build_cache
+    from diffusers_bksdm.data import ImageFolderSource, ImageTransform
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    pipe = build_sd14_pipeline()
+    print(f"built the random-weight SD v1.4 pipeline in {time.perf_counter() - start:.1f} s; device {device}, "
+          f"{torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        images, cache = os.path.join(tmp, "images"), os.path.join(tmp, "cache")
+        n = args.train_batch_size * (args.steps + 1)
+        write_images(images, n, args.resolution)
+        start = time.perf_counter()
+        build_cache(ImageFolderSource(images, ImageTransform(args.resolution, random_flip=False)), pipe.vae,
+                    pipe.text_encoder, pipe.tokenizer, cache, batch_size=args.train_batch_size)
+        cache_s = time.perf_counter() - start
+        print(f"cache of {n} images built in {cache_s:.1f} s ({cache_s / n:.2f} s/image, both flips)")
+
+        common = ["--pretrained_model_name_or_path", "random-sd-v1-4", "--variant", args.variant, "--seed", "0",
+                  "--resolution", str(args.resolution), "--train_batch_size", str(args.train_batch_size),
+                  "--max_train_steps", str(args.steps + 1), "--report_to", "none", "--checkpointing_steps",
+                  "1000000", "--output_dir", os.path.join(tmp, "out")]
+        step_times: dict[str, list[float]] = {"images": [], "cache": []}
+        encoder_times: list[float] = []
+        for round_ in range(args.rounds):
+            step_times["images"] += run_trainer(pipe, common + ["--train_data_dir", images])
+            step_times["cache"] += run_trainer(pipe, common + ["--latent_cache_dir", cache])
+            encoder_times += time_encoders(pipe, images, args.resolution, args.train_batch_size, args.steps)
+            print(f"round {round_ + 1}: images {statistics.median(step_times['images']):.2f} s/step, cache "
+                  f"{statistics.median(step_times['cache']):.2f} s/step, VAE+text encoder "
+                  f"{statistics.median(encoder_times):.2f} s")
+
+    images_s, cache_s_step = statistics.median(step_times["images"]), statistics.median(step_times["cache"])
+    encoders_s = statistics.median(encoder_times)
+    print()
+    print(f"| mode | median s/step | samples/s | steps measured |")
+    print("|---|---|---|---|")
+    for mode, value in (("from images", images_s), ("from the latent cache", cache_s_step)):
+        key = "images" if mode == "from images" else "cache"
+        print(f"| {mode} | {value:.2f} | {args.train_batch_size / value:.3f} | {len(step_times[key])} |")
+    print()
+    print(f"cache speed-up: {images_s / cache_s_step:.2f}x; VAE encoder + text encoder: {encoders_s:.2f} s = "
+          f"{encoders_s / images_s:.0%} of an image-mode step")
+
+
+if __name__ == "__main__":
+    main()
