@@ -205,3 +205,31 @@ def test_checkpoints_total_limit(tiny_pipeline_dir, images, tmp_path):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert not list(out.glob(".checkpoint-*"))
     assert {"rng_state_0.safetensors", "trainer_state.json", "unet"} <= {p.name for p in (out / "checkpoint-3").iterdir()}
+
+
+def test_bf16_mixed_precision_with_gradient_checkpointing(tiny_pipeline_dir, images, tmp_path):
+    import torch
+
+    out = tmp_path / "out"
+    result = run_train(base_args(tiny_pipeline_dir, out, "--mixed_precision", "bf16", "--gradient_checkpointing",
+                                 "--teacher_dtype", "bf16", "--train_batch_size", "1", data=images, steps=1))
+    assert result["global_step"] == 1 and math.isfinite(result["final_loss"])
+    weights = load_unet_weights(out / "unet")
+    assert {t.dtype for t in weights.values()} == {torch.float32}  # the student trains and is saved in fp32
+    vae = json.loads((out / "vae" / "config.json").read_text())
+    assert vae["_class_name"] == "AutoencoderKL"
+    from safetensors.torch import load_file
+
+    # the saved VAE is the teacher's full-precision one, not the bf16 copy used for training
+    saved_vae = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    teacher_vae = load_file(tiny_pipeline_dir / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(saved_vae[k], teacher_vae[k]) for k in teacher_vae)
+
+
+def test_8bit_adam_without_bitsandbytes_says_how_to_install(tiny_pipeline_dir, images, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed")
+    with pytest.raises(ImportError, match="--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`"):
+        run_train(base_args(tiny_pipeline_dir, tmp_path / "out", "--use_8bit_adam", data=images, steps=1))

@@ -34,6 +34,7 @@ def test_two_process_cpu_run(tiny_pipeline_dir, tmp_path):
     script = tmp_path / "wrapper.py"
     script.write_text(WRAPPER)
     argv = base_args(tiny_pipeline_dir, out, "--checkpointing_steps", "2", "--report_to", "tensorboard",
+                     "--validation_prompts", "a cat", "--validation_steps", "2", "--validation_inference_steps", "1",
                      data=images, steps=3)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            str(script), str(weights), *argv]
@@ -64,6 +65,8 @@ def test_two_process_cpu_run(tiny_pipeline_dir, tmp_path):
                                                                           "random_states_1.pkl"]
     assert (checkpoint / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (out / "model_index.json").is_file()
+    # validation ran on rank 0 while rank 1 waited: one grid per validation, no deadlock
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000002.png", "step-000003.png"]
     # the final pipeline holds rank 0's weights
     from safetensors.torch import load_file as load
 
