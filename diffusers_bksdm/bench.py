@@ -24,7 +24,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -187,7 +188,7 @@ class BenchmarkReport:
         def paired(a: list[float], b: list[float]) -> float | None:
             if not a or len(a) != len(b):
                 return None
-            return statistics.median(x / y for x, y in zip(a, b))
+            return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
         return {
             "params": ratio(model.unet_params, teacher.unet_params),
@@ -327,7 +328,8 @@ def measure_latency(
 
 
 def default_variants(teacher_config: Mapping[str, Any]) -> list[str]:
-    """`base, small, tiny` for SD v1/v2 teachers; `koala-1b, koala-700m` for SDXL (`addition_embed_type: text_time`)."""
+    """`base, small, tiny` for SD v1/v2 teachers; `koala-1b, koala-700m` for SDXL (`addition_embed_type:
+    text_time`)."""
     if teacher_config.get("addition_embed_type") == "text_time":
         return ["koala-1b", "koala-700m"]
     return ["base", "small", "tiny"]
@@ -408,7 +410,9 @@ def _teacher_from_model(teacher: str) -> _Teacher:
     params = component_parameters(pipe) if pipe is not None else {}
     vae = getattr(pipe, "vae", None)
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
-    return _Teacher(unet_config, pipe, unet, params.get("text_encoder"), params.get("vae_decoder"), vae_factor, teacher)
+    return _Teacher(
+        unet_config, pipe, unet, params.get("text_encoder"), params.get("vae_decoder"), vae_factor, teacher
+    )
 
 
 def _time_pipelines(teacher: _Teacher, entries, settings: BenchmarkSettings) -> dict[str, list[float]]:
@@ -573,7 +577,9 @@ def _load_student_unet(path: str, dtype: torch.dtype | None):
 
     subfolder = "unet" if os.path.isfile(os.path.join(path, "model_index.json")) else None
     if os.path.isdir(path) and subfolder is None and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"`--student` {path!r} is neither a UNet folder (config.json) nor a pipeline (model_index.json).")
+        raise ValueError(
+            f"`--student` {path!r} is neither a UNet folder (config.json) nor a pipeline (model_index.json)."
+        )
     return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, use_safetensors=True)
 
 
@@ -596,7 +602,8 @@ def report_markdown(report: BenchmarkReport) -> str:
     """The report as a markdown table, with the conditions it was measured under."""
     s = report.settings
     lines = [
-        f"Teacher `{s['teacher']}` ({s['weights']} weights), {s['device']} ({s['device_name']}, {s['threads']} threads), "
+        f"Teacher `{s['teacher']}` ({s['weights']} weights), {s['device']} ({s['device_name']}, "
+        f"{s['threads']} threads), "
         f"{s['dtype']}, {s['resolution']}x{s['resolution']} images ({s['latent_size']}x{s['latent_size']} latents), "
         f"UNet batch {s['unet_batch']}, median of {s['repeats']} runs after {s['warmup']} warm-up; a latency ratio is "
         "the median of the ratios to the teacher within each round.",
@@ -637,7 +644,7 @@ def _bar_chart(report: BenchmarkReport, path: str) -> None:
         )
     figure = Figure(figsize=(4 * len(panels), 3.5), layout="constrained")
     colors = ["#7f7f7f"] + ["#1f77b4"] * (len(names) - 1)
-    for axis, (title, values) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+    for axis, (title, values) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         bars = axis.bar(names, values, color=colors)
         axis.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=8)
         axis.set_title(title, fontsize=10)

@@ -23,7 +23,8 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -92,8 +93,12 @@ class GenerationConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.eval_resolution is not None and (not isinstance(self.eval_resolution, int) or self.eval_resolution < 0):
-            raise ValueError(f"`eval_resolution` must be a non-negative integer or None, got {self.eval_resolution!r}.")
+        if self.eval_resolution is not None and (
+            not isinstance(self.eval_resolution, int) or self.eval_resolution < 0
+        ):
+            raise ValueError(
+                f"`eval_resolution` must be a non-negative integer or None, got {self.eval_resolution!r}."
+            )
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"`scheduler` must be one of {sorted(SCHEDULERS)} or None, got {self.scheduler!r}.")
 
@@ -140,7 +145,9 @@ def read_prompts(path: str | os.PathLike, caption_column: str | None = None) -> 
         with open(path, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
     if not prompts:
-        raise ValueError(f"Prompt file {path!r} holds no prompts; expected a .csv with a caption column or a text file.")
+        raise ValueError(
+            f"Prompt file {path!r} holds no prompts; expected a .csv with a caption column or a text file."
+        )
     return prompts
 
 
@@ -210,7 +217,9 @@ def load_pipeline(
     if torch_dtype is not None:
         pipe.to(dtype=torch_dtype)
     if getattr(pipe, "unet", None) is None:
-        raise ValueError(f"`--model` {model!r} is a {type(pipe).__name__} without a `unet`: not a text-to-image model.")
+        raise ValueError(
+            f"`--model` {model!r} is a {type(pipe).__name__} without a `unet`: not a text-to-image model."
+        )
     return pipe
 
 
@@ -236,7 +245,9 @@ def _check_manifest(output_dir: str, settings: dict[str, Any]) -> None:
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             previous = json.load(f)
-        changed = {k: (previous.get(k), settings.get(k)) for k in _IMAGE_SETTINGS if previous.get(k) != settings.get(k)}
+        changed = {
+            k: (previous.get(k), settings.get(k)) for k in _IMAGE_SETTINGS if previous.get(k) != settings.get(k)
+        }
         if changed:
             shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise ValueError(
@@ -346,7 +357,7 @@ def generate_images(
             generator=generators,
             output_type="pil",
         ).images
-        for i, image in zip(batch, images):
+        for i, image in zip(batch, images, strict=True):
             name = image_name(i)
             if small_dir is not None:
                 resized = image.resize((small, small), resample=Image.Resampling.BICUBIC)
@@ -357,4 +368,3 @@ def generate_images(
         if progress is not None:
             progress(start + len(batch), len(pending))
     return generated
-

@@ -20,7 +20,8 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -151,7 +152,7 @@ class RealStatistics:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "RealStatistics":
+    def load(cls, path: str | os.PathLike) -> RealStatistics:
         """Read statistics saved by :meth:`save` or by pytorch-fid (`--save-stats`)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -175,12 +176,13 @@ class RealStatistics:
             extractor = str(data["feature_extractor"]) if "feature_extractor" in data.files else None
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise ValueError(
-                f"`--real_stats` {path!r}: `mu` has shape {mu.shape} and `sigma` {sigma.shape}; expected (D,) and (D, D)."
+                f"`--real_stats` {path!r}: `mu` has shape {mu.shape} and `sigma` {sigma.shape}; expected (D,) and "
+                "(D, D)."
             )
         return cls(mu=mu, sigma=sigma, num_samples=num, feature_extractor=extractor or None)
 
     @classmethod
-    def from_fid(cls, fid, feature_extractor: str | None = None) -> "RealStatistics":
+    def from_fid(cls, fid, feature_extractor: str | None = None) -> RealStatistics:
         """The real-image statistics accumulated by a torchmetrics `FrechetInceptionDistance`."""
         n = int(fid.real_features_num_samples)
         if n < 2:
@@ -316,7 +318,7 @@ class CLIPEmbedder:
         device: str | torch.device = "cpu",
         torch_dtype: torch.dtype | None = None,
         revision: str | None = None,
-    ) -> "CLIPEmbedder":
+    ) -> CLIPEmbedder:
         """Load a CLIP model, its image processor and tokenizer (safetensors weights only)."""
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
@@ -444,7 +446,7 @@ def evaluate_images(
     if want_clip:
         if prompts is None:
             raise ValueError("CLIP score needs the prompts: pass --prompts FILE.")
-        indices = _prompt_indices(paths, len(prompts))
+        _prompt_indices(paths, len(prompts))  # fail early, before loading CLIP
         if len(paths) < len(prompts):
             logger.warning("%d images for %d prompts: the run looks incomplete.", len(paths), len(prompts))
         if clip_embedder is None:
@@ -490,13 +492,15 @@ def evaluate_images(
 
 def results_markdown(results: Mapping[str, Any], name: str = "this model", family: str | None = None) -> str:
     """A markdown table of `results`, followed by the paper's rows for `family` (`"sd-v1"` or `"sd-v2"`) if known."""
+
     def cell(key: str, fmt: str) -> str:
         return format(results[key], fmt) if results.get(key) is not None else "-"
 
     lines = [
         "| model | FID | IS | CLIP | images |",
         "|---|---|---|---|---|",
-        f"| {name} | {cell('fid', '.2f')} | {cell('is', '.2f')} | {cell('clip', '.4f')} | {results.get('num_images', '-')} |",
+        f"| {name} | {cell('fid', '.2f')} | {cell('is', '.2f')} | {cell('clip', '.4f')} "
+        f"| {results.get('num_images', '-')} |",
     ]
     for model, fid, inception, clip, params in PAPER_RESULTS.get(family or "", []):
         lines.append(f"| {model} (paper, UNet {params}) | {fid:.2f} | {inception:.2f} | {clip:.4f} | 30000 |")

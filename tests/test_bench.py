@@ -56,7 +56,7 @@ def test_measure_latency_warms_up_and_rotates_the_order():
     calls = []
     report = measure_latency({k: (lambda k=k: calls.append(k)) for k in "abc"}, repeats=4, warmup=2)
     assert calls[:6] == list("abcabc")  # warm-up
-    assert calls[6:] == list("abc" "bca" "cab" "abc")
+    assert calls[6:] == list("abcbcacababc")
     assert {k: len(v) for k, v in report.items()} == {"a": 4, "b": 4, "c": 4}
     assert all(t >= 0 for v in report.values() for t in v)
 
@@ -101,8 +101,11 @@ def test_bench_a_saved_student(tmp_path):
 
 
 def test_bench_bad_input(tmp_path):
-    with pytest.raises(ValueError, match=r"`--teacher_config` 'sd-v9' is neither a JSON file nor a shipped config; "
-                                         r"shipped: \[.*'sd-v1-4'"):
+    with pytest.raises(
+        ValueError,
+        match=r"`--teacher_config` 'sd-v9' is neither a JSON file nor a shipped config; "
+        r"shipped: \[.*'sd-v1-4'",
+    ):
         load_config("sd-v9")
     broken = tmp_path / "config.json"
     broken.write_text("{not json", encoding="utf-8")

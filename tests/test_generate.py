@@ -83,7 +83,9 @@ def test_resumed_run_skips_existing_images_and_matches_one_run(pipe, reference, 
         raise Interrupt
 
     with pytest.raises(Interrupt):
-        generate_images(pipe, PROMPTS, output, GenerationConfig(batch_size=2, **CONFIG), progress=stop_after_first_batch)
+        generate_images(
+            pipe, PROMPTS, output, GenerationConfig(batch_size=2, **CONFIG), progress=stop_after_first_batch
+        )
     assert sorted(os.listdir(image_folder(output, 16))) == [image_name(0), image_name(1)]
     first = os.path.join(image_folder(output, 16), image_name(0))
     stamp = os.stat(first).st_mtime_ns

@@ -31,7 +31,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--vae_config", default=None, help="VAE config for --teacher_config (default: SD's VAE).")
     parser.add_argument("--text_encoder_config", default=None, help="CLIPTextConfig kwargs for --teacher_config.")
     parser.add_argument("--device", default="cpu", help="cpu or cuda.")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="Default: fp16 on GPU, fp32 on CPU.")
+    parser.add_argument(
+        "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="Default: fp16 on GPU, fp32 on CPU."
+    )
     parser.add_argument("--resolution", type=int, default=512, help="Image height and width.")
     parser.add_argument("--batch_size", type=int, default=1, help="Images per call (the UNet sees 2x with CFG).")
     parser.add_argument("--no_cfg", action="store_true", help="Do not double the UNet batch for guidance.")
@@ -39,8 +41,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="Untimed forwards per model first.")
     parser.add_argument("--steps", type=int, default=0, help="Also time whole pipeline calls of N steps (0: no).")
     parser.add_argument("--pipeline_repeats", type=int, default=1, help="Timed pipeline calls per model.")
-    parser.add_argument("--counts_only", action="store_true", help="Only parameters and MACs (meta device, no timing).")
-    parser.add_argument("--output", "--output_dir", dest="output", default=None, help="Folder for bench.{md,json,png}.")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+    parser.add_argument(
+        "--counts_only", action="store_true", help="Only parameters and MACs (meta device, no timing)."
+    )
+    parser.add_argument(
+        "--output", "--output_dir", dest="output", default=None, help="Folder for bench.{md,json,png}."
+    )
     parser.add_argument("--no_chart", action="store_true", help="Do not draw bench.png.")
     parser.set_defaults(func=run)
 
@@ -55,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
 
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`--device` {args.device!r}: CUDA is not available on this machine; use --device cpu.")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"`--threads` must be a positive integer, got {args.threads}.")
+        torch.set_num_threads(args.threads)
     settings = BenchmarkSettings(
         resolution=args.resolution, batch_size=args.batch_size, cfg=not args.no_cfg, repeats=args.repeats,
         warmup=args.warmup, steps=args.steps, pipeline_repeats=args.pipeline_repeats, device=args.device,

@@ -18,12 +18,16 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--images", default=None, help="Folder of generated images (e.g. OUTPUT/im256).")
     parser.add_argument("--prompts", default=None, help="The prompt file given to `bksdm generate` (for CLIP).")
-    parser.add_argument("--caption_column", default=None, help="CSV column of the prompts (default: caption/text/prompt).")
+    parser.add_argument(
+        "--caption_column", default=None, help="CSV column of the prompts (default: caption/text/prompt)."
+    )
     parser.add_argument("--real_stats", default=None, help="An .npz of real-image statistics (mu, sigma).")
     parser.add_argument("--real_images", default=None, help="Folder of real images, all of one size (e.g. 256x256).")
     parser.add_argument("--save_real_stats", default=None, help="Save the statistics of --real_images to this .npz.")
     parser.add_argument("--metrics", default="fid,is,clip", help="Comma-separated subset of fid,is,clip.")
-    parser.add_argument("--clip_model", default=None, help="CLIP weights (default: laion/CLIP-ViT-g-14-laion2B-s34B-b88K).")
+    parser.add_argument(
+        "--clip_model", default=None, help="CLIP weights (default: laion/CLIP-ViT-g-14-laion2B-s34B-b88K)."
+    )
     parser.add_argument("--batch_size", type=int, default=50, help="Images per batch.")
     parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
     parser.add_argument("--output", default=None, help="JSON file for the scores (a .md table is written beside it).")

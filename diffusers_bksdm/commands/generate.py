@@ -22,10 +22,14 @@ def add_parser(subparsers) -> None:
         required=True,
         help="Pipeline folder or hub repo id, or builtin:tiny-sd (a tiny random pipeline built locally).",
     )
-    parser.add_argument("--unet", default=None, help="A UNet folder (e.g. a student saved alone) replacing the model's.")
+    parser.add_argument(
+        "--unet", default=None, help="A UNet folder (e.g. a student saved alone) replacing the model's."
+    )
     parser.add_argument("--revision", default=None, help="Hub revision of --model.")
     parser.add_argument("--prompts", required=True, help="A .csv with a caption column, or a text file (one a line).")
-    parser.add_argument("--caption_column", default=None, help="CSV column of the prompts (default: caption/text/prompt).")
+    parser.add_argument(
+        "--caption_column", default=None, help="CSV column of the prompts (default: caption/text/prompt)."
+    )
     parser.add_argument("--output", "--output_dir", dest="output", required=True, help="Folder for the images.")
     parser.add_argument("--num_inference_steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=7.5)
@@ -33,7 +37,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=1234, help="Base seed; each prompt's seed derives from it.")
     parser.add_argument("--resolution", type=int, default=512, help="Height and width of the generated images.")
     parser.add_argument("--eval_resolution", type=int, default=256, help="Size of the downsampled copies (0: none).")
-    parser.add_argument("--batch_size", type=int, default=1, help="Prompts per pipeline call (does not change images).")
+    parser.add_argument(
+        "--batch_size", type=int, default=1, help="Prompts per pipeline call (does not change images)."
+    )
     parser.add_argument("--num_prompts", type=int, default=None, help="Use only the first N prompts.")
     parser.add_argument(
         "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="Default: fp16 on GPU, fp32 on CPU."
