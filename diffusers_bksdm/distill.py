@@ -267,7 +267,6 @@ class BKDistiller:
         self.normalize_features = normalize_features
         self.on_nonfinite = on_nonfinite
 
-        self._teacher_wrapper = teacher_unet
         self.teacher = unwrap_model(teacher_unet)
         self._student = student_unet
         self._student_module = unwrap_model(student_unet)
@@ -275,9 +274,6 @@ class BKDistiller:
             raise ValueError(
                 "`teacher_unet` and `student_unet` are the same module; the student must be a separate model."
             )
-        self.teacher.eval()
-        self.teacher.requires_grad_(False)
-
         self.block_map: BlockMap | None = None
         if isinstance(feature_pairs, str):
             self.block_map = self._resolve_block_map(variant)
@@ -286,6 +282,9 @@ class BKDistiller:
             if variant is not None:
                 self.block_map = self._resolve_block_map(variant)
             self.feature_pairs = self._validate_pairs(feature_pairs)
+        # frozen only once the arguments are known to be valid
+        self.teacher.eval()
+        self.teacher.requires_grad_(False)
 
         self._recording: str | None = None
         self._features: dict[str, dict[str, torch.Tensor]] = {"teacher": {}, "student": {}}
