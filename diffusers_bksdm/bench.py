@@ -636,19 +636,27 @@ def _bar_chart(report: BenchmarkReport, path: str) -> None:
     from matplotlib.figure import Figure
 
     names = [m.name for m in report.models]
-    panels = [("UNet parameters (M)", [m.unet_params / 1e6 for m in report.models])]
-    panels.append(("MACs per sample (G)", [m.macs / 1e9 for m in report.models]))
+    mac_ratios = [report.ratios(m)["macs"] for m in report.models]
+    panels = [("UNet parameters (M)", [m.unet_params / 1e6 for m in report.models], None)]
+    panels.append(("MACs per sample (G)", [m.macs / 1e9 for m in report.models], mac_ratios))
     if all(m.unet_latency is not None for m in report.models):
-        panels.append(
-            (f"UNet latency (ms, {report.settings['device']})", [m.unet_latency * 1000 for m in report.models])
-        )
+        title = f"UNet latency (ms, median, {report.settings['device']})"
+        ratios = [report.ratios(m)["unet_latency"] for m in report.models]
+        panels.append((title, [m.unet_latency * 1000 for m in report.models], ratios))
     figure = Figure(figsize=(4 * len(panels), 3.5), layout="constrained")
     colors = ["#7f7f7f"] + ["#1f77b4"] * (len(names) - 1)
-    for axis, (title, values) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for axis, (title, values, ratios) in zip(axes, panels, strict=True):
         bars = axis.bar(names, values, color=colors)
-        axis.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=8)
+        labels = [f"{v:,.0f}" if v >= 100 else f"{v:.3g}" for v in values]
+        if ratios is not None:
+            labels = [
+                f"{label} ({r:.2f}x)" if r is not None else label for label, r in zip(labels, ratios, strict=True)
+            ]
+        axis.bar_label(bars, labels=labels, fontsize=8)
         axis.set_title(title, fontsize=10)
         axis.tick_params(axis="x", labelrotation=30, labelsize=8)
+        axis.margins(y=0.12)
     figure.savefig(path, dpi=100)
 
 
