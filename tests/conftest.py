@@ -10,6 +10,16 @@ from pathlib import Path
 
 import pytest
 
+# Tiny models gain nothing from intra-op threads, and several threads per process on a small shared CPU (tests that
+# start 2-process runs, or other jobs) make every op wait on spinning OpenMP workers: one thread each, here and in
+# every subprocess a test starts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO_ROOT = Path(__file__).parent.parent
 
