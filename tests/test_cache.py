@@ -49,9 +49,9 @@ def test_cache_layout_and_contents(tiny_pipeline_dir, tmp_path):
     assert cache.get(4)["encoder_hidden_states"].shape == (77, 32)
 
 
-@pytest.mark.parametrize("flip", ["--no-random_flip", "--random_flip"], ids=["flips-off", "flips-on"])
-def test_training_from_cache_matches_training_from_images(tiny_pipeline_dir, cached, tmp_path, flip):
+def test_training_from_cache_matches_training_from_images(tiny_pipeline_dir, cached, tmp_path):
     images, cache_dir = cached
+    flip = "--no-random_flip"
     from_images = run_train(base_args(tiny_pipeline_dir, tmp_path / "images", flip, data=images, steps=3))
     from_cache = run_train(base_args(tiny_pipeline_dir, tmp_path / "cache", flip, "--latent_cache_dir",
                                      str(cache_dir), steps=3))
@@ -63,6 +63,25 @@ def test_training_from_cache_matches_training_from_images(tiny_pipeline_dir, cac
     for name, tensor in from_images["student"].state_dict().items():
         # Adam divides by sqrt(v): float noise on near-zero gradients moves a weight by a fraction of lr (5e-5)
         torch.testing.assert_close(from_cache["student"].state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_samples_get_the_flips_and_flipped_latents_of_the_image_path(cached):
+    from diffusers_bksdm.cache import CachedSource
+    from diffusers_bksdm.data import ImageFolderSource, ImageTransform
+
+    images, cache_dir = cached
+    cache = LatentCache(str(cache_dir))
+    from_cache = CachedSource(cache, random_flip=True, seed=7)
+    from_images = ImageFolderSource(str(images), ImageTransform(16, random_flip=True), seed=7)
+    flips = []
+    for epoch in range(3):
+        for index in range(len(cache)):
+            cached_sample, image_sample = from_cache[(epoch, index)], from_images[(epoch, index)]
+            assert cached_sample["key"] == image_sample["key"] and cached_sample["flip"] == image_sample["flip"]
+            expected = cache.get(index, flip=image_sample["flip"])["latent_mean"]
+            assert torch.equal(cached_sample["latent_mean"], expected)
+            flips.append(image_sample["flip"])
+    assert any(flips) and not all(flips)
 
 
 def test_mismatched_cache_is_refused(tiny_pipeline_dir, cached, tmp_path):

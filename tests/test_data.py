@@ -81,9 +81,9 @@ def test_bad_samples_are_replaced_and_reported(tmp_path):
 def test_training_skips_counts_and_reports_bad_samples(tiny_pipeline_dir, tmp_path, caplog):
     folder = write_image_folder(tmp_path / "images", n=8, corrupt=(1, 5), missing_file=(2,), no_caption=(6,))
     out = tmp_path / "out"
-    # 8 samples, batch 2: one epoch visits every index once
-    result = run_train(base_args(tiny_pipeline_dir, out, data=folder, steps=4))
-    assert result["global_step"] == 4
+    # 8 samples in one batch: the step visits every index once
+    result = run_train(base_args(tiny_pipeline_dir, out, "--train_batch_size", "8", data=folder, steps=1))
+    assert result["global_step"] == 1
     assert sorted(result["skipped_samples"]["reasons"]) == ["img_1.png", "img_2.png", "img_5.png", "img_6.png"]
     assert any("4 unreadable sample(s) skipped" in r.getMessage() for r in caplog.records)
     assert "| skipped samples | 4 |" in (out / "README.md").read_text()
@@ -155,9 +155,12 @@ def test_webdataset_source_streams_and_reports_bad_samples(shards):
 
 def test_training_from_webdataset_shards(tiny_pipeline_dir, shards, tmp_path):
     out = tmp_path / "out"
+    # 6 readable samples, batch 3: the first epoch is two batches (+ the end-of-stream report of skipped samples),
+    # read through a dataloader worker process; the third step starts the second epoch
     result = run_train(base_args(tiny_pipeline_dir, out, "--train_shards", shards, "--shuffle_buffer", "4",
-                                 "--dataloader_num_workers", "1", steps=4))
-    assert result["global_step"] == 4
-    assert [int(r["step"]) for r in read_log(out)] == [1, 2, 3, 4]
+                                 "--dataloader_num_workers", "1", "--train_batch_size", "3", steps=3))
+    assert result["global_step"] == 3
+    assert [int(r["samples"]) for r in read_log(out)] == [3, 6, 9]
+    assert [int(r["epoch"]) for r in read_log(out)] == [0, 0, 1]
     assert sorted(k.rsplit(":", 1)[1] for k in result["skipped_samples"]["reasons"]) == ["000000002", "000000005"]
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
