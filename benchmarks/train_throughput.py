@@ -144,7 +144,7 @@ def main() -> None:
     images_s, cache_s_step = statistics.median(step_times["images"]), statistics.median(step_times["cache"])
     encoders_s = statistics.median(encoder_times)
     print()
-    print(f"| mode | median s/step | samples/s | steps measured |")
+    print("| mode | median s/step | samples/s | steps measured |")
     print("|---|---|---|---|")
     for mode, value in (("from images", images_s), ("from the latent cache", cache_s_step)):
         key = "images" if mode == "from images" else "cache"

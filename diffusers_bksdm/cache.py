@@ -20,7 +20,8 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import torch
 
@@ -136,7 +137,7 @@ def build_cache(
             mean, std = _encode_images(vae, pixels)
             mean_flip, std_flip = _encode_images(vae, torch.flip(pixels, dims=[3]))
             hidden = _encode_text(text_encoder, tokenize(tokenizer, [c for _, _, c in batch]))
-            for name, value in zip(TENSOR_NAMES, (mean, std, mean_flip, std_flip, hidden)):
+            for name, value in zip(TENSOR_NAMES, (mean, std, mean_flip, std_flip, hidden), strict=True):
                 buffer[name].append(value.float().cpu())
             keys.extend(k for k, _, _ in batch)
 

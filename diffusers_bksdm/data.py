@@ -28,7 +28,8 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -317,7 +318,7 @@ class HFDatasetSource(_MapSource):
         cache_dir: str | None = None,
         seed: int = 0,
         max_train_samples: int | None = None,
-    ) -> "HFDatasetSource":
+    ) -> HFDatasetSource:
         """Load the `train` split of a hub dataset, a `save_to_disk` folder or any folder `load_dataset` reads."""
         import datasets
 

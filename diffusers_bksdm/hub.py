@@ -12,7 +12,8 @@ import contextlib
 import json
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 from unittest import mock
 
 __all__ = ["MODEL_CARD_TAGS", "build_model_card", "write_model_card", "push_folder", "UPLOAD_IGNORE_PATTERNS"]

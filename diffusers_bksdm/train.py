@@ -230,7 +230,8 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
     get_variant(args.variant)  # a bad name fails before anything is loaded
     logger = _logger()
     output_dir = os.path.abspath(args.output_dir)
-    project_config = ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, args.logging_dir))
+    project_config = ProjectConfiguration(project_dir=output_dir,
+                                          logging_dir=os.path.join(output_dir, args.logging_dir))
     # torchrun on a machine without GPUs: accelerate needs `cpu=True` to form a gloo process group (MULTI_CPU);
     # without it every process would believe it is alone and all of them would write the same files.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -263,7 +264,8 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
         broadcast_object_list(seed)
         seed = seed[0]
     elif resume_state.get("seed") not in (None, seed):
-        logger.warning(f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: not an exact resume.")
+        logger.warning(f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: "
+                       "not an exact resume.")
     set_seed(seed)
 
     # ---- models ----
@@ -273,12 +275,13 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
         pipe, _ = load_teacher(args.pretrained_model_name_or_path, revision=args.revision)
         if pipe is None:
             raise ValueError(
-                f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} is a bare UNet; distillation "
-                "needs a whole pipeline (VAE, text encoder, tokenizer, scheduler)."
+                f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} is a bare UNet; "
+                "distillation needs a whole pipeline (VAE, text encoder, tokenizer, scheduler)."
             )
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, c, None) is None]
     if missing or getattr(pipe, "text_encoder_2", None) is not None:
-        what = f"has no {missing}" if missing else "has two text encoders (SDXL), which this trainer does not support yet"
+        what = (f"has no {missing}" if missing
+                else "has two text encoders (SDXL), which this trainer does not support yet")
         raise ValueError(f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} {what}; "
                          "accepted: Stable Diffusion v1/v2 pipelines.")
     teacher, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -534,7 +537,8 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
                 complete = sorted(
                     (int(m.group(1)), n) for n in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(n)))
                 for _, name in complete[: max(0, len(complete) - args.checkpoints_total_limit)]:
-                    logger.info(f"removing checkpoint {name} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+                    logger.info(f"removing checkpoint {name} "
+                                f"(--checkpoints_total_limit {args.checkpoints_total_limit})")
                     shutil.rmtree(os.path.join(output_dir, name))
             logger.info(f"Saved state to {final}")
         accelerator.wait_for_everyone()
@@ -640,11 +644,13 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
                 means = (sums / max(micro, 1)).tolist()
                 sums.zero_()
                 micro = 0
-                row = {"step": global_step, "epoch": epoch, **dict(zip(LOSS_TERMS, means[: len(LOSS_TERMS)])),
+                terms_row = dict(zip(LOSS_TERMS, means[: len(LOSS_TERMS)], strict=True))
+                row = {"step": global_step, "epoch": epoch, **terms_row,
                        "lr": float(lr_scheduler.get_last_lr()[0]),
                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                        "samples": samples_seen, "skipped_steps": skipped_steps,
-                       **{f"feat/{p}": v for p, v in zip(pair_names, means[len(LOSS_TERMS):])}}
+                       **{f"feat/{p}": v
+                          for p, v in zip(pair_names, means[len(LOSS_TERMS):], strict=True)}}
                 last_row = row
                 if log_file is not None:
                     log_file.write(row)
@@ -685,7 +691,8 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
     result = {"global_step": global_step, "output_dir": output_dir, "interrupted": interrupted,
               "skipped_samples": total_skipped.state_dict(), "final_loss": last_row.get("loss"),
               "samples_per_second": samples_seen * accelerator.num_processes / elapsed if elapsed > 0 else None,
-              "steps_this_run": steps_this_run, "elapsed_s": elapsed, "step_times": step_times, "student": unwrap_model(student)}
+              "steps_this_run": steps_this_run, "elapsed_s": elapsed, "step_times": step_times,
+              "student": unwrap_model(student)}
     kd.remove_hooks()
     if interrupted or not save_final:
         if not interrupted:

@@ -37,7 +37,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     model.add_argument("--normalize_features", action="store_true",
                        help="Divide each feature loss by the teacher feature's mean square (LAPTOP-Diff).")
     model.add_argument("--teacher_dtype", type=str, default=None, choices=["fp32", "fp16", "bf16"],
-                       help="dtype of the frozen teacher UNet. Defaults to the --mixed_precision dtype (fp32 without).")
+                       help="dtype of the frozen teacher UNet. Defaults to the --mixed_precision dtype "
+                            "(fp32 without).")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", type=str, default=None,

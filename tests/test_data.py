@@ -63,7 +63,8 @@ def test_image_folder_errors_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="no metadata.csv or metadata.jsonl"):
         ImageFolderSource(str(tmp_path / "empty"), ImageTransform(16))
     folder = write_image_folder(tmp_path / "images", n=2)
-    with pytest.raises(ValueError, match="`--caption_column` value 'caption' is not a column; columns: file_name, text"):
+    message = "`--caption_column` value 'caption' is not a column; columns: file_name, text"
+    with pytest.raises(ValueError, match=message):
         ImageFolderSource(str(folder), ImageTransform(16), caption_column="caption")
     with pytest.raises(ValueError, match="`--resolution` must be an integer >= 8, got 4"):
         ImageTransform(4)

@@ -17,7 +17,7 @@ TOKEN = "hf_SECRETtoken0123456789abcdef"
 class FakeHfApi:
     """Records what would reach the hub; `upload_folder` lists files the way huggingface_hub filters them."""
 
-    instances: list["FakeHfApi"] = []
+    instances: list[FakeHfApi] = []
     fail_with: Exception | None = None
 
     def __init__(self, token=None, **kwargs):

@@ -67,7 +67,8 @@ def test_cli_end_to_end_output_loads_in_stock_diffusers(tiny_pipeline_dir, image
 
     # model card next to the pipeline
     card = (out / "README.md").read_text()
-    for needed in ("bk-sdm", "knowledge-distillation", "text-to-image", "Training recipe", "validation/step-000002.png"):
+    for needed in ("bk-sdm", "knowledge-distillation", "text-to-image", "Training recipe",
+                   "validation/step-000002.png"):
         assert needed in card
 
     # stock diffusers, in a process that never imports the plug-in, loads and generates
