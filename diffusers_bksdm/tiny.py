@@ -24,6 +24,7 @@ __all__ = [
     "tiny_pipeline",
     "BUILTIN_PREFIX",
     "builtin_teacher",
+    "write_shapes_dataset",
 ]
 
 TINY_FAMILIES = ("sd-v1", "sd-v2", "sd-v2-v", "sdxl")
@@ -210,3 +211,48 @@ def builtin_teacher(name: str):
             f"Unknown builtin teacher {name!r}; accepted: {[BUILTIN_PREFIX + k for k in BUILTIN_TEACHERS]}."
         )
     return tiny_pipeline(BUILTIN_TEACHERS[key])
+
+
+SHAPE_COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def write_shapes_dataset(folder: str, num_images: int = 48, size: int = 32, seed: int = 0) -> str:
+    """Write a small image-text dataset of coloured shapes (`metadata.csv` with `file_name,text`, as the BK-SDM
+    LAION subsets), so that a distillation can run with no download. Returns the folder.
+
+    Captions name the colour, the shape and the background, e.g. "a red circle on a white background".
+    """
+    import csv
+    import random
+
+    from PIL import Image, ImageDraw
+
+    if num_images < 1:
+        raise ValueError(f"`num_images` must be >= 1, got {num_images!r}.")
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for index in range(num_images):
+        color = rng.choice(list(SHAPE_COLORS))
+        shape = rng.choice(SHAPES)
+        background = rng.choice(["white", "black"])
+        image = Image.new("RGB", (size, size), (245, 245, 245) if background == "white" else (15, 15, 15))
+        draw = ImageDraw.Draw(image)
+        half = rng.randint(size // 5, size // 3)
+        cx, cy = rng.randint(half, size - half), rng.randint(half, size - half)
+        box = (cx - half, cy - half, cx + half, cy + half)
+        if shape == "circle":
+            draw.ellipse(box, fill=SHAPE_COLORS[color])
+        elif shape == "square":
+            draw.rectangle(box, fill=SHAPE_COLORS[color])
+        else:
+            draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=SHAPE_COLORS[color])
+        name = f"{index:05d}.png"
+        image.save(os.path.join(folder, name))
+        rows.append((name, f"a {color} {shape} on a {background} background"))
+    with open(os.path.join(folder, "metadata.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "text"])
+        writer.writerows(rows)
+    return folder
