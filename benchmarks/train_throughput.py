@@ -5,11 +5,15 @@ The teacher pipeline (UNet, VAE, CLIP text encoder) is built from the package's 
 written, a latent cache is built from it with `build_cache`, and then the *trainer itself* (`diffusers_bksdm.train`)
 runs alternately from the images and from the cache, same seed, same steps. Reported: median seconds per optimizer
 step (the first step of each run is a warm-up and is dropped), samples/s, the ratio, and the share of an image-mode
-step that the VAE encoder + text encoder take (timed on their own, same batch).
+step that the VAE encoder + text encoder take (timed on their own, same batch). On a CPU the times are process CPU
+seconds (steady on a machine shared with other jobs, with `--threads 1`); on a GPU, wall seconds.
 
-    python benchmarks/train_throughput.py --resolution 256 --train_batch_size 1 --steps 4 --rounds 2
+    python benchmarks/train_throughput.py --resolution 256 --variant tiny --train_batch_size 1 --steps 3 --rounds 2 \
+        --threads 1
+    python benchmarks/train_throughput.py --resolution 512 --variant small --train_batch_size 8   # on a GPU
 
-Needs about 12 GB of RAM for the small variant at 256 px (teacher 0.86B + student 0.48B with AdamW states).
+RAM: about 11 GB for the tiny variant at 256 px (teacher 0.86B + student 0.32B with gradients and AdamW states),
+about 13 GB for small.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def run_trainer(pipe, argv: list[str]) -> list[float]:
+def run_trainer(pipe, argv: list[str]) -> tuple[list[float], list[float]]:
     from diffusers_bksdm.train import train
     from diffusers_bksdm.train_args import parse_train_args
 
@@ -75,14 +79,15 @@ def run_trainer(pipe, argv: list[str]) -> list[float]:
         result = train(parse_train_args(argv), teacher_pipeline=pipe, save_final=False)
     finally:
         reset_accelerate()
-    times = result["step_times"][1:]  # the first step warms up the allocator and the data loader
+    # the first step warms up the allocator and the data loader
+    times, cpu_times = result["step_times"][1:], result["step_cpu_times"][1:]
     del result
     gc.collect()
-    return times
+    return times, cpu_times
 
 
 @torch.no_grad()
-def time_encoders(pipe, folder: str, resolution: int, batch: int, repeats: int) -> list[float]:
+def time_encoders(pipe, folder: str, resolution: int, batch: int, repeats: int, cpu: bool) -> list[float]:
     from diffusers_bksdm.data import ImageFolderSource, ImageTransform, tokenize
 
     source = ImageFolderSource(folder, ImageTransform(resolution, random_flip=False))
@@ -90,10 +95,10 @@ def time_encoders(pipe, folder: str, resolution: int, batch: int, repeats: int) 
     ids = tokenize(pipe.tokenizer, [source[i]["caption"] for i in range(batch)])
     times = []
     for _ in range(repeats + 1):
-        start = time.perf_counter()
+        start = time.process_time() if cpu else time.perf_counter()
         pipe.vae.encode(pixels).latent_dist.sample()
         pipe.text_encoder(ids)[0]
-        times.append(time.perf_counter() - start)
+        times.append((time.process_time() if cpu else time.perf_counter()) - start)
     return times[1:]
 
 
@@ -131,24 +136,32 @@ def main() -> None:
                   "--resolution", str(args.resolution), "--train_batch_size", str(args.train_batch_size),
                   "--max_train_steps", str(args.steps + 1), "--report_to", "none", "--checkpointing_steps",
                   "1000000", "--output_dir", os.path.join(tmp, "out")]
+        # on a CPU shared with other jobs, wall time swings by several x; the process CPU time of a one-thread
+        # run (--threads 1) is the steady measure, so it is the one the ratio uses there
+        cpu = device == "cpu"
         step_times: dict[str, list[float]] = {"images": [], "cache": []}
+        wall_times: dict[str, list[float]] = {"images": [], "cache": []}
         encoder_times: list[float] = []
         for round_ in range(args.rounds):
-            step_times["images"] += run_trainer(pipe, common + ["--train_data_dir", images])
-            step_times["cache"] += run_trainer(pipe, common + ["--latent_cache_dir", cache])
-            encoder_times += time_encoders(pipe, images, args.resolution, args.train_batch_size, args.steps)
+            for mode, extra in (("images", ["--train_data_dir", images]), ("cache", ["--latent_cache_dir", cache])):
+                wall, cpu_times = run_trainer(pipe, common + extra)
+                wall_times[mode] += wall
+                step_times[mode] += cpu_times if cpu else wall
+            encoder_times += time_encoders(pipe, images, args.resolution, args.train_batch_size, args.steps, cpu)
             print(f"round {round_ + 1}: images {statistics.median(step_times['images']):.2f} s/step, cache "
                   f"{statistics.median(step_times['cache']):.2f} s/step, VAE+text encoder "
-                  f"{statistics.median(encoder_times):.2f} s")
+                  f"{statistics.median(encoder_times):.2f} s ({'process CPU' if cpu else 'wall'} time)")
 
+    what = "process CPU s/step" if cpu else "s/step"
     images_s, cache_s_step = statistics.median(step_times["images"]), statistics.median(step_times["cache"])
     encoders_s = statistics.median(encoder_times)
     print()
-    print("| mode | median s/step | samples/s | steps measured |")
-    print("|---|---|---|---|")
-    for mode, value in (("from images", images_s), ("from the latent cache", cache_s_step)):
-        key = "images" if mode == "from images" else "cache"
-        print(f"| {mode} | {value:.2f} | {args.train_batch_size / value:.3f} | {len(step_times[key])} |")
+    print(f"| mode | median {what} | samples/s | median wall s/step | steps measured |")
+    print("|---|---|---|---|---|")
+    for label, mode in (("from images", "images"), ("from the latent cache", "cache")):
+        value = statistics.median(step_times[mode])
+        print(f"| {label} | {value:.2f} | {args.train_batch_size / value:.3f} | "
+              f"{statistics.median(wall_times[mode]):.2f} | {len(step_times[mode])} |")
     print()
     print(f"cache speed-up: {images_s / cache_s_step:.2f}x; VAE encoder + text encoder: {encoders_s:.2f} s = "
           f"{encoders_s / images_s:.0%} of an image-mode step")

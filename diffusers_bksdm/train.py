@@ -198,7 +198,8 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
 
     Returns:
         `dict`: `global_step`, `output_dir`, `interrupted` (the signal number or `None`), `skipped_samples`,
-        `samples_per_second`, `step_times` (wall seconds of each optimizer step of this run), `final_loss` and
+        `samples_per_second`, `step_times` / `step_cpu_times` (wall / process CPU seconds of each optimizer step of
+        this run), `final_loss` and
         `student` (the trained student UNet of this process, unwrapped; with
         `--use_ema` the final output holds the EMA weights instead).
     """
@@ -562,7 +563,9 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
     micro = 0
     grad_norm = None
     started = step_started = time.perf_counter()
+    step_cpu_started = time.process_time()
     step_times: list[float] = []
+    step_cpu_times: list[float] = []
     steps_this_run = 0
     last_row: dict[str, Any] = {}
     interrupted: int | None = None
@@ -635,9 +638,10 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
                     continue
                 global_step += 1
                 steps_this_run += 1
-                now = time.perf_counter()
+                now, now_cpu = time.perf_counter(), time.process_time()
                 step_times.append(now - step_started)
-                step_started = now
+                step_cpu_times.append(now_cpu - step_cpu_started)
+                step_started, step_cpu_started = now, now_cpu
                 progress.update(1)
                 if ema is not None:
                     ema.step(unwrap_model(student).parameters())
@@ -692,7 +696,7 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
               "skipped_samples": total_skipped.state_dict(), "final_loss": last_row.get("loss"),
               "samples_per_second": samples_seen * accelerator.num_processes / elapsed if elapsed > 0 else None,
               "steps_this_run": steps_this_run, "elapsed_s": elapsed, "step_times": step_times,
-              "student": unwrap_model(student)}
+              "step_cpu_times": step_cpu_times,              "student": unwrap_model(student)}
     kd.remove_hooks()
     if interrupted or not save_final:
         if not interrupted:
