@@ -21,6 +21,7 @@ __all__ = ["MODEL_CARD_TAGS", "build_model_card", "write_model_card", "push_fold
 logger = logging.getLogger(__name__)
 
 MODEL_CARD_TAGS = ["bk-sdm", "knowledge-distillation", "diffusers", "text-to-image", "stable-diffusion"]
+EVAL_SECTION_START, EVAL_SECTION_END = "<!-- bksdm-eval:start -->", "<!-- bksdm-eval:end -->"
 #: what a training output folder holds that does not belong in the model repo
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", ".*/**", "logs/**", "**/.ipynb_checkpoints/**"]
 
@@ -96,11 +97,14 @@ def build_model_card(
         if validation_prompts:
             lines += [f"{i + 1}. {p}" for i, p in enumerate(validation_prompts)] + [""]
         lines.append(f"![teacher | student]({validation_image})")
-    lines += ["", "## Evaluation", ""]
+    # between the markers of `diffusers_bksdm.metrics.update_model_card`, so `bksdm eval --model_card` replaces it
+    lines += ["", EVAL_SECTION_START, "## Evaluation", ""]
     if evaluation:
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in evaluation.items()]
     else:
-        lines.append("No evaluation scores were recorded for this checkpoint.")
+        lines.append("No evaluation scores were recorded for this checkpoint (add them with `bksdm eval "
+                     "--model_card`).")
+    lines.append(EVAL_SECTION_END)
     lines += [
         "",
         "## Usage",

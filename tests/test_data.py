@@ -116,6 +116,19 @@ def test_datasets_source_from_a_saved_dataset(tmp_path):
                                   caption_column="caption")
 
 
+def test_training_from_a_datasets_dataset(tiny_pipeline_dir, tmp_path):
+    import datasets
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (20, 16, 3), dtype=np.uint8)) for _ in range(4)]
+    ds = datasets.Dataset.from_dict({"image": images, "text": [f"caption {i}" for i in range(4)]})
+    ds.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "out"
+    result = run_train(base_args(tiny_pipeline_dir, out, "--dataset_name", str(tmp_path / "ds"), steps=2))
+    assert result["global_step"] == 2 and [int(r["samples"]) for r in read_log(out)] == [2, 4]
+    assert '| data | {"type": "datasets", "dataset_name": "' in (out / "README.md").read_text()
+
+
 def _write_shard(path, samples):
     with tarfile.open(path, "w") as tar:
         for key, files in samples:

@@ -100,10 +100,23 @@ def test_model_card_has_the_required_fields():
     assert data["base_model"] == "CompVis/stable-diffusion-v1-4" and data["library_name"] == "diffusers"
     assert {"bk-sdm", "knowledge-distillation", "diffusers", "text-to-image"} <= set(data["tags"])
     text = str(card)
+    assert text.count("<!-- bksdm-eval:start -->") == text.count("<!-- bksdm-eval:end -->") == 1
     for needed in ("859,520,964", "482,346,884", "43.9%", "laion_aes_212k", "50000", "| batch | 256 |",
                    "1.0, 1.0, 1.0", "![teacher | student](validation/step-050000.png)", "| FID | 16.98 |",
                    'from_pretrained("me/bk-sdm-small")'):
         assert needed in text, needed
+
+
+def test_bksdm_eval_replaces_the_cards_evaluation_section(tmp_path):
+    from diffusers_bksdm.hub import write_model_card
+    from diffusers_bksdm.metrics import update_model_card
+
+    write_model_card(str(tmp_path), build_model_card(teacher="CompVis/stable-diffusion-v1-4", variant="tiny"))
+    assert "No evaluation scores were recorded" in (tmp_path / "README.md").read_text()
+    update_model_card(tmp_path, "| model | FID |\n|---|---|\n| student | 17.1 |\n")
+    text = (tmp_path / "README.md").read_text()
+    assert "No evaluation scores were recorded" not in text and "| student | 17.1 |" in text
+    assert text.count("## Evaluation") == 1 and "## Usage" in text
 
 
 def test_distill_push_uploads_the_student_and_never_writes_or_logs_the_token(fake_hub, tiny_pipeline_dir, tmp_path,
