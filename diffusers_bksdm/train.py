@@ -441,8 +441,8 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
         global_step = int(resume_state["global_step"])
         samples_seen = int(resume_state.get("samples", 0))
         skipped_steps = int(resume_state.get("skipped_steps", 0))
-        if main_process:
-            skipped.merge(resume_state.get("skipped", {}))
+        if main_process:  # rank 0 carries every rank's count up to the checkpoint
+            skipped.merge(resume_state.get("skipped_all_processes", resume_state.get("skipped", {})))
         if not streamed:
             first_epoch = global_step // num_update_steps_per_epoch
             resume_batches = (global_step % num_update_steps_per_epoch) * ga
