@@ -322,11 +322,17 @@ class CLIPEmbedder:
         """Load a CLIP model, its image processor and tokenizer (safetensors weights only)."""
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-        model = CLIPModel.from_pretrained(
-            name_or_path, revision=revision, torch_dtype=torch_dtype, use_safetensors=True
-        )
-        image_processor = CLIPImageProcessor.from_pretrained(name_or_path, revision=revision)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        try:
+            model = CLIPModel.from_pretrained(
+                name_or_path, revision=revision, torch_dtype=torch_dtype, use_safetensors=True
+            )
+            image_processor = CLIPImageProcessor.from_pretrained(name_or_path, revision=revision)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        except OSError as error:
+            raise OSError(
+                f"`--clip_model` {name_or_path!r} could not be loaded: expected a transformers CLIP model (folder or "
+                f"hub repo id with safetensors weights). {error}"
+            ) from error
         return cls(model, image_processor, tokenizer, device)
 
     @staticmethod

@@ -244,3 +244,8 @@ def test_model_card_section_is_replaced_not_appended(tmp_path):
     assert text.startswith("---\nlicense: apache-2.0\n---\n# my student\n\nSome text.\n")
     assert text.count("## Evaluation") == 1
     assert "| v2 | 18.50 |" in text and "| v1 |" not in text and "seed=1234" in text
+
+
+def test_clip_model_that_cannot_be_loaded(tmp_path):
+    with pytest.raises(OSError, match=r"`--clip_model` '.*no-clip' could not be loaded: expected a transformers CLIP"):
+        CLIPEmbedder.from_pretrained(str(tmp_path / "no-clip"))

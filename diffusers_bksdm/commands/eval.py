@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=device,
         )
-    except ImportError as error:
+    except (ImportError, OSError) as error:
         print(f"bksdm eval: error: {error}", file=sys.stderr)
         return 2
 
