@@ -28,6 +28,13 @@ def _check_unet(unet: Any, argument: str = "unet") -> UNet2DConditionModel:
     return unet
 
 
+def _student_config(block_map: BlockMap, teacher_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The block map's student config with its provenance under `_bksdm`."""
+    config = block_map.student_config()
+    config[METADATA_KEY] = _metadata(block_map, teacher_config)
+    return config
+
+
 def _metadata(block_map: BlockMap, teacher_config: Mapping[str, Any]) -> dict[str, Any]:
     from . import __version__
 
@@ -63,10 +70,7 @@ class BKUNet2DConditionModel:
     @staticmethod
     def config_from_teacher(teacher_config: Mapping[str, Any], variant: str | RemovalPlan = "small") -> dict[str, Any]:
         """The student config for `UNet2DConditionModel.from_config`, with its provenance under `_bksdm`."""
-        block_map = build_block_map(teacher_config, variant)
-        config = block_map.student_config()
-        config[METADATA_KEY] = _metadata(block_map, teacher_config)
-        return config
+        return _student_config(build_block_map(teacher_config, variant), teacher_config)
 
     @staticmethod
     def from_teacher(
@@ -127,8 +131,8 @@ def compress_unet(
     ```
     """
     _check_unet(unet)
-    config = BKUNet2DConditionModel.config_from_teacher(unet.config, variant)
     block_map = build_block_map(unet.config, variant)
+    config = _student_config(block_map, unet.config)
     first = next(unet.parameters())
     device, dtype = first.device, first.dtype
 
