@@ -24,6 +24,8 @@ __all__ = [
     "tiny_pipeline",
     "BUILTIN_PREFIX",
     "builtin_teacher",
+    "asset_path",
+    "TRAINED_TEACHERS",
     "write_shapes_dataset",
 ]
 
@@ -31,6 +33,8 @@ TINY_FAMILIES = ("sd-v1", "sd-v2", "sd-v2-v", "sdxl")
 BUILTIN_PREFIX = "builtin:"
 #: builtin teacher name -> tiny family
 BUILTIN_TEACHERS = {"tiny-sd": "sd-v1", "tiny-sd2": "sd-v2", "tiny-sd2-v": "sd-v2-v"}
+#: trained teachers shipped in `diffusers_bksdm/assets` (see docs/miniature.md)
+TRAINED_TEACHERS = ("shapes-sd",)
 
 TEXT_HIDDEN = 32
 MAX_TOKENS = 77
@@ -141,21 +145,31 @@ def _byte_characters() -> list[str]:
     return chars
 
 
-def tiny_tokenizer(directory: str | None = None):
-    """A character-level `CLIPTokenizer` (no merges) whose vocabulary is written locally."""
+def tiny_tokenizer(directory: str | None = None, words: tuple[str, ...] = ()):
+    """A `CLIPTokenizer` whose vocabulary and merges are written locally: every character is a token, and each word
+    of `words` is one token too (its merges build it left to right), so that a small grammar tokenizes word by word.
+    """
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 2, "!pad": 1}
     for ch in _byte_characters():
         for token in (ch, ch + "</w>"):
             vocab.setdefault(token, len(vocab) + 1)
+    merges: dict[str, None] = {}
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            merges[f"{current} {piece}"] = None
+            current += piece
+            vocab.setdefault(current, len(vocab) + 1)
     with tempfile.TemporaryDirectory() if directory is None else _nullcontext(directory) as folder:
         os.makedirs(folder, exist_ok=True)
         vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
         with open(vocab_file, "w", encoding="utf-8") as f:
             json.dump(vocab, f)
         with open(merges_file, "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n")
+            f.write("#version: 0.2\n" + "".join(f"{m}\n" for m in merges))
         return CLIPTokenizer(vocab_file, merges_file, model_max_length=MAX_TOKENS, pad_token="<|endoftext|>")
 
 
@@ -203,56 +217,35 @@ def tiny_pipeline(family: str = "sd-v1", seed: int = 0):
     )
 
 
-def builtin_teacher(name: str):
-    """The pipeline for `builtin:<name>` (see `BUILTIN_TEACHERS`)."""
+def asset_path(name: str) -> str:
+    """The folder of a model shipped inside the package (`diffusers_bksdm/assets/<name>`)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", name)
+
+
+def builtin_teacher(name: str, torch_dtype: torch.dtype | None = None):
+    """The pipeline for `builtin:<name>`: a random tiny teacher (`BUILTIN_TEACHERS`) or a trained one shipped with the
+    package (`TRAINED_TEACHERS`, loaded from safetensors with stock diffusers)."""
     key = name[len(BUILTIN_PREFIX) :] if name.startswith(BUILTIN_PREFIX) else name
+    if key in TRAINED_TEACHERS:
+        from diffusers import StableDiffusionPipeline
+
+        folder = asset_path(key)
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise FileNotFoundError(
+                f"The shipped teacher {name!r} is missing from this installation ({folder}); reinstall the package or "
+                "retrain it with benchmarks/miniature/train_teacher.py."
+            )
+        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        return StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True, **kwargs)
     if key not in BUILTIN_TEACHERS:
-        raise ValueError(
-            f"Unknown builtin teacher {name!r}; accepted: {[BUILTIN_PREFIX + k for k in BUILTIN_TEACHERS]}."
-        )
-    return tiny_pipeline(BUILTIN_TEACHERS[key])
-
-
-SHAPE_COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
-SHAPES = ("circle", "square", "triangle")
+        accepted = [BUILTIN_PREFIX + k for k in (*TRAINED_TEACHERS, *BUILTIN_TEACHERS)]
+        raise ValueError(f"Unknown builtin teacher {name!r}; accepted: {accepted}.")
+    pipe = tiny_pipeline(BUILTIN_TEACHERS[key])
+    return pipe if torch_dtype is None else pipe.to(dtype=torch_dtype)
 
 
 def write_shapes_dataset(folder: str, num_images: int = 48, size: int = 32, seed: int = 0) -> str:
-    """Write a small image-text dataset of coloured shapes (`metadata.csv` with `file_name,text`, as the BK-SDM
-    LAION subsets), so that a distillation can run with no download. Returns the folder.
+    """The training split of the miniature world (see :func:`diffusers_bksdm.shapes.write_shapes_dataset`)."""
+    from .shapes import write_shapes_dataset as write
 
-    Captions name the colour, the shape and the background, e.g. "a red circle on a white background".
-    """
-    import csv
-    import random
-
-    from PIL import Image, ImageDraw
-
-    if num_images < 1:
-        raise ValueError(f"`num_images` must be >= 1, got {num_images!r}.")
-    rng = random.Random(seed)
-    os.makedirs(folder, exist_ok=True)
-    rows = []
-    for index in range(num_images):
-        color = rng.choice(list(SHAPE_COLORS))
-        shape = rng.choice(SHAPES)
-        background = rng.choice(["white", "black"])
-        image = Image.new("RGB", (size, size), (245, 245, 245) if background == "white" else (15, 15, 15))
-        draw = ImageDraw.Draw(image)
-        half = rng.randint(size // 5, size // 3)
-        cx, cy = rng.randint(half, size - half), rng.randint(half, size - half)
-        box = (cx - half, cy - half, cx + half, cy + half)
-        if shape == "circle":
-            draw.ellipse(box, fill=SHAPE_COLORS[color])
-        elif shape == "square":
-            draw.rectangle(box, fill=SHAPE_COLORS[color])
-        else:
-            draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=SHAPE_COLORS[color])
-        name = f"{index:05d}.png"
-        image.save(os.path.join(folder, name))
-        rows.append((name, f"a {color} {shape} on a {background} background"))
-    with open(os.path.join(folder, "metadata.csv"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file_name", "text"])
-        writer.writerows(rows)
-    return folder
+    return write(folder, num_images=num_images, size=size, seed=seed)
