@@ -141,10 +141,6 @@ class _StopRequest:
 # Helpers
 
 
-def _scheduler_config_value(scheduler, name: str, default: Any = None) -> Any:
-    return scheduler.config.get(name, default) if hasattr(scheduler, "config") else default
-
-
 def _grid(rows: list[list[Any]]):
     from PIL import Image
 

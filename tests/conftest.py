@@ -20,13 +20,14 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-FIXTURES = Path(__file__).parent / "fixtures"
 REPO_ROOT = Path(__file__).parent.parent
 
 
-def load_fixture_config(name: str) -> dict:
-    with open(FIXTURES / f"{name}.json", encoding="utf-8") as f:
-        return json.load(f)
+def load_shipped_config(name: str) -> dict:
+    """A config shipped with the package (`diffusers_bksdm/configs/<name>.json`), read as installed."""
+    from importlib import resources
+
+    return json.loads(resources.files("diffusers_bksdm").joinpath("configs", f"{name}.json").read_text("utf-8"))
 
 
 def run_python(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from conftest import load_fixture_config
+from conftest import load_shipped_config
 from diffusers_bksdm import BKUNet2DConditionModel, RemovalPlan, build_block_map, compress_unet, list_variants
 from diffusers_bksdm.plan import get_variant, register_variant, unregister_variant
 
@@ -33,19 +33,19 @@ def n_params(model: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("family", list(COUNTS))
 def test_teacher_counts(family):
-    assert n_params(meta_unet(load_fixture_config(family))) == COUNTS[family]["teacher"]
+    assert n_params(meta_unet(load_shipped_config(family))) == COUNTS[family]["teacher"]
 
 
 @pytest.mark.parametrize("family,variant", CASES, ids=[f"{f}-{v}" for f, v in CASES])
 def test_student_parameter_counts_are_exact(family, variant):
-    config = BKUNet2DConditionModel.config_from_teacher(load_fixture_config(family), variant)
+    config = BKUNet2DConditionModel.config_from_teacher(load_shipped_config(family), variant)
     assert n_params(meta_unet(config)) == COUNTS[family][variant]
 
 
 @pytest.mark.parametrize("family,variant", CASES, ids=[f"{f}-{v}" for f, v in CASES])
 def test_compress_real_size_teacher_on_meta_device(family, variant):
     # the whole compress path (block map, key map, shape checks, assign) on a real-size teacher, at no memory cost
-    teacher = meta_unet(load_fixture_config(family))
+    teacher = meta_unet(load_shipped_config(family))
     student = compress_unet(teacher, variant)
     assert type(student) is UNet2DConditionModel
     assert n_params(student) == COUNTS[family][variant]
@@ -54,7 +54,7 @@ def test_compress_real_size_teacher_on_meta_device(family, variant):
 
 @pytest.mark.parametrize("family", ["sd-v1-4", "sd-v2-1-base", "sd-v2-1"])
 def test_student_configs_follow_the_paper(family):
-    teacher = load_fixture_config(family)
+    teacher = load_shipped_config(family)
     base = BKUNet2DConditionModel.config_from_teacher(teacher, "base")
     small = BKUNet2DConditionModel.config_from_teacher(teacher, "small")
     tiny = BKUNet2DConditionModel.config_from_teacher(teacher, "tiny")
@@ -88,7 +88,7 @@ def test_student_configs_follow_the_paper(family):
 
 
 def test_metadata_is_private_and_records_the_plan():
-    config = BKUNet2DConditionModel.config_from_teacher(load_fixture_config("sd-v1-4"), "tiny")
+    config = BKUNet2DConditionModel.config_from_teacher(load_shipped_config("sd-v1-4"), "tiny")
     meta = config["_bksdm"]
     assert meta["variant"] == "tiny"
     assert RemovalPlan.from_dict(meta["plan"]) == get_variant("tiny")
@@ -96,7 +96,7 @@ def test_metadata_is_private_and_records_the_plan():
 
 
 def test_feature_pairs_of_the_paper():
-    teacher = load_fixture_config("sd-v1-4")
+    teacher = load_shipped_config("sd-v1-4")
     for variant in ("base", "small"):
         pairs = build_block_map(teacher, variant).feature_pairs()
         assert pairs == [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(4)] + [
