@@ -321,6 +321,45 @@ class BlockMap:
         # transformer blocks keep the first k of each stack, so their indices are unchanged
         return ".".join(parts)
 
+    def student_name(self, teacher_name: str) -> str | None:
+        """The inverse of :meth:`teacher_name`: the name of the student parameter, buffer or module copied from the
+        teacher's `teacher_name`, or `None` when the plan removes it (a dropped stage, layer, sampler, mid block or
+        transformer block). Names outside the down/mid/up blocks keep their name."""
+        parts = teacher_name.split(".")
+        if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 1 and parts[1].isdigit():
+            stages = self.down if parts[0] == "down_blocks" else self.up
+            stage = next((s for s in stages if s.teacher_index == int(parts[1])), None)
+            if stage is None:
+                return None
+            parts[1] = str(stage.student_index)
+            if len(parts) > 3 and parts[2] in ("resnets", "attentions") and parts[3].isdigit():
+                if int(parts[3]) not in stage.layers:
+                    return None
+                parts[3] = str(stage.layers.index(int(parts[3])))
+            elif len(parts) > 2 and parts[2] in ("downsamplers", "upsamplers") and not stage.keeps_sampler:
+                return None
+            if parts[0] == "down_blocks":
+                depth = self._student_depth(stage.student_index)
+            else:  # up blocks take the depths in reverse order, as in diffusers
+                depth = self._student_depth(len(self.up) - 1 - stage.student_index)
+        elif parts[0] == "mid_block":
+            if not self.keeps_mid_block:
+                return None
+            depth = self._student_depth(-1)
+        else:
+            return teacher_name
+        if "transformer_blocks" in parts:
+            k = parts.index("transformer_blocks") + 1
+            if k < len(parts) and parts[k].isdigit() and int(parts[k]) >= depth:
+                return None
+        return ".".join(parts)
+
+    def _student_depth(self, stage: int) -> int:
+        depth = self._student_config.get("transformer_layers_per_block", 1)
+        if isinstance(depth, (list, tuple)):
+            depth = depth[stage]
+        return depth
+
     # ---- distillation ----------------------------------------------------------------------------------------------
     def feature_pairs(self, which: str = "bk") -> list[tuple[str, str]]:
         """(teacher_module, student_module) pairs whose outputs feature distillation compares.
