@@ -27,11 +27,11 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from typing import Any
 
 import torch
 
+from .io import STAGING_PREFIX, atomic_write, replace_path, update_folder, with_components
 from .train_args import SECRET_ARGS, check_train_args, parse_train_args
 
 __all__ = ["train", "main", "latest_checkpoint", "TrainLog", "CHECKPOINT_PATTERN"]
@@ -81,6 +81,122 @@ def _public_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in SECRET_ARGS and k != "func"}
 
 
+class FinalSaveError(RuntimeError):
+    """Writing the final pipeline failed after training; the message names the checkpoint that holds the run."""
+
+
+def _read_state(checkpoint: str) -> dict[str, Any]:
+    path = os.path.join(checkpoint, STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"`--resume_from_checkpoint`: {path} cannot be read ({error}); resume from another "
+                         "checkpoint-N folder.") from error
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise ValueError(f"`--resume_from_checkpoint`: {path} is not a trainer state (no integer `global_step`); "
+                         "resume from another checkpoint-N folder.")
+    return state
+
+
+#: settings a resumed run must share with the checkpoint: changing any of them would silently change the run
+#: (the data position, the batch, the schedule or the model). Keys are `--` flags; values derive from `args`.
+RESUME_SETTINGS = ("pretrained_model_name_or_path", "variant", "train_batch_size", "gradient_accumulation_steps",
+                   "dataset_name", "dataset_config_name", "train_data_dir", "train_shards", "latent_cache_dir",
+                   "max_train_samples", "caption_column", "image_column", "resolution", "center_crop",
+                   "random_flip", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "use_ema",
+                   "ema_decay", "use_8bit_adam", "adam_weight_decay", "feature_pairs", "lambda_task", "lambda_out",
+                   "lambda_feat")
+
+
+def _resume_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of `RESUME_SETTINGS` as given on the command line (before `--scale_lr` changes the rate)."""
+    settings = {k: getattr(args, k, None) for k in RESUME_SETTINGS}
+    for key in ("train_data_dir", "latent_cache_dir"):
+        if settings[key]:
+            settings[key] = os.path.abspath(settings[key])
+    return settings
+
+
+def _data_fingerprint(dataset) -> dict[str, Any]:
+    """What identifies the training data beyond its path: the number of samples and a hash of the records."""
+    import hashlib
+
+    found: dict[str, Any] = {}
+    try:
+        found["num_samples"] = len(dataset)
+    except TypeError:  # streamed
+        pass
+    records = getattr(dataset, "records", None)
+    if isinstance(records, list):
+        found["records_sha256"] = hashlib.sha256(json.dumps(records, default=str).encode()).hexdigest()
+    fingerprint = getattr(getattr(dataset, "dataset", None), "_fingerprint", None)
+    if isinstance(fingerprint, str):
+        found["datasets_fingerprint"] = fingerprint
+    return found
+
+
+def _check_resume_settings(state: dict[str, Any], settings: dict[str, Any], checkpoint: str,
+                           keys: tuple[str, ...] = RESUME_SETTINGS) -> None:
+    saved = state.get("settings")
+    if not isinstance(saved, dict):  # a checkpoint of an older version: compare what it recorded of the arguments
+        recorded = state.get("args") if isinstance(state.get("args"), dict) else {}
+        saved = {k: recorded[k] for k in ("variant", "train_batch_size", "gradient_accumulation_steps",
+                                          "lr_scheduler", "lr_warmup_steps", "resolution", "use_ema")
+                 if k in recorded}
+    changed = [(k, saved[k], settings.get(k)) for k in keys if k in saved and saved[k] != settings.get(k)]
+    if not changed:
+        return
+    shown = "; ".join(f"{'the training data' if k == 'data' else '--' + k}: {old!r} in the checkpoint, {new!r} now"
+                      for k, old, new in changed)
+    hint = ""
+    if any(k == "use_ema" for k, *_ in changed):
+        hint = (" (--use_ema can only be chosen when a run starts: the checkpoint has no EMA weights to continue"
+                " from)" if settings.get("use_ema") else " (the checkpoint keeps an EMA that this run would drop)")
+    raise ValueError(
+        f"`--resume_from_checkpoint` {checkpoint!r} was written with other settings: {shown}{hint}. Resume with the "
+        "checkpoint's settings, or start a new run in another --output_dir."
+    )
+
+
+def _check_output_dir(args: argparse.Namespace, output_dir: str, resume_path: str | None) -> None:
+    """Refuse an output folder that holds anything but this run's own checkpoints (see `--overwrite_output_dir`)."""
+    from .output_dir import LOCK_FILE, is_within
+
+    if not os.path.isdir(output_dir):
+        return
+    entries = sorted(n for n in os.listdir(output_dir)
+                     if n != LOCK_FILE and not n.startswith((".checkpoint-", STAGING_PREFIX)))
+    if not entries or (resume_path is not None and is_within(resume_path, output_dir)):
+        return
+    if not args.overwrite_output_dir:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        hint = (" (its checkpoints belong to an earlier run: pass --resume_from_checkpoint latest to continue it)"
+                if any(CHECKPOINT_PATTERN.match(n) for n in entries) else "")
+        raise ValueError(
+            f"`--output_dir` {output_dir!r} already exists and is not empty ({shown}){hint}. Use "
+            "`--overwrite_output_dir` to train into it anyway (its old checkpoints, log and model_index.json are "
+            "removed), or choose another folder."
+        )
+
+
+def _clear_previous_run(output_dir: str, logger) -> None:
+    """`--overwrite_output_dir`: remove what would make the folder look like the old run (checkpoints, log, index)."""
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if (CHECKPOINT_PATTERN.match(name) or name == "validation") and os.path.isdir(path):
+            logger.info(f"--overwrite_output_dir: removing {path}")
+            shutil.rmtree(path)
+        elif name in (LOG_FILE, "model_index.json") and os.path.isfile(path):
+            logger.info(f"--overwrite_output_dir: removing {path}")
+            os.remove(path)
+
+
+def _nonfinite_tensors(module) -> list[str]:
+    return [name for name, tensor in module.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
 class TrainLog:
     """A CSV file with one row per optimizer step (every loss term, per feature pair, learning rate, ...).
 
@@ -93,12 +209,10 @@ class TrainLog:
         if resume_step is not None and os.path.isfile(path):
             with open(path, encoding="utf-8", newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
+        with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)
         self._file = open(path, "a", encoding="utf-8", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=fields, extrasaction="ignore")
 
@@ -152,19 +266,6 @@ def _grid(rows: list[list[Any]]):
     return grid
 
 
-def _build_pipeline(template, unet):
-    """A pipeline of the teacher's class with `unet` swapped in (the other components shared)."""
-    import inspect
-
-    components = dict(template.components)
-    components["unet"] = unet
-    if "requires_safety_checker" in inspect.signature(type(template).__init__).parameters:
-        components["requires_safety_checker"] = template.config.get("requires_safety_checker", False)
-    pipe = type(template)(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _reload_components(args: argparse.Namespace, student_unet, fallback):
     """The teacher pipeline as saved (full-precision VAE / text encoder) with the student UNet."""
     from diffusers import DiffusionPipeline
@@ -173,9 +274,9 @@ def _reload_components(args: argparse.Namespace, student_unet, fallback):
 
     name = args.pretrained_model_name_or_path
     if name.startswith(BUILTIN_PREFIX):
-        return _build_pipeline(builtin_teacher(name), student_unet)
+        return with_components(builtin_teacher(name), unet=student_unet)
     if fallback is not None:
-        return _build_pipeline(fallback, student_unet)
+        return with_components(fallback, unet=student_unet)
     return DiffusionPipeline.from_pretrained(name, unet=student_unet, revision=args.revision, use_safetensors=True)
 
 
@@ -198,7 +299,24 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
         this run), `final_loss` and
         `student` (the trained student UNet of this process, unwrapped; with
         `--use_ema` the final output holds the EMA weights instead).
+
+    Raises:
+        ValueError: bad arguments, an `--output_dir` that holds another run or the teacher, a checkpoint written
+            with other settings.
+        OutputFolderBusy: another live run holds `--output_dir`.
+        FloatingPointError: a non-finite loss (`--on_nonfinite raise`), too many skipped steps in a row, or
+            non-finite final weights; no final pipeline is written.
+        FinalSaveError: the final pipeline could not be written; the message names the checkpoint to resume from.
     """
+    locks: list = []
+    try:
+        return _train(args, teacher_pipeline, save_final, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: list) -> dict[str, Any]:
     import numpy as np
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
@@ -240,21 +358,47 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
         project_config=project_config,
     )
     main_process = accelerator.is_main_process
+    settings = _resume_settings(args)  # before --scale_lr changes args.learning_rate
+
+    # ---- the output folder: this run's alone (lock), never the teacher's nor another run's ----
+    resume_path = _resolve_resume(args.resume_from_checkpoint, output_dir)
+    refusal: list[Any] = [None]
     if main_process:
-        os.makedirs(output_dir, exist_ok=True)
-        for name in os.listdir(output_dir):  # leftovers of a run killed while writing a checkpoint or the output
-            if name.startswith((".checkpoint-", ".final.tmp-")):
-                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        from .output_dir import OutputFolderBusy, OutputLock, check_not_protected
+
+        try:
+            check_not_protected(output_dir, argument="--output_dir", protect_cwd=False,
+                                protected=[("the teacher (--pretrained_model_name_or_path)",
+                                            args.pretrained_model_name_or_path)])
+            if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+                raise ValueError(f"`--output_dir` {output_dir!r} exists and is not a folder.")
+            lock = OutputLock(output_dir)
+            lock.acquire()
+            locks.append(lock)
+            _check_output_dir(args, output_dir, resume_path)
+            if args.overwrite_output_dir and resume_path is None:
+                _clear_previous_run(output_dir, logger)
+            for name in os.listdir(output_dir):  # leftovers of a run killed while writing a checkpoint or the output
+                if name.startswith((".checkpoint-", STAGING_PREFIX)):
+                    shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        except (ValueError, OutputFolderBusy) as error:
+            refusal[0] = error
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise refusal[0]
     accelerator.wait_for_everyone()
 
     # ---- resume point and seed (needed before the data is built) ----
-    resume_path = _resolve_resume(args.resume_from_checkpoint, output_dir)
     if args.resume_from_checkpoint and resume_path is None:
         logger.info(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
     resume_state: dict[str, Any] = {}
     if resume_path is not None:
-        with open(os.path.join(resume_path, STATE_FILE), encoding="utf-8") as f:
-            resume_state = json.load(f)
+        resume_state = _read_state(resume_path)
+        _check_resume_settings(resume_state, settings, resume_path)
+        if args.use_ema and not os.path.isdir(os.path.join(resume_path, "unet_ema")):
+            raise ValueError(f"`--use_ema` is set but the checkpoint {resume_path!r} has no unet_ema folder (it was "
+                             "written without --use_ema); resume without --use_ema.")
     seed = args.seed if args.seed is not None else resume_state.get("seed")
     if seed is None:
         seed = [int.from_bytes(os.urandom(4), "little") % (2**31)]
@@ -380,6 +524,9 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
             raise ValueError(f"`--train_shards` has {dataset.num_shards} shard(s) for {accelerator.num_processes} "
                              "processes; every process needs at least one shard.")
         collate = CaptionCollator(tokenizer)
+    settings["data"] = _data_fingerprint(dataset)
+    if resume_path is not None:
+        _check_resume_settings(resume_state, settings, resume_path, keys=("data",))
     loader_kwargs = dict(batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
     if streamed:
         train_dataloader = torch.utils.data.DataLoader(dataset, **loader_kwargs)
@@ -425,6 +572,7 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
     skipped = SkippedSamples()
     global_step, first_epoch, resume_batches = 0, 0, 0
     samples_seen, skipped_steps = 0, 0
+    nonfinite_in_a_row = 0  # optimizer steps skipped in a row for a non-finite loss (--on_nonfinite skip)
     if resume_path is not None:
         logger.info(f"Resuming from checkpoint {resume_path}")
         accelerator.load_state(resume_path)
@@ -437,6 +585,7 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
         global_step = int(resume_state["global_step"])
         samples_seen = int(resume_state.get("samples", 0))
         skipped_steps = int(resume_state.get("skipped_steps", 0))
+        nonfinite_in_a_row = int(resume_state.get("nonfinite_in_a_row", 0))
         if main_process:  # rank 0 carries every rank's count up to the checkpoint
             skipped.merge(resume_state.get("skipped_all_processes", resume_state.get("skipped", {})))
         if not streamed:
@@ -448,7 +597,7 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
 
     log_file = None
     if main_process:
-        fields = ["step", "epoch", *LOSS_TERMS, "lr", "grad_norm", "samples", "skipped_steps",
+        fields = ["step", "epoch", *LOSS_TERMS, "lr", "grad_norm", "samples", "skipped_steps", "update_skipped",
                   *[f"feat/{p}" for p in pair_names]]
         log_file = TrainLog(os.path.join(output_dir, LOG_FILE), fields,
                             resume_step=global_step if resume_path is not None else 0)
@@ -468,8 +617,10 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
                 ema.store(unwrapped.parameters())
                 ema.copy_to(unwrapped.parameters())
             unwrapped.eval()
-            teacher_pipe = _build_pipeline(pipe, teacher)
-            student_pipe = _build_pipeline(pipe, unwrapped)
+            teacher_pipe = with_components(pipe, unet=teacher)
+            student_pipe = with_components(pipe, unet=unwrapped)
+            for validation_pipe in (teacher_pipe, student_pipe):
+                validation_pipe.set_progress_bar_config(disable=True)
             rows = []
             with accelerator.autocast(), torch.no_grad():
                 for i, prompt in enumerate(prompts):
@@ -487,8 +638,8 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
             folder = os.path.join(output_dir, "validation")
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"step-{step:06d}.png")
-            grid.save(path + ".tmp.png")
-            os.replace(path + ".tmp.png", path)
+            with atomic_write(path) as tmp:
+                grid.save(tmp)
             last_grid[0] = path
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
@@ -501,7 +652,7 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
         accelerator.wait_for_everyone()
 
     # ---- checkpoints ----
-    counters = {"samples": 0, "skipped_steps": 0}
+    counters = {"samples": 0, "skipped_steps": 0, "nonfinite_in_a_row": nonfinite_in_a_row}
 
     def save_checkpoint(step: int, epoch: int, batches_in_epoch: int) -> str:
         final = os.path.join(output_dir, f"checkpoint-{step}")
@@ -520,16 +671,13 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
             state = {"global_step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "seed": seed,
                      "samples": counters["samples"], "skipped_steps": counters["skipped_steps"],
                      "num_processes": accelerator.num_processes, "skipped": skipped.state_dict(),
-                     "skipped_all_processes": merged.state_dict(), "args": _public_args(args)}
+                     "skipped_all_processes": merged.state_dict(), "args": _public_args(args),
+                     "settings": settings, "nonfinite_in_a_row": counters["nonfinite_in_a_row"]}
             with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
                 json.dump(state, f, indent=1, default=str)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            if os.path.exists(final):
-                old = os.path.join(output_dir, f".checkpoint-{step}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, final)
+            replace_path(tmp, final)
             if args.checkpoints_total_limit is not None:
                 complete = sorted(
                     (int(m.group(1)), n) for n in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(n)))
@@ -558,6 +706,8 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
     sums = torch.zeros(len(LOSS_TERMS) + len(pair_names), device=accelerator.device, dtype=torch.float64)
     micro = 0
     grad_norm = None
+    window_nonfinite = False  # a micro-batch of this accumulation window (on any process) had a non-finite loss
+    update = True
     started = step_started = time.perf_counter()
     step_cpu_started = time.process_time()
     step_times: list[float] = []
@@ -616,22 +766,38 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
                     out = kd(noisy, timesteps, hidden, target)
                     terms = [out.loss, out.task_loss, out.output_kd_loss, out.feature_kd_loss,
                              *[out.feature_losses[p] for p in pair_names]]
-                    terms = torch.stack([t.detach().to(torch.float64) for t in terms] +
-                                        [torch.tensor(float(n), dtype=torch.float64, device=accelerator.device)])
+                    terms = torch.cat([torch.stack([t.detach().to(torch.float64) for t in terms]),
+                                       torch.tensor([float(out.skipped), float(n)], dtype=torch.float64,
+                                                    device=accelerator.device)])
                     gathered_terms = accelerator.gather(terms[None])
-                    sums += gathered_terms[:, :-1].mean(0)
+                    sums += gathered_terms[:, :-2].mean(0)
                     samples_seen += int(gathered_terms[:, -1].sum().item())
+                    window_nonfinite = window_nonfinite or bool(gathered_terms[:, -2].max().item() > 0)
                     micro += 1
                     skipped_steps += int(out.skipped)
                     accelerator.backward(out.loss)
+                    update = True
                     if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
+                        if window_nonfinite:  # --on_nonfinite skip: no update at all, on every process
+                            update, grad_norm = False, None
+                        else:
+                            grad_norm = accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+                            if (grad_norm is not None and accelerator.scaler is None
+                                    and not math.isfinite(float(grad_norm))):  # fp16's scaler skips on its own
+                                if args.on_nonfinite == "raise":
+                                    raise FloatingPointError(
+                                        f"Non-finite gradient norm ({float(grad_norm)}) at step {global_step + 1} "
+                                        "with a finite loss. Lower --learning_rate, or pass --on_nonfinite skip to "
+                                        "skip such steps.")
+                                update = False
+                    if update:
+                        optimizer.step()
+                        lr_scheduler.step()
                     optimizer.zero_grad()
 
                 if not accelerator.sync_gradients:
                     continue
+                step_skipped, window_nonfinite = not update, False
                 global_step += 1
                 steps_this_run += 1
                 now, now_cpu = time.perf_counter(), time.process_time()
@@ -639,8 +805,15 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
                 step_cpu_times.append(now_cpu - step_cpu_started)
                 step_started, step_cpu_started = now, now_cpu
                 progress.update(1)
-                if ema is not None:
+                if ema is not None and not step_skipped:
                     ema.step(unwrap_model(student).parameters())
+                if step_skipped:
+                    nonfinite_in_a_row += 1
+                    logger.warning(f"step {global_step}: non-finite loss or gradient, optimizer step skipped "
+                                   f"({nonfinite_in_a_row} in a row; --max_nonfinite_skips "
+                                   f"{args.max_nonfinite_skips})")
+                else:
+                    nonfinite_in_a_row = 0
                 means = (sums / max(micro, 1)).tolist()
                 sums.zero_()
                 micro = 0
@@ -649,6 +822,7 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
                        "lr": float(lr_scheduler.get_last_lr()[0]),
                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                        "samples": samples_seen, "skipped_steps": skipped_steps,
+                       "update_skipped": int(step_skipped),
                        **{f"feat/{p}": v
                           for p, v in zip(pair_names, means[len(LOSS_TERMS):], strict=True)}}
                 last_row = row
@@ -656,13 +830,21 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
                     log_file.write(row)
                 accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
                 progress.set_postfix(loss=f"{row['loss']:.4g}")
+                if nonfinite_in_a_row >= args.max_nonfinite_skips:
+                    raise FloatingPointError(
+                        f"{nonfinite_in_a_row} optimizer steps in a row (steps {global_step - nonfinite_in_a_row + 1}"
+                        f" to {global_step}) had a non-finite loss or gradient and were skipped "
+                        f"(--max_nonfinite_skips {args.max_nonfinite_skips}); stopping without a final model. The "
+                        f"weights are those of step {global_step - nonfinite_in_a_row}; the last checkpoint is "
+                        f"{latest_checkpoint(output_dir)}. Lower --learning_rate or check the data.")
 
                 requested = stop.signal
                 if accelerator.num_processes > 1:
                     flag = torch.tensor([float(stop.signal or 0)], device=accelerator.device)
                     requested = int(accelerator.reduce(flag, reduction="max").item()) or None
                 if global_step % args.checkpointing_steps == 0 or requested:
-                    counters.update(samples=samples_seen, skipped_steps=skipped_steps)
+                    counters.update(samples=samples_seen, skipped_steps=skipped_steps,
+                                    nonfinite_in_a_row=nonfinite_in_a_row)
                     save_checkpoint(global_step, epoch, batches_in_epoch)
                 if requested:
                     interrupted = int(requested)
@@ -707,6 +889,17 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
         validate(global_step)  # the grid of the final weights, for the model card
 
     # ---- final student pipeline, model card, push ----
+    final_weights = ema.shadow_params if ema is not None else list(unwrap_model(student).parameters())
+    bad = sum(not bool(torch.isfinite(t).all()) for t in final_weights)
+    if bad:
+        raise FloatingPointError(
+            f"The final student weights{' (EMA)' if ema is not None else ''} hold NaN/inf in {bad} tensors; no final "
+            f"pipeline is written. The last checkpoint is {latest_checkpoint(output_dir)}.")
+    # the training state first: if writing the pipeline fails (a full disk), the run is not lost
+    last = latest_checkpoint(output_dir)
+    if steps_this_run and (last is None or os.path.basename(last) != f"checkpoint-{global_step}"):
+        counters.update(samples=samples_seen, skipped_steps=skipped_steps, nonfinite_in_a_row=nonfinite_in_a_row)
+        last = save_checkpoint(global_step, epoch, batches_in_epoch)
     accelerator.wait_for_everyone()
     if main_process:
         from .hub import build_model_card, push_folder, write_model_card
@@ -719,8 +912,6 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
         full_precision = weight_dtype == torch.float32
         final_pipe = _reload_components(args, unwrapped, pipe if full_precision or teacher_pipeline is not None
                                         else None)
-        tmp = os.path.join(output_dir, f".final.tmp-{uuid.uuid4().hex[:8]}")
-        final_pipe.save_pretrained(tmp, safe_serialization=True)
         grid = last_grid[0]
         recipe = {
             "data": getattr(dataset, "description", {}),
@@ -742,16 +933,15 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
             student_parameters=student_params, recipe=recipe,
             validation_image=os.path.relpath(grid, output_dir) if grid else None, validation_prompts=prompts,
             repo_id=args.hub_model_id if args.push_to_hub else None)
-        write_model_card(tmp, card)
-        entries = sorted(os.listdir(tmp), key=lambda name: name == "model_index.json")  # the index goes last
-        for name in entries:
-            target = os.path.join(output_dir, name)
-            if os.path.isdir(target):
-                old = os.path.join(output_dir, f".final.tmp-old-{uuid.uuid4().hex[:8]}")
-                os.replace(target, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(os.path.join(tmp, name), target)
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with update_folder(output_dir, argument="--output_dir") as tmp:  # the model index goes last
+                final_pipe.save_pretrained(tmp, safe_serialization=True)
+                write_model_card(tmp, card)
+        except OSError as error:
+            raise FinalSaveError(
+                f"Writing the final pipeline to {output_dir} failed ({error}). The training is saved in {last or resume_path}: "
+                "free some space and run the same command with --resume_from_checkpoint latest, which writes the "
+                "final pipeline without training further.") from error
         logger.info(f"student pipeline written to {output_dir}")
         if args.push_to_hub:
             repo_id = args.hub_model_id or os.path.basename(output_dir.rstrip(os.sep))

@@ -71,7 +71,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default="bk-sdm-student",
-                       help="Where the checkpoints, logs and the final student pipeline are written.")
+                       help="Where the checkpoints, logs and the final student pipeline are written. A folder that "
+                            "holds anything else is refused unless --overwrite_output_dir is given or "
+                            "--resume_from_checkpoint points into it.")
+    train.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Train into a non-empty --output_dir: its old checkpoints, training log, validation "
+                            "grids and model_index.json are removed first. The teacher's folder is never accepted.")
     train.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
     train.add_argument("--train_batch_size", type=_positive_int, default=16, help="Batch size per device.")
     train.add_argument("--num_train_epochs", type=int, default=100)
@@ -100,7 +105,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                        help="Defaults to the accelerate config or `--mixed_precision` of `accelerate launch`.")
     train.add_argument("--on_nonfinite", type=str, default="raise", choices=["raise", "skip"],
-                       help="What a NaN/inf loss does: raise, or skip the step.")
+                       help="What a NaN/inf loss does: raise, or skip the optimizer step (no update of the weights, "
+                            "the optimizer state, the learning-rate schedule or the EMA).")
+    train.add_argument("--max_nonfinite_skips", type=int, default=10,
+                       help="With --on_nonfinite skip: stop with an error after this many skipped optimizer steps in "
+                            "a row.")
 
     logging = parser.add_argument_group("logging, checkpoints and validation")
     logging.add_argument("--logging_dir", type=str, default="logs",
@@ -159,7 +168,8 @@ def check_train_args(args: argparse.Namespace) -> None:
     for name, minimum in (("num_train_epochs", 1), ("max_train_steps", 1), ("checkpointing_steps", 1),
                           ("validation_steps", 1), ("checkpoints_total_limit", 1), ("lr_warmup_steps", 0),
                           ("dataloader_num_workers", 0), ("max_train_samples", 1), ("shuffle_buffer", 0),
-                          ("validation_inference_steps", 1), ("resolution", 8)):
+                          ("validation_inference_steps", 1), ("resolution", 8),
+                          ("max_nonfinite_skips", 1)):
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise ValueError(f"`--{name}` must be >= {minimum}, got {value!r}.")

@@ -22,10 +22,14 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from ..train import train
+    from ..output_dir import OutputFolderBusy
+    from ..train import FinalSaveError, train
 
     try:
         result = train(args)
+    except (OutputFolderBusy, FinalSaveError, FloatingPointError) as error:  # the message says what to do
+        print(f"bksdm distill: error: {error}", file=sys.stderr)
+        return 1
     except RuntimeError as error:
         if "bksdm push" not in str(error):
             raise
