@@ -33,6 +33,8 @@ _LAZY = {
     "DistillationOutput": "distill",
     "training_target": "distill",
     "BKDistillationMixin": "mixin",
+    "compress_controlnet": "controlnet",
+    "controlnet_from_student": "controlnet",
 }
 
 __all__ = [
