@@ -21,7 +21,6 @@ import os
 import platform
 import statistics
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any
@@ -362,15 +361,6 @@ def _text_config_for(unet_config: Mapping[str, Any]) -> dict[str, Any] | None:
     return {**load_config("clip-vit-large-patch14-text", "--text_encoder_config"), **overrides}
 
 
-def _with_unet(pipe, unet):
-    """A pipeline sharing `pipe`'s components but `unet` (like `from_pipe`, without its dtype cast)."""
-    pipeline_class = type(pipe)
-    _, optional = pipeline_class._get_signature_keys(pipeline_class)
-    components = {**pipe.components, "unet": unet}
-    extra = {k: pipe.config[k] for k in optional if k in pipe.config and k not in components}
-    return pipeline_class(**components, **extra)
-
-
 @dataclass
 class _Teacher:
     unet_config: dict[str, Any]
@@ -420,7 +410,9 @@ def _time_pipelines(teacher: _Teacher, entries, settings: BenchmarkSettings) -> 
     for component in teacher.pipe.components.values():
         if isinstance(component, torch.nn.Module):
             _move(component, device, settings.dtype)
-    pipes = {"teacher": teacher.pipe, **{name: _with_unet(teacher.pipe, unet) for name, _, unet in entries}}
+    from .io import with_components
+
+    pipes = {"teacher": teacher.pipe, **{name: with_components(teacher.pipe, unet=unet) for name, _, unet in entries}}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     prompt = ["a golden vase with different flowers"] * settings.batch_size
@@ -665,36 +657,20 @@ def save_report(report: BenchmarkReport, output_dir: str | os.PathLike, chart: b
 
     Each file is written to a temporary name and renamed into place. Returns the paths written.
     """
+    from .io import atomic_write, atomic_write_text
+
     output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    written = {}
-
-    def write(name: str, writer: Callable[[str], None]) -> None:
-        path = os.path.join(output_dir, name)
-        stem, ext = os.path.splitext(name)
-        tmp = os.path.join(output_dir, f".{stem}.tmp-{uuid.uuid4().hex[:8]}{ext}")
-        try:
-            writer(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        written[name] = path
-
-    def write_text(text: str) -> Callable[[str], None]:
-        def writer(path: str) -> None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
-
-        return writer
-
-    write("bench.json", write_text(json.dumps(report.to_dict(), indent=2) + "\n"))
-    write("bench.md", write_text(report_markdown(report)))
+    written = {name: os.path.join(output_dir, name) for name in ("bench.json", "bench.md")}
+    atomic_write_text(written["bench.json"], json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write_text(written["bench.md"], report_markdown(report))
     if chart:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             logger.warning("matplotlib is not installed: no bar chart (pip install matplotlib).")
         else:
-            write("bench.png", lambda path: _bar_chart(report, path))
+            written["bench.png"] = os.path.join(output_dir, "bench.png")
+            with atomic_write(written["bench.png"]) as tmp:
+                _bar_chart(report, tmp)
     return written

@@ -21,13 +21,14 @@ import csv
 import json
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+
+from .io import atomic_write, atomic_write_text
 
 __all__ = [
     "CAPTION_COLUMNS",
@@ -171,9 +172,8 @@ def image_folder(output_dir: str | os.PathLike, resolution: int) -> str:
 
 
 def _save_png(image, path: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        image.save(tmp)
 
 
 def load_pipeline(
@@ -257,11 +257,7 @@ def _check_manifest(output_dir: str, settings: dict[str, Any]) -> None:
 
 
 def _write_manifest(output_dir: str, settings: dict[str, Any]) -> None:
-    path = os.path.join(output_dir, MANIFEST)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(os.path.join(output_dir, MANIFEST), json.dumps(settings, indent=2))
 
 
 def generate_images(

@@ -127,10 +127,11 @@ def build_model_card(
 
 def write_model_card(folder: str, card) -> str:
     """Write `card` to `folder/README.md` (temporary file + rename). Returns the path."""
+    from .io import atomic_write
+
     path = os.path.join(folder, "README.md")
-    tmp = path + ".tmp"
-    card.save(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        card.save(tmp)
     return path
 
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from .io import atomic_write, atomic_write_text
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -141,15 +142,14 @@ class RealStatistics:
         if not path.endswith(".npz"):
             raise ValueError(f"`--save_real_stats` must name an .npz file, got {path!r}.")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path[:-4]}.tmp-{uuid.uuid4().hex[:8]}.npz"
-        np.savez(
-            tmp,
-            mu=self.mu,
-            sigma=self.sigma,
-            num_samples=np.asarray(self.num_samples),
-            feature_extractor=np.asarray(self.feature_extractor or ""),
-        )
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            np.savez(
+                tmp,
+                mu=self.mu,
+                sigma=self.sigma,
+                num_samples=np.asarray(self.num_samples),
+                feature_extractor=np.asarray(self.feature_extractor or ""),
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RealStatistics:
@@ -538,11 +538,7 @@ def update_model_card(model_dir: str | os.PathLike, table: str, settings: Mappin
         text = head + section + rest.split(_CARD_END, 1)[1]
     else:
         text = (text.rstrip() + "\n\n" if text.strip() else "") + section + "\n"
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)
 
 
 def write_results(results: Mapping[str, Any], json_path: str | os.PathLike, markdown: str) -> tuple[str, str]:
@@ -550,9 +546,6 @@ def write_results(results: Mapping[str, Any], json_path: str | os.PathLike, mark
     json_path = os.fspath(json_path)
     md_path = os.path.splitext(json_path)[0] + ".md"
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    for path, content in ((json_path, json.dumps(dict(results), indent=2) + "\n"), (md_path, markdown)):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(content)
-        os.replace(tmp, path)
+    atomic_write_text(json_path, json.dumps(dict(results), indent=2) + "\n")
+    atomic_write_text(md_path, markdown)
     return json_path, md_path

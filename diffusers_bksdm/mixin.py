@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 
 from .distill import BKDistiller, DistillationOutput, training_target, unwrap_model
+from .io import update_folder, with_components
 from .plan import RemovalPlan
 from .student import compress_unet
 
@@ -43,27 +43,6 @@ def stock_pipeline_class(cls: type) -> type:
         if (module == "diffusers" or module.startswith("diffusers.")) and issubclass(klass, DiffusionPipeline):
             return klass
     raise TypeError(f"{cls.__qualname__} does not derive from a diffusers pipeline class.")
-
-
-def _move_into(saved: str, target: str) -> None:
-    """Move the entries of the finished folder `saved` into `target`.
-
-    Every saved entry replaces the entry of the same name by a rename (component folders are replaced whole, so no
-    stale weight shard of an earlier save survives); other files in `target` are kept; `model_index.json` moves last,
-    so a folder with the new index always has the new components.
-    """
-    os.makedirs(target, exist_ok=True)
-    names = sorted(os.listdir(saved), key=lambda n: n == "model_index.json")
-    for name in names:
-        source, destination = os.path.join(saved, name), os.path.join(target, name)
-        old = None
-        if os.path.isdir(destination) and not os.path.islink(destination):
-            old = os.path.join(target, f".{name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(destination, old)
-        os.replace(source, destination)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(saved, ignore_errors=True)
 
 
 class BKDistillationMixin:
@@ -334,17 +313,9 @@ class BKDistillationMixin:
     # ---- saving ----------------------------------------------------------------------------------------------------
     def stock_pipeline(self) -> Any:
         """The same components (student UNet, unwrapped) in the stock diffusers pipeline class, without the teacher."""
-        stock = stock_pipeline_class(type(self))
-        _, optional_kwargs = stock._get_signature_keys(stock)
-        components = {
-            name: unwrap_model(value) if isinstance(value, torch.nn.Module) else value
-            for name, value in self.components.items()
-        }
-        settings = {k: self.config[k] for k in optional_kwargs if k in self.config and k not in components}
-        pipe = stock(**components, **settings)
-        if self.config.get("_name_or_path"):
-            pipe.register_to_config(_name_or_path=self.config["_name_or_path"])
-        return pipe
+        unwrapped = {name: unwrap_model(value) for name, value in self.components.items()
+                     if isinstance(value, torch.nn.Module)}
+        return with_components(self, stock_pipeline_class(type(self)), **unwrapped)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save the stock pipeline class with the student UNet (never the teacher); same arguments as
@@ -354,18 +325,10 @@ class BKDistillationMixin:
         old one whole, `model_index.json` last; other files already in `save_directory` are kept.
         """
         target = os.path.abspath(os.fspath(save_directory))
-        if os.path.exists(target) and not os.path.isdir(target):
-            raise ValueError(f"`save_directory` {target!r} exists and is not a folder.")
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex[:8]}")
         if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
             kwargs["repo_id"] = os.path.basename(target)
-        try:
+        with update_folder(target, argument="save_directory") as tmp:
             self.stock_pipeline().save_pretrained(tmp, *args, **kwargs)
-            _move_into(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any) -> str:
         """Push the stock pipeline class with the student UNet (never the teacher) to the Hub; same arguments as

@@ -179,16 +179,9 @@ def compress_pipeline(pipe: Any, variant: str | RemovalPlan = "small", *, copy_w
             f"{type(pipe).__qualname__}."
         )
     _check_unet(unet, "pipe.unet")
-    student = compress_unet(unet, variant, copy_weights=copy_weights)
-    # Like `DiffusionPipeline.from_pipe`, but without its dtype cast, which would also cast the shared components.
-    pipeline_class = type(pipe)
-    _, optional_kwargs = pipeline_class._get_signature_keys(pipeline_class)
-    components = {**pipe.components, "unet": student}
-    settings = {k: pipe.config[k] for k in optional_kwargs if k in pipe.config and k not in components}
-    new_pipe = pipeline_class(**components, **settings)
-    if pipe.config.get("_name_or_path"):
-        new_pipe.register_to_config(_name_or_path=pipe.config["_name_or_path"])
-    return new_pipe
+    from .io import with_components
+
+    return with_components(pipe, unet=compress_unet(unet, variant, copy_weights=copy_weights))
 
 
 def student_info(config_or_path: Any) -> dict[str, Any] | None:
