@@ -44,7 +44,8 @@ def check_not_protected(
     Args:
         path (`str` or `os.PathLike`): the output folder.
         protected (iterable of `(what, path)`): paths that must survive, e.g. `("the teacher (--teacher)", folder)`.
-            `path` may be none of them, contain one or lie inside one. `None` and paths that do not exist are ignored.
+            `path` may be none of them, contain one or be an existing part of one (a new subfolder is fine). `None`
+            and paths that do not exist are ignored.
         argument (`str`, *optional*, defaults to `"--output_dir"`): the flag named in the error.
         protect_cwd (`bool`, *optional*, defaults to `True`): also refuse the current directory and its parents.
 
@@ -60,9 +61,10 @@ def check_not_protected(
     for what, other in protected:
         if other is None or not os.path.exists(other):
             continue
-        if is_within(other, path) or is_within(path, other):
+        # inside the protected folder is fine for a new subfolder, not for one of its existing parts
+        if is_within(other, path) or (os.path.exists(path) and is_within(path, other)):
             raise ValueError(
-                f"`{argument}` {shown!r} is, holds or lies inside {what} ({os.fspath(other)!r}); writing there would "
+                f"`{argument}` {shown!r} is, holds or is part of {what} ({os.fspath(other)!r}); writing there would "
                 "destroy it. Choose another folder."
             )
 

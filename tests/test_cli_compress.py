@@ -85,3 +85,41 @@ def test_overwrite_replaces_complete_output(tiny_pipeline_dir, tmp_path):
     assert main(base + ["--variant", "tiny", "--overwrite"]) == 0
     assert json.loads((out / "unet" / "config.json").read_text())["_bksdm"]["variant"] == "tiny"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+
+
+def test_overwrite_never_replaces_the_teacher_or_the_current_directory(tiny_pipeline_dir, tmp_path, monkeypatch,
+                                                                      capsys):
+    import shutil
+
+    models = tmp_path / "models"
+    teacher = models / "teacher"
+    shutil.copytree(tiny_pipeline_dir, teacher)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("my notes")
+    monkeypatch.chdir(work)
+
+    def snapshot():
+        return {str(p): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    for output, refused in (
+        (str(teacher), "the teacher"),  # the teacher's own folder
+        (str(models), "the teacher"),  # a folder holding it
+        (str(teacher / "unet"), "the teacher"),  # a folder inside it
+        ("", "current directory"),  # `--output ""` is the current directory
+        (".", "current directory"),
+        ("..", "current directory"),  # a parent of the current directory
+    ):
+        argv = ["compress", "--teacher", str(teacher), "--variant", "tiny", "--output", output, "--overwrite"]
+        assert main(argv) == 2, output
+        assert refused in capsys.readouterr().err, output
+    assert snapshot() == before
+
+    # the same safety in the shared helper, whoever calls it
+    from diffusers_bksdm.io import atomic_directory
+
+    with pytest.raises(ValueError, match="current directory"):
+        with atomic_directory(str(tmp_path), overwrite=True):
+            pass
+    assert snapshot() == before

@@ -26,16 +26,21 @@ def add_parser(subparsers) -> None:
         "--output", "--output_dir", dest="output", required=True, help="Folder to write the student to."
     )
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="Load and save in this dtype.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace --output if it exists and is not empty.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace --output if it exists and is not empty (never the teacher's folder, a folder "
+                        "holding it, or the current directory).")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..io import atomic_directory, count_parameters, load_teacher, parse_dtype
+    from ..output_dir import check_not_protected
     from ..plan import get_variant
     from ..student import compress_pipeline, compress_unet
 
     get_variant(args.variant)  # fail on a bad variant before loading anything
+    # --overwrite replaces --output whole: never the teacher, a folder holding it, or the current directory
+    check_not_protected(args.output, protected=[("the teacher (--teacher)", args.teacher)], argument="--output")
     pipe, teacher = load_teacher(
         args.teacher, subfolder=args.subfolder, revision=args.revision, torch_dtype=parse_dtype(args.dtype)
     )
