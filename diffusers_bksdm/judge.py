@@ -26,7 +26,15 @@ from torch import nn
 
 from . import shapes
 
-__all__ = ["ShapesJudge", "JudgeEmbedder", "JudgeFeatures", "load_judge", "JUDGE_NAME", "score_images"]
+__all__ = [
+    "ShapesJudge",
+    "JudgeEmbedder",
+    "JudgeFeatures",
+    "load_judge",
+    "JUDGE_NAME",
+    "score_images",
+    "judge_markdown",
+]
 
 JUDGE_NAME = "shapes-judge"
 ATTRIBUTES = {
@@ -179,3 +187,14 @@ def score_images(
         )
         results["fd"] = out["fid"]
     return results
+
+
+def judge_markdown(results: dict[str, Any], name: str = "this model") -> str:
+    """A markdown table of :func:`score_images` results."""
+    fd = f"{results['fd']:.2f}" if results.get("fd") is not None else "-"
+    return (
+        "| model | accuracy (colour + shape) | position | colour + shape + position | FD | images |\n"
+        "|---|---|---|---|---|---|\n"
+        f"| {name} | {results['accuracy']:.3f} | {results['position_accuracy']:.3f} | {results['full_accuracy']:.3f} "
+        f"| {fd} | {results['num_images']} |\n"
+    )

@@ -78,7 +78,8 @@ HELD_OUT = (
     ("purple", "square", "top left"),
     ("purple", "triangle", "top right"),
 )
-SPLITS = ("train", "heldout")
+#: "all" renders every combination (the judge's training data: the judge must read the held-out combinations too)
+SPLITS = ("train", "heldout", "all")
 # pictures are drawn this many times larger, then reduced, for smooth edges
 _SUPERSAMPLE = 4
 
@@ -133,7 +134,7 @@ def _combinations(split: str) -> list[tuple[str, str, str]]:
         raise ValueError(f"`split` must be one of {list(SPLITS)}, got {split!r}.")
     if split == "heldout":
         return list(HELD_OUT)
-    held = set(HELD_OUT)
+    held = set(HELD_OUT) if split == "train" else set()
     return [(c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS if (c, s, p) not in held]
 
 

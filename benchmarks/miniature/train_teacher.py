@@ -10,7 +10,8 @@ Everything is generated from `--seed` on the CPU (2 cores, about an hour with th
    (four stages, `layers_per_block: 2`, cross-attention in the first three, a mid block with attention), trained
    together on the diffusion loss (epsilon prediction, min-SNR weighting, 10% empty captions for classifier-free
    guidance, EMA weights);
-4. the judge (:class:`diffusers_bksdm.judge.ShapesJudge`), trained on the same split;
+4. the judge (:class:`diffusers_bksdm.judge.ShapesJudge`), trained on pictures of every combination (split "all",
+   another seed): an evaluation tool must read the held-out combinations too; the teacher never sees them;
 5. the teacher's judge accuracy on the held-out prompts at the pipeline's default settings.
 
 It writes `OUTPUT_DIR/shapes-sd` (a `StableDiffusionPipeline` folder) and `OUTPUT_DIR/shapes-judge`, and prints a
@@ -50,6 +51,7 @@ def parse_args(argv=None):
     parser.add_argument("--snr_gamma", type=float, default=5.0)
     parser.add_argument("--eval_images_per_prompt", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--judge_only", action="store_true", help="Train and save only the judge.")
     parser.add_argument("--log_every", type=int, default=100)
     parser.add_argument("--eval_every", type=int, default=1000, help="Quick held-out accuracy every N UNet steps.")
     return parser.parse_args(argv)
@@ -312,11 +314,15 @@ def main(argv=None) -> int:
     held_images = render_all(held_samples)
     log(f"rendered {len(images)} training and {len(held_images)} held-out images")
 
-    judge = train_judge(samples, images, args)
+    judge_samples = shapes.sample_shapes(args.num_images, "all", args.seed + 100)
+    judge = train_judge(judge_samples, render_all(judge_samples), args)
     summary["judge_heldout_real"] = judge_accuracy(judge, held_samples, held_images)
     log(f"judge on held-out real images: {summary['judge_heldout_real']}")
     with atomic_directory(os.path.join(args.output_dir, JUDGE_NAME), overwrite=True, argument="--output_dir") as out:
         judge.save_pretrained(out, safe_serialization=True)
+    if args.judge_only:
+        print(json.dumps(summary, indent=2))
+        return 0
 
     teacher_dir = os.path.join(args.output_dir, "shapes-sd")
     with atomic_directory(teacher_dir, overwrite=True, argument="--output_dir") as out:

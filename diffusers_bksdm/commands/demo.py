@@ -1,101 +1,199 @@
-"""`bksdm demo`: the whole flow offline in about a minute on a CPU: a tiny teacher built locally, a small image-text
-dataset written locally, compression, distillation, a student pipeline that stock diffusers loads."""
+"""`bksdm demo`: the whole BK-SDM flow in the miniature world, offline on a CPU in a few minutes.
+
+The trained teacher shipped with the package (`builtin:shapes-sd`, 32 px pictures of coloured shapes) is compressed
+to a BK-SDM student, distilled with the real trainer (`bksdm distill`), saved as a pipeline that stock diffusers
+loads, and judged before and after distillation on prompts the teacher never saw in training."""
 
 from __future__ import annotations
 
 import argparse
 
+GRID_PROMPTS = 8
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="Compress and distill a tiny built-in teacher on a generated dataset (no download).",
-        description="Writes a small dataset of coloured shapes with captions, builds the tiny builtin:tiny-sd "
-        "teacher, and runs `bksdm distill` on it: compress, distill (task + output KD + feature KD), save the "
-        "student pipeline with a model card. Everything runs on the CPU with no download.",
+        help="Compress and distill the shipped miniature teacher (builtin:shapes-sd) and judge the student.",
+        description="Compress the trained miniature teacher builtin:shapes-sd to a BK-SDM student, distill it with "
+        "`bksdm distill` (task + output KD + feature KD) on the generated shapes dataset, save the student pipeline, "
+        "and compare teacher, student before and student after distillation on held-out prompts: a picture grid, a "
+        "loss curve, parameters, UNet latency, the judge's accuracy and FD. CPU only, no download.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
     )
-    parser.add_argument("--output_dir", default="bksdm-demo", help="Folder for the dataset and the student.")
-    parser.add_argument("--variant", default="small", help="BK-SDM variant: base, small or tiny.")
-    parser.add_argument("--max_train_steps", type=int, default=60, help="Distillation steps.")
-    parser.add_argument("--num_images", type=int, default=64, help="Images in the generated dataset.")
+    parser.add_argument("--output_dir", default="bksdm-demo", help="Folder for the data, images and the student.")
     parser.add_argument(
-        "--learning_rate",
-        type=float,
-        default=5e-4,
-        help="Higher than the paper's 5e-5 so that a few dozen steps show progress.",
+        "--pretrained_model_name_or_path", default="builtin:shapes-sd", help="The teacher pipeline (32 px shapes)."
     )
+    parser.add_argument("--variant", default="small", help="BK-SDM variant: base, small or tiny.")
+    parser.add_argument("--max_train_steps", type=int, default=300, help="Distillation steps.")
+    parser.add_argument("--train_batch_size", type=int, default=64)
+    parser.add_argument("--num_images", type=int, default=4000, help="Images in the generated training set.")
+    parser.add_argument(
+        "--learning_rate", type=float, default=5e-4, help="Higher than the paper's 5e-5: a few hundred steps."
+    )
+    parser.add_argument("--images_per_prompt", type=int, default=4, help="Judged images per held-out prompt.")
+    parser.add_argument("--num_inference_steps", type=int, default=25, help="Denoising steps of judged images.")
+    parser.add_argument("--judge", default="builtin:shapes-judge", help="The judge (a ShapesJudge folder).")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
 
 
-def _mean(rows, key):
-    values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
-    return sum(values) / len(values) if values else float("nan")
+def _check(args: argparse.Namespace) -> None:
+    from ..plan import get_variant
+
+    get_variant(args.variant)
+    for name in ("max_train_steps", "train_batch_size", "num_images", "images_per_prompt", "num_inference_steps"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"`--{name}` must be >= 1, got {value}.")
+
+
+def _reload_in_stock_diffusers(student_dir: str, prompt: str) -> str:
+    """Load the student pipeline and make an image in a fresh interpreter that never imports this package."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from diffusers import StableDiffusionPipeline\n"
+        f"pipe = StableDiffusionPipeline.from_pretrained({student_dir!r}, use_safetensors=True)\n"
+        f"image = pipe({prompt!r}, num_inference_steps=5, generator=torch.Generator().manual_seed(0)).images[0]\n"
+        "assert not any(m.startswith('diffusers_bksdm') for m in sys.modules), 'diffusers_bksdm was imported'\n"
+        "print(type(pipe).__name__, type(pipe.unet).__name__, image.size)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"The student pipeline did not reload in stock diffusers:\n{done.stderr[-2000:]}")
+    return done.stdout.strip()
+
+
+def _table(rows: dict[str, dict]) -> str:
+    lines = [
+        f"{'model':<24} {'UNet params':>12} {'latency ms':>11} {'accuracy':>9} {'position':>9} {'FD':>8}",
+    ]
+    for name, row in rows.items():
+        lines.append(
+            f"{name:<24} {row['unet_params']:>12,} {1000 * row['unet_latency_s']:>11.2f} {row['accuracy']:>9.3f} "
+            f"{row['position_accuracy']:>9.3f} {row['fd']:>8.2f}"
+        )
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    import csv
+    import json
     import os
 
-    from ..plan import get_variant
-    from ..tiny import write_shapes_dataset
+    import torch
+
+    from .. import miniature
+    from ..io import count_parameters, load_teacher
+    from ..judge import load_judge
+    from ..student import compress_pipeline
     from ..train import LOG_FILE, train
     from ..train_args import parse_train_args
 
-    get_variant(args.variant)
-    if args.max_train_steps < 2:
-        raise ValueError(f"`--max_train_steps` must be >= 2, got {args.max_train_steps}.")
-    data_dir = os.path.join(args.output_dir, "data")
-    student_dir = os.path.join(args.output_dir, "student")
-    write_shapes_dataset(data_dir, num_images=args.num_images, size=16, seed=args.seed)
-    prompt = "a red circle on a white background"
+    _check(args)
+    torch.manual_seed(args.seed)
+    out = os.path.abspath(args.output_dir)
+    student_dir = os.path.join(out, "student")
+    print(f"[1/5] writing the shapes dataset ({args.num_images} training images, held-out real images) to {out}/data")
+    world = miniature.write_world(os.path.join(out, "data"), args.num_images, seed=args.seed)
+    teacher, _ = load_teacher(args.pretrained_model_name_or_path)
+    if teacher is None:
+        raise ValueError(f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} is a bare UNet.")
+    judge = load_judge(args.judge)
+    before = compress_pipeline(teacher, args.variant)
+    judged = dict(
+        real_images=world["heldout"],
+        judge=judge,
+        images_per_prompt=args.images_per_prompt,
+        num_inference_steps=args.num_inference_steps,
+    )
+    images = {name: os.path.join(out, "images", name) for name in ("teacher", "student_before", "student_after")}
+
+    print("[2/5] judging the teacher and the student before distillation on the held-out prompts")
+    scores = {
+        "teacher": miniature.evaluate_pipeline(teacher, images["teacher"], **judged),
+        "student_before": miniature.evaluate_pipeline(before, images["student_before"], **judged),
+    }
+    del before
+
+    print(f"[3/5] distilling BK-SDM-{args.variant} for {args.max_train_steps} steps (task + output KD + feature KD)")
     train_args = parse_train_args(
         [
-            "--pretrained_model_name_or_path",
-            "builtin:tiny-sd",
-            "--variant",
-            args.variant,
-            "--train_data_dir",
-            data_dir,
-            "--resolution",
-            "16",
-            "--train_batch_size",
-            "8",
-            "--max_train_steps",
-            str(args.max_train_steps),
-            "--learning_rate",
-            str(args.learning_rate),
-            "--checkpointing_steps",
-            str(max(1, args.max_train_steps // 2)),
-            "--checkpoints_total_limit",
-            "1",
-            "--validation_prompts",
-            prompt,
-            "--validation_steps",
-            str(args.max_train_steps),
-            "--validation_inference_steps",
-            "10",
-            "--report_to",
-            "tensorboard",
-            "--seed",
-            str(args.seed),
-            "--output_dir",
-            student_dir,
+            "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+            "--variant", args.variant,
+            "--train_data_dir", world["train"],
+            "--no-random_flip",  # captions say left and right
+            "--train_batch_size", str(args.train_batch_size),
+            "--max_train_steps", str(args.max_train_steps),
+            "--learning_rate", str(args.learning_rate),
+            "--checkpointing_steps", str(args.max_train_steps),
+            "--checkpoints_total_limit", "1",
+            "--report_to", "none",
+            "--seed", str(args.seed),
+            "--output_dir", student_dir,
         ]
+    )  # fmt: skip
+    result = train(train_args, teacher_pipeline=teacher)
+    after = compress_pipeline(teacher, args.variant, copy_weights=False)
+    after.unet = result["student"].to(torch.float32).eval()
+
+    print("[4/5] judging the distilled student; reloading it in stock diffusers")
+    scores["student_after"] = miniature.evaluate_pipeline(after, images["student_after"], **judged)
+    prompts = miniature.eval_prompt_list(args.images_per_prompt)
+    reload = _reload_in_stock_diffusers(student_dir, prompts[0])
+
+    print("[5/5] timing the UNets side by side and writing the pictures")
+    latency = miniature.unet_latency({"teacher": teacher.unet, "student": after.unet})
+    rows = {}
+    for name, label in (("teacher", "teacher"), ("student_before", "student before"), ("student_after", "student after")):
+        unet = teacher.unet if name == "teacher" else after.unet
+        rows[label] = {
+            **scores[name],
+            "unet_params": count_parameters(unet),
+            "unet_latency_s": latency["teacher" if name == "teacher" else "student"],
+        }
+    stride = args.images_per_prompt * max(1, len(prompts) // args.images_per_prompt // GRID_PROMPTS)
+    grid = miniature.comparison_grid(
+        {
+            "teacher": os.path.join(images["teacher"], "im32"),
+            "student before KD": os.path.join(images["student_before"], "im32"),
+            "student after KD": os.path.join(images["student_after"], "im32"),
+        },
+        prompts,
+        list(range(0, len(prompts), stride))[:GRID_PROMPTS],
+        os.path.join(out, "grid.png"),
     )
-    result = train(train_args)
-    with open(os.path.join(student_dir, LOG_FILE), encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    window = max(1, min(10, len(rows) // 3))
-    first, last = rows[:window], rows[-window:]
-    print(f"\ndistilled a BK-SDM-{args.variant} student of builtin:tiny-sd for {result['global_step']} steps")
-    print(f"{'loss term':<16} {'first ' + str(window) + ' steps':>16} {'last ' + str(window) + ' steps':>16}")
-    for key in ("loss", "task_loss", "output_kd_loss", "feature_kd_loss"):
-        print(f"{key:<16} {_mean(first, key):>16.4f} {_mean(last, key):>16.4f}")
-    print(f"\nstudent pipeline (loads in stock diffusers): {student_dir}")
-    print(f"loss log: {os.path.join(student_dir, LOG_FILE)}; dataset: {data_dir}")
+    curve = miniature.loss_curve(os.path.join(student_dir, LOG_FILE), os.path.join(out, "loss_curve.png"))
+    summary = {
+        "teacher": args.pretrained_model_name_or_path,
+        "variant": args.variant,
+        "steps": result["global_step"],
+        "train_batch_size": args.train_batch_size,
+        "learning_rate": args.learning_rate,
+        "images_per_prompt": args.images_per_prompt,
+        "num_inference_steps": args.num_inference_steps,
+        "seed": args.seed,
+        "results": rows,
+        "stock_diffusers_reload": reload,
+        "student_dir": student_dir,
+        "grid": grid,
+        "loss_curve": curve,
+    }
+    summary_path = os.path.join(out, "summary.json")
+    with open(summary_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(summary_path + ".tmp", summary_path)
+
+    print()
+    print(_table(rows))
     print(
-        f'try: python -c "from diffusers import StableDiffusionPipeline as P; '
-        f"print(P.from_pretrained('{student_dir}')('{prompt}', num_inference_steps=10).images[0].size)\""
+        "\naccuracy: colour and shape read by the judge as the prompt asked (chance 1/18); position: position right; "
+        "FD: Fréchet distance of judge features to real held-out images (lower is better)."
     )
+    print(f"student pipeline (reloads in stock diffusers: {reload}): {student_dir}")
+    print(f"pictures: {grid}, {curve}; numbers: {summary_path}")
     return 0

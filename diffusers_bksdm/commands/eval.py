@@ -39,6 +39,12 @@ def add_parser(subparsers) -> None:
         help="Show the paper's rows of this teacher family (auto: from the generation settings).",
     )
     parser.add_argument("--model_card", default=None, help="A model folder whose README.md gets the scores.")
+    parser.add_argument(
+        "--judge",
+        default=None,
+        help="Score the miniature world instead (e.g. builtin:shapes-judge): the judge's accuracy (colour and shape, "
+        "position) against --prompts and its FD against --real_images, in place of CLIP score and FID.",
+    )
     parser.set_defaults(func=run)
 
 
@@ -87,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
             from ..generate import read_prompts
 
             prompts = read_prompts(args.prompts, args.caption_column)
+        if args.judge:
+            if prompts is None:
+                raise ValueError("`--judge` needs the prompts the images were generated from: pass --prompts FILE.")
+            return _run_judge(args, images, prompts)
         results = evaluate_images(
             images,
             prompts,
@@ -114,4 +124,20 @@ def run(args: argparse.Namespace) -> int:
         keep = ("num_inference_steps", "guidance_scale", "scheduler", "seed", "resolution", "eval_resolution", "dtype")
         card = update_model_card(args.model_card, table, {k: settings[k] for k in keep if k in settings})
         print(f"updated {card}")
+    return 0
+
+
+def _run_judge(args: argparse.Namespace, images: str, prompts: list[str]) -> int:
+    from ..judge import judge_markdown, score_images
+    from ..metrics import write_results
+
+    results = score_images(images, prompts, real_images=args.real_images, judge=args.judge, batch_size=args.batch_size)
+    settings = _generation_settings(images)
+    name = args.name or settings.get("unet") or settings.get("model") or os.path.basename(images)
+    table = judge_markdown(results, name)
+    record = {**results, "name": name, "images": images, "judge": args.judge, "generation": settings or None}
+    output = args.output or os.path.join(os.path.dirname(images) or ".", f"eval_{os.path.basename(images)}.json")
+    json_path, md_path = write_results(record, output, table)
+    print(table)
+    print(f"wrote {json_path} and {md_path}")
     return 0

@@ -1,0 +1,203 @@
+"""Measuring students in the miniature world: images for the held-out prompts, the judge's scores, side-by-side
+pictures, loss curves and UNet latency. Used by `bksdm demo` and `benchmarks/miniature/ablation.py`.
+
+The world is described in :mod:`diffusers_bksdm.shapes`, the judge in :mod:`diffusers_bksdm.judge`, and the trained
+teacher ships as `builtin:shapes-sd` (see docs/miniature.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from . import shapes
+
+__all__ = [
+    "TEACHER",
+    "EVAL_SEED",
+    "write_world",
+    "eval_prompt_list",
+    "evaluate_pipeline",
+    "comparison_grid",
+    "loss_curve",
+    "unet_latency",
+    "output_mse",
+]
+
+logger = logging.getLogger(__name__)
+
+TEACHER = "builtin:shapes-sd"
+#: base seed of the evaluation images (prompt i uses `prompt_seed(EVAL_SEED, i)`): the same noise for every model
+EVAL_SEED = 1234
+#: the real held-out images FD compares against
+NUM_HELDOUT_REAL = 500
+
+
+def write_world(folder: str | os.PathLike, num_train: int, seed: int = 0) -> dict[str, str]:
+    """Write the training split (`folder/train`, for `--train_data_dir`) and real held-out images (`folder/heldout`,
+    the reference of FD). Returns both folders."""
+    from .shapes import write_shapes_dataset
+
+    folders = {"train": os.path.join(folder, "train"), "heldout": os.path.join(folder, "heldout")}
+    write_shapes_dataset(folders["train"], num_images=num_train, seed=seed, split="train")
+    write_shapes_dataset(folders["heldout"], num_images=NUM_HELDOUT_REAL, seed=seed, split="heldout")
+    return folders
+
+
+def eval_prompt_list(images_per_prompt: int) -> list[str]:
+    """The held-out prompts, each repeated `images_per_prompt` times (prompt `i` of the list has its own seed)."""
+    if images_per_prompt < 1:
+        raise ValueError(f"`images_per_prompt` must be >= 1, got {images_per_prompt!r}.")
+    return [p for p in shapes.eval_prompts() for _ in range(images_per_prompt)]
+
+
+def evaluate_pipeline(
+    pipe,
+    output_dir: str | os.PathLike,
+    *,
+    real_images: str | os.PathLike | None,
+    judge=None,
+    images_per_prompt: int = 4,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+) -> dict[str, Any]:
+    """Generate the held-out prompts with `pipe` (as `bksdm generate` does: one seeded generator per image) into
+    `output_dir/im32`, and score them with the judge (see :func:`diffusers_bksdm.judge.score_images`)."""
+    from .generate import GenerationConfig, generate_images, image_folder
+    from .judge import load_judge, score_images
+
+    prompts = eval_prompt_list(images_per_prompt)
+    config = GenerationConfig(
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        scheduler=None,
+        seed=EVAL_SEED,
+        resolution=shapes.IMAGE_SIZE,
+        eval_resolution=None,
+        batch_size=len(prompts),
+    )
+    with torch.no_grad():
+        generate_images(pipe, prompts, output_dir, config)
+    return score_images(
+        image_folder(output_dir, shapes.IMAGE_SIZE),
+        prompts,
+        real_images=real_images,
+        judge=judge if judge is not None else load_judge(),
+    )
+
+
+def comparison_grid(
+    columns: Mapping[str, str | os.PathLike],
+    prompts: Sequence[str],
+    indices: Sequence[int],
+    path: str | os.PathLike,
+    scale: int = 4,
+) -> str:
+    """A labelled PNG: one row per prompt index, one column per image folder (same file names in each)."""
+    from PIL import Image, ImageDraw
+
+    from .generate import image_name
+
+    cell, label_w, head_h = shapes.IMAGE_SIZE * scale, 300, 24
+    grid = Image.new("RGB", (label_w + cell * len(columns), head_h + cell * len(indices)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, title in enumerate(columns):
+        draw.text((label_w + c * cell + 4, 6), title, fill=(0, 0, 0))
+    for r, index in enumerate(indices):
+        draw.text((4, head_h + r * cell + cell // 2 - 6), prompts[index], fill=(0, 0, 0))
+        for c, folder in enumerate(columns.values()):
+            with Image.open(os.path.join(folder, image_name(index))) as image:
+                tile = image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
+            grid.paste(tile, (label_w + c * cell, head_h + r * cell))
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.png"
+    grid.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def loss_curve(log_csv: str | os.PathLike, path: str | os.PathLike, terms: Sequence[str] | None = None) -> str:
+    """A PNG of every loss term of a `train_log.csv` (one line per term, a moving average over 10 steps)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("The loss curve needs matplotlib: `pip install matplotlib`.") from error
+    import numpy as np
+
+    from .train import LOSS_TERMS
+
+    with open(log_csv, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    steps = np.array([int(r["step"]) for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for term in terms or LOSS_TERMS:
+        values = np.array([float(r[term]) if r.get(term) not in (None, "") else np.nan for r in rows])
+        if np.isnan(values).all():
+            continue
+        window = min(10, len(values))
+        smooth = np.convolve(np.nan_to_num(values), np.ones(window) / window, mode="valid")
+        ax.plot(steps, values, alpha=0.25)
+        ax.plot(steps[window - 1 :], smooth, label=term, color=ax.lines[-1].get_color())
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("distillation losses (thin: per step, thick: 10-step mean)")
+    fig.tight_layout()
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def unet_latency(unets: Mapping[str, torch.nn.Module], repeats: int = 20, batch: int = 2) -> dict[str, float]:
+    """Median seconds of one UNet forward (a classifier-free guidance batch of `batch` at the model's latent size)
+    for each UNet, timed side by side (:func:`diffusers_bksdm.bench.measure_latency`)."""
+    import statistics
+
+    from .bench import measure_latency, unet_inputs
+
+    calls = {}
+    for name, unet in unets.items():
+        inputs = unet_inputs(unet.config, batch, int(unet.config.sample_size))
+        inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, :77]
+        calls[name] = lambda unet=unet, inputs=inputs: unet(**inputs)
+    times = measure_latency(calls, repeats=repeats, warmup=2)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+@torch.no_grad()
+def output_mse(pipe, student: torch.nn.Module, real_images: str | os.PathLike, num_samples: int = 64, seed: int = 0):
+    """Mean squared difference between the student's and the teacher's (`pipe.unet`) noise predictions for the same
+    inputs: the latents of the first `num_samples` real images of `real_images` (a folder written by
+    :func:`write_world`), noised with the same seeded noise at the same random timesteps, under their captions."""
+    import numpy as np
+    from diffusers import DDPMScheduler
+    from PIL import Image
+
+    from .data import read_metadata, tokenize
+
+    records = read_metadata(os.fspath(real_images))[:num_samples]
+    arrays = []
+    for name, _ in records:
+        with Image.open(os.path.join(real_images, name)) as image:
+            arrays.append(np.asarray(image.convert("RGB"), dtype=np.float32))
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (len(records),), generator=generator)
+    noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, timesteps)
+    states = pipe.text_encoder(tokenize(pipe.tokenizer, [caption for _, caption in records]))[0]
+    teacher = pipe.unet(noisy, timesteps, states).sample
+    return float(torch.mean((student(noisy, timesteps, states).sample - teacher) ** 2))
