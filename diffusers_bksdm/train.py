@@ -434,7 +434,8 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
         fingerprints = {"vae": module_fingerprint(vae), "text_encoder": module_fingerprint(text_encoder),
                         "tokenizer": tokenizer_fingerprint(tokenizer)}
 
-    student = compress_unet(teacher, args.variant)
+    # BK-SDM initialises the student from the teacher; `--student_init random` is the paper's ablation
+    student = compress_unet(teacher, args.variant, copy_weights=args.student_init == "teacher")
     student.train()
     teacher_params, student_params = count_parameters(teacher), count_parameters(student)
     logger.info(f"teacher UNet {teacher_params:,} parameters -> student ({args.variant}) {student_params:,}")

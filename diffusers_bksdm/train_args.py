@@ -34,6 +34,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     model.add_argument("--lambda_feat", type=float, default=1.0, help="Weight of the feature-level KD loss.")
     model.add_argument("--feature_pairs", type=str, default="bk", choices=["bk", "all"],
                        help="bk: BK-SDM's feature pairs; all: also the mid block where both UNets have one.")
+    model.add_argument("--student_init", type=str, default="teacher", choices=["teacher", "random"],
+                       help="Initialise the student from the teacher's weights (BK-SDM) or at random (ablation).")
     model.add_argument("--normalize_features", action="store_true",
                        help="Divide each feature loss by the teacher feature's mean square (LAPTOP-Diff).")
     model.add_argument("--teacher_dtype", type=str, default=None, choices=["fp32", "fp16", "bf16"],
