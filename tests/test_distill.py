@@ -597,29 +597,80 @@ def guide_added_lines() -> list[str]:
     return lines
 
 
+def guide_blocks() -> list[tuple[str, str]]:
+    """Each diff block of the guide as (the text it searches for, the text that replaces it)."""
+    blocks, current = [], None
+    for line in GUIDE.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            if current is not None:
+                blocks.append(current)
+            current = [] if line.strip() == "```diff" else None
+        elif current is not None:
+            current.append(line)
+    pairs = []
+    for block in blocks:
+        old = [line[1:] for line in block if line[:1] in (" ", "-", "")]
+        new = [line[1:] for line in block if line[:1] in (" ", "+", "")]
+        assert all(line[:1] in (" ", "-", "+", "") for line in block), block
+        pairs.append(("\n".join(old) + "\n", "\n".join(new) + "\n"))
+    return pairs
+
+
+def test_the_guide_applies_block_by_block_to_the_real_script():
+    # the lines of diffusers' train_text_to_image.py that the guide changes, copied exactly from the script
+    script = (Path(__file__).parent / "fixtures" / "train_text_to_image_excerpt.txt").read_text(encoding="utf-8")
+    blocks = guide_blocks()
+    assert len(blocks) == 6
+    for old, new in blocks:  # a search-and-replace each, in the order of the script
+        assert script.count(old) == 1, f"not found exactly once in the script:\n{old}"
+        position = script.index(old)
+        script = script.replace(old, new)
+        assert script.index(new) == position
+    for needed in ("from diffusers_bksdm import BKDistiller, compress_unet\n",
+                   "    unet = compress_unet(teacher_unet, \"small\")\n",
+                   "            unet.parameters(),\n            model_cls=UNet2DConditionModel,\n"
+                   "            model_config=unet.config,\n            foreach=args.foreach_ema,\n",
+                   "    kd = BKDistiller(teacher_unet, unet)\n",
+                   "                out = kd(noisy_latents, timesteps, encoder_hidden_states, target)\n"):
+        assert needed in script
+    for gone in ("ema_unet.parameters()", "unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)",
+                 'F.mse_loss(model_pred.float(), target.float(), reduction="mean")'):
+        assert gone not in script
+    # the DREAM block and the Min-SNR weights stay
+    assert "if args.dream_training:" in script and "mse_loss_weights = mse_loss_weights / snr" in script
+
+
+def test_the_guide_points_only_at_what_users_have():
+    text = GUIDE.read_text(encoding="utf-8")
+    for private in ("SPEC.md", "STYLE.md", "/work/", "shared/"):
+        assert private not in text
+
+
 def test_every_line_of_the_guide_is_in_the_script_style_test():
     source = {line.strip() for line in inspect.getsource(test_train_text_to_image_style_loop).splitlines()}
     added = guide_added_lines()
-    assert len(added) >= 9
+    assert len(added) >= 12
     missing = [line for line in added if line not in source]
     assert missing == []
 
 
-@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
-def test_train_text_to_image_style_loop(tiny_pipeline_dir, tmp_path, mixed_precision):
+@pytest.mark.parametrize(
+    "mixed_precision, dream_training, snr_gamma", [("no", True, None), ("bf16", False, 5.0)], ids=["dream", "snr-bf16"]
+)
+def test_train_text_to_image_style_loop(tiny_pipeline_dir, tmp_path, mixed_precision, dream_training, snr_gamma):
     """A short run written the way train_text_to_image.py is written, with the guide's lines."""
     import json
     import math
 
-    import torch.nn.functional as F  # noqa: F401  (as in the script)
+    import torch.nn.functional as F
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
+    from diffusers.training_utils import EMAModel, compute_dream_and_update_latents, compute_snr
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from diffusers_bksdm import BKDistiller, compress_unet, training_target
+    from diffusers_bksdm import BKDistiller, compress_unet
 
     path = str(tiny_pipeline_dir)
     gradient_accumulation_steps, train_batch_size, max_train_steps = 2, 2, 2
@@ -639,7 +690,12 @@ def test_train_text_to_image_style_loop(tiny_pipeline_dir, tmp_path, mixed_preci
         vae.requires_grad_(False)
         text_encoder.requires_grad_(False)
         unet.train()
-        ema_unet = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
+        ema_unet = EMAModel(
+            unet.parameters(),
+            model_cls=UNet2DConditionModel,
+            model_config=unet.config,
+            foreach=False,
+        )
         unet.enable_gradient_checkpointing()
 
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
@@ -699,9 +755,31 @@ def test_train_text_to_image_style_loop(tiny_pipeline_dir, tmp_path, mixed_preci
                     timesteps = timesteps.long()
                     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                     encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
-                    target = training_target(noise_scheduler, latents, noise, timesteps)
+                    if noise_scheduler.config.prediction_type == "epsilon":
+                        target = noise
+                    else:
+                        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                    if dream_training:
+                        noisy_latents, target = compute_dream_and_update_latents(
+                            unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states, 1.0
+                        )
+
                     out = kd(noisy_latents, timesteps, encoder_hidden_states, target)
-                    loss = out.loss
+                    model_pred = out.student_pred
+
+                    if snr_gamma is None:
+                        loss = out.loss
+                    else:
+                        snr = compute_snr(noise_scheduler, timesteps)
+                        mse_loss_weights = torch.stack([snr, snr_gamma * torch.ones_like(timesteps)], dim=1).min(
+                            dim=1
+                        )[0]
+                        mse_loss_weights = mse_loss_weights / snr
+                        loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+                        loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
+                        loss = loss.mean()
+                        loss = kd.lambda_task * loss + kd.lambda_out * out.output_kd_loss
+                        loss = loss + kd.lambda_feat * out.feature_kd_loss
 
                     avg_loss = accelerator.gather(loss.repeat(train_batch_size)).mean()
                     losses.append(avg_loss.item())
