@@ -198,6 +198,42 @@ class _MapSource(torch.utils.data.Dataset):
         )
 
 
+def _csv_rows(path: str, text: str) -> list[dict[str, Any]]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[dict[str, Any]] = []
+    header: list[str] | None = None
+    try:
+        for fields in reader:
+            if not fields:  # a blank line
+                continue
+            if header is None:
+                header = fields
+                continue
+            if len(fields) != len(header):
+                raise ValueError(f"{path} line {reader.line_num} has {len(fields)} fields but the header has "
+                                 f"{len(header)} ({', '.join(header)}); quote fields that hold commas.")
+            rows.append(dict(zip(header, fields, strict=True)))
+    except csv.Error as error:
+        raise ValueError(f"{path} line {reader.line_num} is not valid CSV: {error}") from error
+    return rows
+
+
+def _jsonl_rows(path: str, text: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {number} is not valid JSON: {error}") from error
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {number} is a JSON {type(row).__name__}, not an object; each line must "
+                             'be an object such as {"file_name": "0001.png", "text": "a caption"}.')
+        rows.append(row)
+    return rows
+
+
 def read_metadata(train_data_dir: str, caption_column: str = "text") -> list[tuple[str, Any]]:
     """`[(file_name, caption), ...]` from the `metadata.csv` or `metadata.jsonl` of an image folder."""
     if not os.path.isdir(train_data_dir):
@@ -211,17 +247,15 @@ def read_metadata(train_data_dir: str, caption_column: str = "text") -> list[tup
     if len(found) > 1:
         raise ValueError(f"`--train_data_dir` {train_data_dir!r} has both {found}; keep only one of them.")
     path = os.path.join(train_data_dir, found[0])
-    rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8", newline="") as f:
-        if found[0].endswith(".csv"):
-            rows = list(csv.DictReader(f))
-        else:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{path} line {number} is not valid JSON: {error}") from error
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (as some spreadsheet programs write) is accepted
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line} is not UTF-8 text ({error.reason} at byte {error.start}); save the "
+                         "file as UTF-8.") from error
+    rows = _csv_rows(path, text) if found[0].endswith(".csv") else _jsonl_rows(path, text)
     columns = sorted({k for row in rows for k in row})
     for column, argument in (("file_name", None), (caption_column, "--caption_column")):
         if rows and column not in columns:

@@ -70,6 +70,38 @@ def test_image_folder_errors_name_the_argument(tmp_path):
         ImageTransform(4)
 
 
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("metadata.csv", b"file_name,text\nimg_0.png,a cat\nimg_1.png,a dog, running\n",
+         r"metadata.csv line 3 has 3 fields but the header has 2"),
+        ("metadata.csv", b"file_name,text\nimg_0.png,a cat\nimg_1.png\n", r"metadata.csv line 3 has 1 fields"),
+        ("metadata.jsonl", b'{"file_name": "img_0.png", "text": "a cat"}\n["img_1.png", "a dog"]\n',
+         r"metadata.jsonl line 2 is a JSON list, not an object"),
+        ("metadata.jsonl", b'{"file_name": "img_0.png", "text": "a cat"}\n\n"img_1.png"\n',
+         r"metadata.jsonl line 3 is a JSON str, not an object"),
+        ("metadata.csv", b"file_name,text\nimg_0.png,a cat\nimg_1.png,caf\xe9 au lait\n",
+         r"metadata.csv line 3 is not UTF-8 text"),
+    ],
+    ids=["csv-extra-field", "csv-missing-field", "jsonl-list", "jsonl-string", "latin-1"],
+)
+def test_malformed_metadata_names_file_and_line(tmp_path, name, content, message):
+    folder = write_image_folder(tmp_path / "images", n=2)
+    for old in ("metadata.jsonl", "metadata.csv"):
+        (folder / old).unlink(missing_ok=True)
+    (folder / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        ImageFolderSource(str(folder), ImageTransform(16))
+
+
+def test_csv_with_a_byte_order_mark_is_read(tmp_path):
+    folder = write_image_folder(tmp_path / "images", n=2, fmt="csv")
+    csv_file = folder / "metadata.csv"
+    csv_file.write_bytes(b"\xef\xbb\xbf" + csv_file.read_bytes())  # as spreadsheet programs save "CSV UTF-8"
+    source = ImageFolderSource(str(folder), ImageTransform(16))
+    assert [source[i]["caption"] for i in range(2)] == ["a photo of thing 0", "a photo of thing 1"]
+
+
 def test_bad_samples_are_replaced_and_reported(tmp_path):
     folder = write_image_folder(tmp_path / "images", n=6, corrupt=(1,), missing_file=(2,), no_caption=(4,))
     source = ImageFolderSource(str(folder), ImageTransform(16))
