@@ -18,6 +18,7 @@ OUTPUT/
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -240,20 +241,41 @@ def _family(unet_config: Any) -> str | None:
     return {768: "sd-v1", 1024: "sd-v2", 2048: "sdxl"}.get(dim)
 
 
-def _check_manifest(output_dir: str, settings: dict[str, Any]) -> None:
+def prompt_hashes(prompts: Sequence[str]) -> list[str]:
+    """One short SHA-256 per prompt (recorded in `generation.json`; a resumed run regenerates changed prompts)."""
+    return [hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16] for prompt in prompts]
+
+
+def _holds_images(output_dir: str) -> bool:
+    if not os.path.isdir(output_dir):
+        return False
+    for name in os.listdir(output_dir):
+        folder = os.path.join(output_dir, name)
+        if name.startswith("im") and os.path.isdir(folder) and any(f.endswith(".png") for f in os.listdir(folder)):
+            return True
+    return False
+
+
+def _check_manifest(output_dir: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The previous run's manifest, or `None`; refuses other image settings when that run wrote images."""
     path = os.path.join(output_dir, MANIFEST)
-    if os.path.isfile(path):
+    if not os.path.isfile(path):
+        return None
+    try:
         with open(path, encoding="utf-8") as f:
             previous = json.load(f)
-        changed = {
-            k: (previous.get(k), settings.get(k)) for k in _IMAGE_SETTINGS if previous.get(k) != settings.get(k)
-        }
-        if changed:
-            shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise ValueError(
-                f"`--output` {output_dir!r} holds images generated with other settings ({shown}); resuming would mix "
-                "them. Use another --output folder, or the settings of the first run."
-            )
+    except (OSError, ValueError) as error:
+        raise ValueError(f"`--output` {output_dir!r}: {path} cannot be read ({error}).") from error
+    if not isinstance(previous, dict):
+        raise ValueError(f"`--output` {output_dir!r}: {path} is not a generation manifest.")
+    changed = {k: (previous.get(k), settings.get(k)) for k in _IMAGE_SETTINGS if previous.get(k) != settings.get(k)}
+    if changed and _holds_images(output_dir):
+        shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise ValueError(
+            f"`--output` {output_dir!r} holds images generated with other settings ({shown}); resuming would mix "
+            "them. Use another --output folder, or the settings of the first run."
+        )
+    return previous if not changed else None  # a run that wrote no image does not bind the folder
 
 
 def _write_manifest(output_dir: str, settings: dict[str, Any]) -> None:
@@ -284,7 +306,8 @@ def generate_images(
         state (`accelerate.PartialState`, *optional*): the process layout. Each process generates the prompts
             `accelerate` gives it (`split_between_processes` over the prompt indices). Defaults to a single process.
         description (`dict`, *optional*): facts recorded in `generation.json` (model name, dtype, ...). A resumed run
-            with different image settings is refused.
+            with different image settings is refused (unless the earlier run wrote no image); prompts whose text
+            changed (a hash per prompt is recorded) are regenerated.
         progress (`Callable[[int, int], None]`, *optional*): called with (done, total) after every batch.
 
     Returns:
@@ -315,10 +338,26 @@ def generate_images(
         "downsampling": "PIL bicubic",
     }
     if is_main:
-        _check_manifest(output_dir, settings)
+        previous = _check_manifest(output_dir, settings)
         for folder in filter(None, (output_dir, full_dir, small_dir)):
             os.makedirs(folder, exist_ok=True)
-        _write_manifest(output_dir, settings)
+        hashes = prompt_hashes(prompts)
+        if previous is not None and previous.get("prompt_sha256") != hashes:
+            # images of prompts whose text changed are removed (before the manifest changes), then regenerated
+            old = previous.get("prompt_sha256")
+            old = old if isinstance(old, list) else []
+            stale = [i for i, h in enumerate(hashes) if i >= len(old) or old[i] != h]
+            removed = 0
+            for i in stale:
+                for folder in filter(None, (full_dir, small_dir)):
+                    image = os.path.join(folder, image_name(i))
+                    if os.path.isfile(image):
+                        os.remove(image)
+                        removed += 1
+            if removed:
+                logger.warning("%d prompts differ from those of the images in %s (text changed%s): regenerating "
+                               "them", len(stale), output_dir, "" if old else ", or not recorded")
+        _write_manifest(output_dir, {**settings, "prompt_sha256": hashes})
     if state is not None:
         state.wait_for_everyone()
         if not is_main:

@@ -111,6 +111,43 @@ def test_resume_with_other_settings_is_refused(pipe, reference, tmp_path):
     assert manifest["seed"] == 1234 and manifest["num_prompts"] == 6
 
 
+def test_changed_prompts_are_regenerated_on_resume(pipe, reference, tmp_path):
+    output = tmp_path / "copy"
+    shutil.copytree(reference, output)
+    stamps = {name: os.stat(os.path.join(image_folder(output, 16), name)).st_mtime_ns for name in _pixels(output, 16)}
+    changed = list(PROMPTS)
+    changed[4] = "a woman riding a bicycle"  # same count, other text
+    assert generate_images(pipe, changed, output, GenerationConfig(**CONFIG)) == [4]
+    fresh = tmp_path / "fresh"
+    generate_images(pipe, changed, fresh, GenerationConfig(**CONFIG))
+    for resolution in (16, 8):  # the folder now holds exactly the images of the new prompt list
+        expected, got = _pixels(fresh, resolution), _pixels(output, resolution)
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert not np.array_equal(_pixels(output, 16)[image_name(4)], _pixels(reference, 16)[image_name(4)])
+    for name, stamp in stamps.items():  # the unchanged prompts were not regenerated
+        if name != image_name(4):
+            assert os.stat(os.path.join(image_folder(output, 16), name)).st_mtime_ns == stamp
+
+
+def test_a_run_that_wrote_no_image_does_not_block_the_folder(pipe, tmp_path):
+    output = tmp_path / "out"
+
+    class Broken(Exception):
+        pass
+
+    def broken_pipeline(*args, **kwargs):
+        raise Broken
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(pipe), "__call__", broken_pipeline)
+        with pytest.raises(Broken):
+            generate_images(pipe, PROMPTS[:2], output, GenerationConfig(**{**CONFIG, "seed": 99}))
+    # the failed first try left its settings, but no image: a run with other settings may use the folder
+    assert generate_images(pipe, PROMPTS[:2], output, GenerationConfig(**CONFIG)) == [0, 1]
+    assert json.loads((output / "generation.json").read_text())["seed"] == 1234
+
+
 def test_read_prompts_csv_and_text(tmp_path):
     csv_file = tmp_path / "coco.csv"
     csv_file.write_text('file_name,text\nCOCO_1.jpg,"a dog, running"\nCOCO_2.jpg,a cat\n', encoding="utf-8")
