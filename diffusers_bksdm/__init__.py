@@ -35,6 +35,9 @@ _LAZY = {
     "BKDistillationMixin": "mixin",
     "compress_controlnet": "controlnet",
     "controlnet_from_student": "controlnet",
+    "LoraTransferReport": "lora",
+    "transfer_lora": "lora",
+    "save_lora": "lora",
 }
 
 __all__ = [
