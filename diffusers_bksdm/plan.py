@@ -6,17 +6,21 @@ stacks are). :func:`build_block_map` applies a plan to one concrete teacher conf
 for every student block and layer, the teacher block and layer it comes from. Everything else is derived from the
 block map alone:
 
-- the student config (:meth:`BlockMap.student_config`),
-- the teacher-to-student weight mapping (:meth:`BlockMap.teacher_name`),
+- the student config (:meth:`BlockMap.student_config`), with its provenance (:meth:`BlockMap.metadata`),
+- the teacher-to-student weight mapping (:meth:`BlockMap.teacher_name`, :meth:`BlockMap.student_name`),
 - the feature pairs compared by distillation (:meth:`BlockMap.feature_pairs`).
+
+:func:`match_block_map` finds the block map of an existing student: from the provenance it records, or else by
+deriving each registered variant's config and comparing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from collections.abc import Mapping
 
@@ -25,6 +29,9 @@ __all__ = [
     "StageMap",
     "BlockMap",
     "build_block_map",
+    "match_block_map",
+    "config_differences",
+    "METADATA_KEY",
     "register_variant",
     "unregister_variant",
     "list_variants",
@@ -33,6 +40,10 @@ __all__ = [
 ]
 
 PLAN_FORMAT_VERSION = 1
+
+#: Config key under which a student records where it comes from. It starts with `_`, so stock diffusers loads the
+#: config without a warning and keeps the key when the model is saved again.
+METADATA_KEY = "_bksdm"
 
 # Block types whose submodule layout (`resnets`, `attentions`, `downsamplers` / `upsamplers`) the block map knows.
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
@@ -94,7 +105,7 @@ class RemovalPlan:
             value = getattr(self, name)
             if value is None:
                 continue
-            if isinstance(value, (str, bytes)) or not all(
+            if not isinstance(value, (list, tuple)) or not all(
                 isinstance(v, int) and not isinstance(v, bool) for v in value
             ):
                 raise ValueError(f"`{name}` must be a sequence of integers or None, got {value!r}.")
@@ -119,12 +130,18 @@ class RemovalPlan:
                 f"`up_layers` must keep one more layer than `down_layers` (diffusers builds layers_per_block + 1 "
                 f"layers per up block), got down_layers={self.down_layers!r}, up_layers={self.up_layers!r}."
             )
-        if not isinstance(self.remove_innermost_stages, int) or self.remove_innermost_stages < 0:
+        if (
+            isinstance(self.remove_innermost_stages, bool)
+            or not isinstance(self.remove_innermost_stages, int)
+            or self.remove_innermost_stages < 0
+        ):
             raise ValueError(
                 f"`remove_innermost_stages` must be a non-negative integer, got {self.remove_innermost_stages!r}."
             )
         if not isinstance(self.remove_mid_block, bool):
             raise ValueError(f"`remove_mid_block` must be a bool, got {self.remove_mid_block!r}.")
+        if not isinstance(self.description, str):
+            raise ValueError(f"`description` must be a string, got {self.description!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -136,9 +153,11 @@ class RemovalPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RemovalPlan:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"A removal plan must be a JSON object (a mapping of fields), got {type(data).__name__}.")
         data = dict(data)
         version = data.pop("format_version", PLAN_FORMAT_VERSION)
-        if version != PLAN_FORMAT_VERSION:
+        if isinstance(version, bool) or version != PLAN_FORMAT_VERSION:
             raise ValueError(
                 f"`format_version` {version!r} of this removal plan is not supported; this version of "
                 f"diffusers_bksdm reads version {PLAN_FORMAT_VERSION}."
@@ -148,7 +167,7 @@ class RemovalPlan:
         if unknown:
             raise ValueError(f"Unknown removal plan fields {unknown}; accepted fields are {sorted(known)}.")
         for key in ("down_layers", "up_layers", "transformer_layers_per_block"):
-            if data.get(key) is not None:
+            if isinstance(data.get(key), list):  # anything else is left for __post_init__ to name
                 data[key] = tuple(data[key])
         return cls(**data)
 
@@ -288,8 +307,8 @@ class StageMap:
 class BlockMap:
     """For every student block and layer, the teacher block and layer it comes from.
 
-    Build it with :func:`build_block_map`; the student config, the weight mapping and the feature pairs all derive
-    from it.
+    Build it with :func:`build_block_map` (or find the one of an existing student with :func:`match_block_map`); the
+    student config, the weight mapping and the feature pairs all derive from it.
     """
 
     teacher_config: Mapping[str, Any]
@@ -297,14 +316,42 @@ class BlockMap:
     down: tuple[StageMap, ...]
     up: tuple[StageMap, ...]
     keeps_mid_block: bool
-    teacher_has_mid_block: bool
     variant: str | None = None
-    _student_config: Mapping[str, Any] = field(default=None, repr=False)
 
     # ---- config ----------------------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _student_config(self) -> dict[str, Any]:
+        """The teacher's config with the plan's changes and the per-stage lists shortened to the kept stages."""
+        kept_stages, removed = len(self.down), self.plan.remove_innermost_stages
+        student = dict(self.teacher_config)
+        for key in PER_STAGE_FIELDS:
+            if isinstance(student.get(key), list):
+                student[key] = student[key][:kept_stages]
+        student["up_block_types"] = list(self.teacher_config["up_block_types"])[removed:]
+        if self.plan.down_layers is not None:
+            student["layers_per_block"] = len(self.plan.down_layers)
+        if self.plan.remove_mid_block:
+            student["mid_block_type"] = None
+        if self.plan.transformer_layers_per_block is not None:
+            student["transformer_layers_per_block"] = list(self.plan.transformer_layers_per_block)
+        return json.loads(json.dumps(student))  # plain JSON types, no shared lists with the teacher
+
     def student_config(self) -> dict[str, Any]:
-        """The student's `UNet2DConditionModel` config (a plain dict for `UNet2DConditionModel.from_config`)."""
+        """The student's `UNet2DConditionModel` config (a plain dict for `UNet2DConditionModel.from_config`); a
+        student built by this package also records :meth:`metadata` under `_bksdm`."""
         return json.loads(json.dumps(self._student_config))
+
+    def metadata(self, teacher: str | None = None) -> dict[str, Any]:
+        """The provenance a student records under `_bksdm` (read back by :func:`match_block_map` and
+        :func:`~diffusers_bksdm.student_info`): teacher, variant name, removal plan and package version."""
+        from . import __version__
+
+        return {
+            "teacher": teacher or None,
+            "variant": self.variant,
+            "plan": self.plan.to_dict(),
+            "diffusers_bksdm_version": __version__,
+        }
 
     # ---- weights ---------------------------------------------------------------------------------------------------
     def teacher_name(self, student_name: str) -> str:
@@ -392,15 +439,6 @@ class BlockMap:
             pairs.append((f"up_blocks.{stage.teacher_index}", f"up_blocks.{stage.student_index}"))
         return pairs
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-serialisable summary of the map (recorded in the student's metadata)."""
-        return {
-            "variant": self.variant,
-            "plan": self.plan.to_dict(),
-            "down": [[s.student_index, s.teacher_index, list(s.layers)] for s in self.down],
-            "up": [[s.student_index, s.teacher_index, list(s.layers)] for s in self.up],
-            "mid_block": self.keeps_mid_block,
-        }
 
 
 def _per_stage(config: Mapping[str, Any], key: str, num_stages: int) -> list:
@@ -455,6 +493,11 @@ def build_block_map(teacher_config: Mapping[str, Any], variant: str | RemovalPla
         )
 
     layers = _per_stage(config, "layers_per_block", num_stages)
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers):
+        raise ValueError(
+            f"Teacher config `layers_per_block` is {config.get('layers_per_block')!r}; accepted: an integer >= 1 or "
+            "one such integer per stage."
+        )
     depth = _per_stage(config, "transformer_layers_per_block", num_stages)
     if any(isinstance(d, (list, tuple)) for d in depth):
         raise ValueError(
@@ -541,27 +584,76 @@ def build_block_map(teacher_config: Mapping[str, Any], variant: str | RemovalPla
         for j in range(kept_stages)
     )
 
-    # the student config: the teacher's, with the plan's changes and per-stage lists shortened
-    student = dict(config)
-    for key in PER_STAGE_FIELDS:
-        if isinstance(student.get(key), list):
-            student[key] = student[key][:kept_stages]
-    student["up_block_types"] = up_types[removed:]
-    if plan.down_layers is not None:
-        student["layers_per_block"] = len(plan.down_layers)
-    if plan.remove_mid_block:
-        student["mid_block_type"] = None
-    if plan.transformer_layers_per_block is not None:
-        student["transformer_layers_per_block"] = list(plan.transformer_layers_per_block)
-    student = json.loads(json.dumps(student))  # plain JSON types, no shared lists with the teacher
+    return BlockMap(teacher_config=config, plan=plan, down=down, up=up, keeps_mid_block=keeps_mid, variant=name)
 
-    return BlockMap(
-        teacher_config=config,
-        plan=plan,
-        down=down,
-        up=up,
-        keeps_mid_block=keeps_mid,
-        teacher_has_mid_block=teacher_has_mid,
-        variant=name,
-        _student_config=student,
+
+def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Public config keys as plain JSON values (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(public_config(config), default=str))
+
+
+def config_differences(
+    expected: Mapping[str, Any], actual: Mapping[str, Any], actual_name: str = "student"
+) -> list[str]:
+    """`"key: expected X, student has Y"` for every public key both configs have and where they differ."""
+    expected, actual = _plain(expected), _plain(actual)
+    return [
+        f"{key}: expected {expected[key]!r}, {actual_name} has {actual[key]!r}"
+        for key in sorted(set(expected) & set(actual))
+        if expected[key] != actual[key]
+    ]
+
+
+def _candidates(student_config: Mapping[str, Any], variant: str | RemovalPlan | None) -> tuple[list, str]:
+    """The plans a student may come from, labelled for the error message, and where they were taken from."""
+    if variant is not None:
+        if not isinstance(variant, (str, RemovalPlan)):
+            raise ValueError(f"`variant` must be a variant name, a RemovalPlan or None, got {variant!r}.")
+        if isinstance(variant, str):
+            get_variant(variant)  # unknown names raise with the list of known ones
+        label = f"variant {variant!r}" if isinstance(variant, str) else "the given plan"
+        return [(label, variant)], "`variant`"
+    info = student_config.get(METADATA_KEY)
+    if isinstance(info, Mapping) and info.get("plan") is not None:
+        plan: str | RemovalPlan = RemovalPlan.from_dict(info["plan"])
+        name = info.get("variant")
+        if isinstance(name, str) and name in _VARIANTS and get_variant(name) == plan:
+            plan = name  # keep the name in the block map
+        return [(f"the student's recorded plan (variant {name!r})", plan)], "the student's `_bksdm` metadata"
+    candidates = [(f"variant {name!r}", name) for name in list_variants()]
+    return candidates + [("an uncompressed copy", RemovalPlan())], "the registered variants"
+
+
+def match_block_map(
+    teacher_config: Mapping[str, Any], student_config: Mapping[str, Any], variant: str | RemovalPlan | None = None
+) -> BlockMap:
+    """The block map that turns `teacher_config` into `student_config`.
+
+    Args:
+        teacher_config (`Mapping`): the teacher `UNet2DConditionModel` config.
+        student_config (`Mapping`): the student's config.
+        variant (`str` or `RemovalPlan`, *optional*): the plan the student was built with. `None` reads it from the
+            student's `_bksdm` metadata (written by :func:`~diffusers_bksdm.compress_unet`), or else tries every
+            registered variant (an uncompressed copy of the teacher also matches).
+
+    Raises:
+        ValueError: no candidate plan derives the student's config; the message lists the differences.
+    """
+    candidates, source = _candidates(student_config, variant)
+    problems = []
+    for label, candidate in candidates:
+        try:
+            block_map = build_block_map(teacher_config, candidate)
+        except ValueError as error:
+            problems.append(f"{label}: {error}")
+            continue
+        differences = config_differences(block_map.student_config(), student_config)
+        if not differences:
+            return block_map
+        problems.append(f"{label}: " + "; ".join(differences[:4]) + (" ..." if len(differences) > 4 else ""))
+    shown = "\n  ".join(problems[:8])
+    raise ValueError(
+        f"The student is not derived from this teacher (checked {source}); the student config differs from every "
+        f"derived config:\n  {shown}\nPass the matching `variant`, or explicit "
+        "`feature_pairs=[(teacher_module, student_module), ...]`."
     )

@@ -130,6 +130,36 @@ def test_removal_plan_json_round_trip_and_validation():
         RemovalPlan.from_dict({"format_version": 99})
 
 
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: RemovalPlan(remove_innermost_stages=True), "`remove_innermost_stages` must be a non-negative integer"),
+        (lambda: RemovalPlan.from_dict({"format_version": True}), "`format_version` True"),
+        (lambda: RemovalPlan.from_dict({"down_layers": 0, "up_layers": [0, -1]}), "`down_layers` must be a sequence"),
+        (lambda: RemovalPlan(down_layers=0, up_layers=(0, -1)), "`down_layers` must be a sequence"),
+        (lambda: RemovalPlan.from_json("[0, 1]"), "must be a JSON object"),
+        (lambda: RemovalPlan.from_json('"small"'), "must be a JSON object"),
+        (lambda: RemovalPlan(description=3), "`description` must be a string, got 3"),
+    ],
+    ids=["bool-stages", "bool-version", "int-layers-json", "int-layers", "json-list", "json-string", "description"],
+)
+def test_malformed_plans_name_the_field(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("layers", ["2", 2.0, True, "per-stage", 0], ids=["str", "float", "bool", "list-str", "zero"])
+def test_teacher_layers_per_block_must_be_integers(layers):
+    from diffusers_bksdm.tiny import tiny_unet_config
+
+    config = tiny_unet_config("sd-v1")
+    if layers == "per-stage":
+        layers = [2] * (len(config["down_block_types"]) - 1) + ["2"]
+    config["layers_per_block"] = layers
+    with pytest.raises(ValueError, match="Teacher config `layers_per_block` is .*accepted: an integer >= 1"):
+        build_block_map(config, "small")
+
+
 def test_registry():
     assert list_variants()[:3] == ["base", "small", "tiny"]
     plan = RemovalPlan(down_layers=(0,), up_layers=(0, -1), description="test")
@@ -150,3 +180,79 @@ def test_registry():
         unregister_variant("base")
     with pytest.raises(ValueError, match=r"Unknown variant 'huge'; known variants: \['base', 'small', 'tiny'"):
         get_variant("huge")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The block map owns the student config, the metadata and the matching
+
+
+def test_hand_built_block_map_derives_its_student_config():
+    from diffusers_bksdm import BlockMap
+
+    built = build_block_map(load_shipped_config("sd-v1-4"), "tiny")
+    by_hand = BlockMap(teacher_config=built.teacher_config, plan=built.plan, down=built.down, up=built.up,
+                       keeps_mid_block=built.keeps_mid_block, variant="tiny")
+    config = by_hand.student_config()
+    assert config == built.student_config()
+    assert config["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 and config["mid_block_type"] is None
+    config["block_out_channels"].append(1)  # a copy: the map is not changed through it
+    assert by_hand.student_config() == built.student_config()
+
+
+def test_student_metadata_comes_from_the_block_map():
+    from diffusers_bksdm import __version__
+
+    teacher = {**load_shipped_config("sd-v1-4"), "_name_or_path": "CompVis/stable-diffusion-v1-4"}
+    block_map = build_block_map(teacher, "small")
+    expected = {"teacher": "CompVis/stable-diffusion-v1-4", "variant": "small",
+                "plan": get_variant("small").to_dict(), "diffusers_bksdm_version": __version__}
+    assert block_map.metadata("CompVis/stable-diffusion-v1-4") == expected
+    assert BKUNet2DConditionModel.config_from_teacher(teacher, "small")["_bksdm"] == expected
+    assert BKUNet2DConditionModel.config_from_teacher(teacher, block_map) == (
+        BKUNet2DConditionModel.config_from_teacher(teacher, "small"))
+
+
+def test_match_block_map_reads_the_metadata_or_tries_every_variant():
+    from diffusers_bksdm import match_block_map
+
+    teacher = load_shipped_config("sd-v2-1")
+    for variant in ("base", "small", "tiny"):
+        student = BKUNet2DConditionModel.config_from_teacher(teacher, variant)
+        assert match_block_map(teacher, student).variant == variant  # from `_bksdm`
+        plain = {k: v for k, v in student.items() if k != "_bksdm"}
+        assert match_block_map(teacher, plain).variant == variant  # by comparing derived configs
+    assert match_block_map(teacher, teacher).plan == RemovalPlan()  # an uncompressed copy
+    small = BKUNet2DConditionModel.config_from_teacher(teacher, "small")
+    with pytest.raises(ValueError, match="(?s)not derived from this teacher.*mid_block_type"):
+        match_block_map(teacher, small, "base")
+
+
+def test_compress_unet_takes_a_block_map_of_its_own_teacher_only():
+    from diffusers_bksdm.tiny import tiny_unet, tiny_unet_config
+
+    teacher = tiny_unet("sd-v1", seed=0)
+    block_map = build_block_map(teacher.config, "small")
+    student = compress_unet(teacher, block_map)
+    reference = compress_unet(teacher, "small")
+    assert dict(student.config) == dict(reference.config)
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), reference.state_dict().values()))
+    other = tiny_unet_config("sd-v1")
+    other["cross_attention_dim"] = 16
+    with pytest.raises(ValueError, match="`variant` is a BlockMap built from another teacher config.*cross_attention"):
+        compress_unet(UNet2DConditionModel.from_config(other), block_map)
+
+
+def test_distiller_uses_the_given_block_map_after_checking_it():
+    from diffusers_bksdm import BKDistiller
+    from diffusers_bksdm.tiny import tiny_unet
+
+    teacher = tiny_unet("sd-v1", seed=0)
+    block_map = build_block_map(teacher.config, "tiny")
+    student = compress_unet(teacher, block_map)
+    with BKDistiller(teacher, student, block_map=block_map) as kd:
+        assert kd.block_map is block_map
+        assert kd.feature_pairs == block_map.feature_pairs()
+    with pytest.raises(ValueError, match="`block_map` does not turn this teacher into this student.*mid_block_type"):
+        BKDistiller(teacher, compress_unet(teacher, "base"), block_map=block_map)
+    with pytest.raises(ValueError, match="not both"):
+        BKDistiller(teacher, student, variant="tiny", block_map=block_map)
