@@ -16,7 +16,7 @@ from diffusers_bksdm import shapes
 from diffusers_bksdm.judge import ATTRIBUTES, JudgeEmbedder, load_judge, score_images
 from diffusers_bksdm.tiny import asset_path, tiny_tokenizer
 
-from conftest import run_python
+from conftest import run_python  # noqa: E402
 
 TEACHER_DIR = asset_path("shapes-sd")
 
@@ -220,3 +220,19 @@ def test_bksdm_eval_scores_the_miniature_world_with_the_judge(tmp_path, capsys):
     assert scores["accuracy"] >= 0.97 and scores["num_images"] == 40 and 0 <= scores["fd"] < 5
     with pytest.raises(ValueError, match="--prompts"):
         main(["eval", "--images", images, "--judge", "builtin:shapes-judge"])
+
+
+def test_student_init_random_is_the_ablation_and_teacher_is_the_default(tiny_pipeline_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from _train_utils import base_args, run_train, write_image_folder
+
+    data = write_image_folder(tmp_path / "data", n=4)
+    teacher = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")
+    students = {}
+    for init in ("teacher", "random"):
+        argv = base_args(tiny_pipeline_dir, tmp_path / init, "--learning_rate", "0", "--resolution", "16", data=data)
+        students[init] = run_train([*argv, "--max_train_steps", "1", "--student_init", init])["student"]
+    assert torch.equal(students["teacher"].conv_in.weight, teacher.conv_in.weight)
+    assert not torch.equal(students["random"].conv_in.weight, teacher.conv_in.weight)
+    assert students["random"].config == students["teacher"].config

@@ -37,6 +37,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--num_inference_steps", type=int, default=25, help="Denoising steps of judged images.")
     parser.add_argument("--judge", default="builtin:shapes-judge", help="The judge (a ShapesJudge folder).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true", help="Replace the student of an earlier demo in --output_dir."
+    )
     parser.set_defaults(func=run)
 
 
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import miniature
-    from ..io import count_parameters, load_teacher
+    from ..io import count_parameters, load_teacher, with_components
     from ..judge import load_judge
     from ..student import compress_pipeline
     from ..train import LOG_FILE, train
@@ -135,11 +138,11 @@ def run(args: argparse.Namespace) -> int:
             "--report_to", "none",
             "--seed", str(args.seed),
             "--output_dir", student_dir,
+            *(["--overwrite_output_dir"] if args.overwrite_output_dir else []),
         ]
     )  # fmt: skip
     result = train(train_args, teacher_pipeline=teacher)
-    after = compress_pipeline(teacher, args.variant, copy_weights=False)
-    after.unet = result["student"].to(torch.float32).eval()
+    after = with_components(teacher, unet=result["student"].to(torch.float32).eval())
 
     print("[4/5] judging the distilled student; reloading it in stock diffusers")
     scores["student_after"] = miniature.evaluate_pipeline(after, images["student_after"], **judged)
