@@ -17,6 +17,7 @@ from .plan import (  # noqa: E402
     build_block_map,
     get_variant,
     list_variants,
+    match_block_map,
     register_variant,
     unregister_variant,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "build_block_map",
     "get_variant",
     "list_variants",
+    "match_block_map",
     "register_variant",
     "unregister_variant",
     "BKUNet2DConditionModel",

@@ -28,7 +28,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.configuration_utils import FrozenDict
 
 from .plan import PER_STAGE_FIELDS, BlockMap, RemovalPlan, build_block_map, public_config
-from .student import METADATA_KEY, _check_unet, _metadata
+from .student import METADATA_KEY, _check_unet
 
 __all__ = ["compress_controlnet", "controlnet_from_student", "residual_map", "CONTROLNET_MID_BLOCK_TYPES"]
 
@@ -210,7 +210,7 @@ def compress_controlnet(
     for key in _shared_fields():
         if key in student_config:
             new_config[key] = student_config[key]
-    new_config[METADATA_KEY] = _metadata(block_map, controlnet.config)
+    new_config[METADATA_KEY] = block_map.metadata(controlnet.config.get("_name_or_path"))
 
     with torch.device("meta"):
         student = ControlNetModel.from_config(new_config)

@@ -12,17 +12,16 @@ wrapped by accelerate, `DistributedDataParallel` or `torch.compile`.
 
 from __future__ import annotations
 
-import json
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .plan import BlockMap, RemovalPlan, build_block_map, get_variant, list_variants, public_config
-from .student import student_info
+from .plan import BlockMap, RemovalPlan, config_differences, match_block_map
 
 __all__ = ["BKDistiller", "DistillationOutput", "training_target", "unwrap_model"]
 
@@ -67,20 +66,6 @@ def _first(output: Any) -> Any:
     if isinstance(sample, torch.Tensor):
         return sample
     return output
-
-
-def _normalise(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Public config keys as plain JSON values (tuples become lists), for comparisons."""
-    return json.loads(json.dumps(public_config(config), default=str))
-
-
-def _config_differences(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
-    expected, actual = _normalise(expected), _normalise(actual)
-    return [
-        f"{key}: expected {expected[key]!r}, student has {actual[key]!r}"
-        for key in sorted(set(expected) & set(actual))
-        if expected[key] != actual[key]
-    ]
 
 
 def training_target(
@@ -175,7 +160,7 @@ class DistillationOutput:
 # Distiller
 
 
-def _record_hook(distiller_ref: "weakref.ref[BKDistiller]", side: str, name: str):
+def _record_hook(distiller_ref: weakref.ref[BKDistiller], side: str, name: str):
     def hook(module, args, output):
         distiller = distiller_ref()
         if distiller is not None and distiller._recording == side:
@@ -203,7 +188,11 @@ class BKDistiller:
         variant (`str` or `RemovalPlan`, *optional*): the plan the student was built with. `None` reads it from the
             student's `_bksdm` metadata (written by :func:`~diffusers_bksdm.compress_unet`), or else finds the
             registered variant whose derived config equals the student's (an uncompressed copy of the teacher also
-            matches). A ValueError is raised when the student is not derived from the teacher.
+            matches), see :func:`~diffusers_bksdm.plan.match_block_map`. A ValueError is raised when the student is
+            not derived from the teacher.
+        block_map (`BlockMap`, *optional*): the block map the student was built from, instead of `variant` (a
+            trainer builds it once for :func:`~diffusers_bksdm.compress_unet` and the distiller). It is checked
+            against both models' configs.
         lambda_task, lambda_out, lambda_feat (`float`, *optional*, default to `1.0`): weights of the three terms.
         feature_pairs (`"bk"`, `"all"` or a list of `(teacher_module, student_module)` names, defaults to `"bk"`):
             `"bk"` reproduces BK-SDM's pairs; `"all"` adds the mid block where both models have one; an explicit list
@@ -233,11 +222,12 @@ class BKDistiller:
         teacher_unet: torch.nn.Module,
         student_unet: torch.nn.Module,
         *,
-        variant: "str | RemovalPlan | None" = None,
+        variant: str | RemovalPlan | None = None,
+        block_map: BlockMap | None = None,
         lambda_task: float = 1.0,
         lambda_out: float = 1.0,
         lambda_feat: float = 1.0,
-        feature_pairs: "str | Sequence[tuple[str, str]]" = "bk",
+        feature_pairs: str | Sequence[tuple[str, str]] = "bk",
         normalize_features: bool = False,
         on_nonfinite: str = "raise",
     ):
@@ -274,13 +264,16 @@ class BKDistiller:
             raise ValueError(
                 "`teacher_unet` and `student_unet` are the same module; the student must be a separate model."
             )
+        if block_map is not None and variant is not None:
+            raise ValueError(f"Pass `variant` or `block_map`, not both; got variant={variant!r} and a block map.")
+        if block_map is not None and not isinstance(block_map, BlockMap):
+            raise ValueError(f"`block_map` must be a BlockMap or None, got {type(block_map).__name__}.")
         self.block_map: BlockMap | None = None
+        if isinstance(feature_pairs, str) or variant is not None or block_map is not None:
+            self.block_map = self._resolve_block_map(block_map if block_map is not None else variant)
         if isinstance(feature_pairs, str):
-            self.block_map = self._resolve_block_map(variant)
             self.feature_pairs = self.block_map.feature_pairs(feature_pairs)
         else:
-            if variant is not None:
-                self.block_map = self._resolve_block_map(variant)
             self.feature_pairs = self._validate_pairs(feature_pairs)
         # frozen only once the arguments are known to be valid
         self.teacher.eval()
@@ -295,7 +288,7 @@ class BKDistiller:
         self.register_hooks()
 
     # ---- block map -------------------------------------------------------------------------------------------------
-    def _resolve_block_map(self, variant: "str | RemovalPlan | None") -> BlockMap:
+    def _resolve_block_map(self, variant: str | RemovalPlan | BlockMap | None) -> BlockMap:
         teacher_config = getattr(self.teacher, "config", None)
         student_config = getattr(self._student_module, "config", None)
         if not isinstance(teacher_config, Mapping) or not isinstance(student_config, Mapping):
@@ -304,45 +297,15 @@ class BKDistiller:
                 f"{type(self.teacher).__name__}, student {type(self._student_module).__name__}); pass "
                 "`feature_pairs=[(teacher_module, student_module), ...]` for other models."
             )
-        candidates: list[tuple[str, Any]] = []
-        if variant is not None:
-            if not isinstance(variant, (str, RemovalPlan)):
-                raise ValueError(f"`variant` must be a variant name, a RemovalPlan or None, got {variant!r}.")
-            if isinstance(variant, str):
-                get_variant(variant)  # unknown names raise with the list of known ones
-            candidates.append((f"variant {variant!r}" if isinstance(variant, str) else "the given plan", variant))
-            source = "`variant`"
-        else:
-            info = student_info(student_config)
-            if info is not None and info.get("plan") is not None:
-                plan = RemovalPlan.from_dict(info["plan"])
-                name = info.get("variant")
-                if isinstance(name, str) and name in list_variants() and get_variant(name) == plan:
-                    plan = name  # keep the name in the block map
-                candidates.append((f"the student's recorded plan (variant {name!r})", plan))
-                source = "the student's `_bksdm` metadata"
-            else:
-                candidates = [(f"variant {name!r}", name) for name in list_variants()]
-                candidates.append(("an uncompressed copy", RemovalPlan()))
-                source = "the registered variants"
-
-        problems = []
-        for label, candidate in candidates:
-            try:
-                block_map = build_block_map(teacher_config, candidate)
-            except ValueError as error:
-                problems.append(f"{label}: {error}")
-                continue
-            differences = _config_differences(block_map.student_config(), student_config)
-            if not differences:
-                return block_map
-            problems.append(f"{label}: " + "; ".join(differences[:4]) + (" ..." if len(differences) > 4 else ""))
-        shown = "\n  ".join(problems[:8])
-        raise ValueError(
-            f"The student is not derived from this teacher (checked {source}); the student config differs from every "
-            f"derived config:\n  {shown}\nPass the matching `variant`, or explicit "
-            "`feature_pairs=[(teacher_module, student_module), ...]`."
-        )
+        if isinstance(variant, BlockMap):
+            problems = config_differences(variant.teacher_config, teacher_config, "the teacher")
+            problems += config_differences(variant.student_config(), student_config)
+            if problems:
+                raise ValueError(
+                    f"`block_map` does not turn this teacher into this student: {'; '.join(problems[:4])}."
+                )
+            return variant
+        return match_block_map(teacher_config, student_config, variant)
 
     def _validate_pairs(self, pairs: Any) -> list[tuple[str, str]]:
         if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or len(pairs) == 0:
@@ -426,7 +389,7 @@ class BKDistiller:
         self._features["teacher"].clear()
         self._features["student"].clear()
 
-    def __enter__(self) -> "BKDistiller":
+    def __enter__(self) -> BKDistiller:
         self.register_hooks()
         return self
 

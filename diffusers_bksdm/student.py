@@ -9,15 +9,11 @@ from collections.abc import Mapping
 import torch
 from diffusers import UNet2DConditionModel
 
-from .plan import BlockMap, RemovalPlan, build_block_map
+from .plan import METADATA_KEY, BlockMap, RemovalPlan, build_block_map, config_differences
 
 __all__ = ["BKUNet2DConditionModel", "compress_unet", "compress_pipeline", "student_info", "METADATA_KEY"]
 
 logger = logging.getLogger(__name__)
-
-#: Config key under which a student records where it comes from. It starts with `_`, so stock diffusers loads the
-#: config without a warning and keeps the key when the model is saved again.
-METADATA_KEY = "_bksdm"
 
 
 def _check_unet(unet: Any, argument: str = "unet") -> UNet2DConditionModel:
@@ -31,19 +27,18 @@ def _check_unet(unet: Any, argument: str = "unet") -> UNet2DConditionModel:
 def _student_config(block_map: BlockMap, teacher_config: Mapping[str, Any]) -> dict[str, Any]:
     """The block map's student config with its provenance under `_bksdm`."""
     config = block_map.student_config()
-    config[METADATA_KEY] = _metadata(block_map, teacher_config)
+    config[METADATA_KEY] = block_map.metadata(teacher_config.get("_name_or_path"))
     return config
 
 
-def _metadata(block_map: BlockMap, teacher_config: Mapping[str, Any]) -> dict[str, Any]:
-    from . import __version__
-
-    return {
-        "teacher": teacher_config.get("_name_or_path") or None,
-        "variant": block_map.variant,
-        "plan": block_map.plan.to_dict(),
-        "diffusers_bksdm_version": __version__,
-    }
+def _block_map_for(teacher_config: Mapping[str, Any], variant: str | RemovalPlan | BlockMap) -> BlockMap:
+    """`variant` as a block map of this teacher; a given block map must have been built from this teacher's config."""
+    if not isinstance(variant, BlockMap):
+        return build_block_map(teacher_config, variant)
+    differences = config_differences(variant.teacher_config, teacher_config, "this teacher")
+    if differences:
+        raise ValueError(f"`variant` is a BlockMap built from another teacher config: {'; '.join(differences[:4])}.")
+    return variant
 
 
 class BKUNet2DConditionModel:
@@ -68,9 +63,11 @@ class BKUNet2DConditionModel:
         return build_block_map(teacher_config, variant)
 
     @staticmethod
-    def config_from_teacher(teacher_config: Mapping[str, Any], variant: str | RemovalPlan = "small") -> dict[str, Any]:
+    def config_from_teacher(
+        teacher_config: Mapping[str, Any], variant: str | RemovalPlan | BlockMap = "small"
+    ) -> dict[str, Any]:
         """The student config for `UNet2DConditionModel.from_config`, with its provenance under `_bksdm`."""
-        return _student_config(build_block_map(teacher_config, variant), teacher_config)
+        return _student_config(_block_map_for(teacher_config, variant), teacher_config)
 
     @staticmethod
     def from_teacher(
@@ -105,14 +102,16 @@ def _copied_tensors(
 
 
 def compress_unet(
-    unet: UNet2DConditionModel, variant: str | RemovalPlan = "small", *, copy_weights: bool = True
+    unet: UNet2DConditionModel, variant: str | RemovalPlan | BlockMap = "small", *, copy_weights: bool = True
 ) -> UNet2DConditionModel:
     """Build a BK-SDM student from a teacher UNet.
 
     Args:
         unet (`UNet2DConditionModel`): the teacher. It is not modified.
-        variant (`str` or `RemovalPlan`, *optional*, defaults to `"small"`):
-            `"base"`, `"small"`, `"tiny"`, any name given to :func:`register_variant`, or a :class:`RemovalPlan`.
+        variant (`str`, `RemovalPlan` or `BlockMap`, *optional*, defaults to `"small"`):
+            `"base"`, `"small"`, `"tiny"`, any name given to :func:`register_variant`, a :class:`RemovalPlan`, or a
+            :class:`BlockMap` already built from this teacher's config (a trainer builds it once and hands the same
+            map to :class:`~diffusers_bksdm.BKDistiller`).
         copy_weights (`bool`, *optional*, defaults to `True`):
             Initialise every student tensor from the teacher tensor of the same role (BK-SDM). With `False` the
             student is randomly initialised.
@@ -131,7 +130,7 @@ def compress_unet(
     ```
     """
     _check_unet(unet)
-    block_map = build_block_map(unet.config, variant)
+    block_map = _block_map_for(unet.config, variant)
     config = _student_config(block_map, unet.config)
     first = next(unet.parameters())
     device, dtype = first.device, first.dtype
