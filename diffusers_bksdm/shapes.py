@@ -106,15 +106,19 @@ class ShapeSample:
 
 def vocabulary() -> tuple[str, ...]:
     """Every word a caption of this grammar can use (the miniature tokenizer makes each one token)."""
-    words = ["a", "at", "the", "in", *SIZES, *COLORS, *SHAPES]
+    words = ["a", "at", "the", "in", "shape", *SIZES, *COLORS, *SHAPES]
     for position in POSITIONS:
         words += position.split()
     return tuple(dict.fromkeys(words))
 
 
-def caption(color: str, shape: str, position: str, size: str) -> str:
-    where = "in the middle" if position == "middle" else f"at the {position}"
-    return f"a {size} {color} {shape} {where}"
+def caption(color: str | None, shape: str | None, position: str | None, size: str | None) -> str:
+    """The caption of a picture. An attribute given as `None` is left unsaid ("a red shape", "a small circle"):
+    the teacher learns from such partial captions what each word means on its own."""
+    words = ["a", size, color, shape or "shape"]
+    if position is not None:
+        words.append("in the middle" if position == "middle" else f"at the {position}")
+    return " ".join(w for w in words if w)
 
 
 def parse_caption(text: str) -> dict[str, str]:

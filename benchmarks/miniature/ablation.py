@@ -80,7 +80,13 @@ def run_row(args, teacher, world, judge, name: str, seed: int) -> dict:
             *extra,
         ]
     )  # fmt: skip
-    result = train(train_args, teacher_pipeline=teacher, save_final=False)
+    try:
+        result = train(train_args, teacher_pipeline=teacher, save_final=False)
+    finally:  # the next row starts a fresh accelerate state in this process
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     student = result["student"].to(torch.float32).eval()
     pipe = with_components(teacher, unet=student)
     scores = miniature.evaluate_pipeline(

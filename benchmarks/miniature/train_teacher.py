@@ -49,6 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--ema_decay", type=float, default=0.999)
     parser.add_argument("--snr_gamma", type=float, default=5.0)
+    parser.add_argument("--attribute_dropout", type=float, default=0.25, help="P(an attribute is left unsaid).")
+    parser.add_argument("--skip_judge", action="store_true", help="Keep the judge already in --output_dir.")
     parser.add_argument("--eval_images_per_prompt", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--judge_only", action="store_true", help="Train and save only the judge.")
@@ -168,7 +170,17 @@ def encode_all(vae, images: torch.Tensor, batch: int = 500) -> tuple[torch.Tenso
 # ------------------------------------------------------------------------------------------------------------- UNet
 
 
-def train_unet(unet, text_encoder, tokenizer, means, stds, captions, scaling_factor, args, evaluate=None) -> dict:
+def partial_captions(samples, generator: torch.Generator, p: float) -> list[str]:
+    """Captions with each attribute left unsaid with probability `p`: the model learns what each word means on its
+    own, which lets it compose combinations it never saw (the held-out prompts)."""
+    keep = torch.rand(len(samples), 4, generator=generator) >= p
+    return [
+        shapes.caption(*(value if k else None for value, k in zip((s.color, s.shape, s.position, s.size), row)))
+        for s, row in zip(samples, keep.tolist())
+    ]
+
+
+def train_unet(unet, text_encoder, tokenizer, means, stds, samples, scaling_factor, args, evaluate=None) -> dict:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel, compute_snr
@@ -178,10 +190,10 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, captions, scaling_fac
     noise_scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
     )
-    ids = tokenizer(
-        captions + [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids
-    caption_ids, empty_ids = ids[:-1], ids[-1]
+    def tokenize(texts):
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+
+    empty_ids = tokenize([""])[0]
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
     lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=200, num_training_steps=args.unet_steps)
@@ -194,7 +206,7 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, captions, scaling_fac
     for step in range(args.unet_steps):
         index = torch.randint(len(means), (args.train_batch_size,), generator=generator)
         latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scaling_factor
-        batch_ids = caption_ids[index].clone()
+        batch_ids = tokenize(partial_captions([samples[i] for i in index.tolist()], generator, args.attribute_dropout))
         drop = torch.rand(len(index), generator=generator) < 0.1
         batch_ids[drop] = empty_ids
         noise = torch.randn(latents.shape, generator=generator)
@@ -314,12 +326,17 @@ def main(argv=None) -> int:
     held_images = render_all(held_samples)
     log(f"rendered {len(images)} training and {len(held_images)} held-out images")
 
-    judge_samples = shapes.sample_shapes(args.num_images, "all", args.seed + 100)
-    judge = train_judge(judge_samples, render_all(judge_samples), args)
+    if args.skip_judge:
+        from diffusers_bksdm.judge import load_judge
+
+        judge = load_judge(os.path.join(args.output_dir, JUDGE_NAME))
+    else:
+        judge_samples = shapes.sample_shapes(args.num_images, "all", args.seed + 100)
+        judge = train_judge(judge_samples, render_all(judge_samples), args)
+        with atomic_directory(os.path.join(args.output_dir, JUDGE_NAME), overwrite=True, argument="--output_dir") as out:
+            judge.save_pretrained(out, safe_serialization=True)
     summary["judge_heldout_real"] = judge_accuracy(judge, held_samples, held_images)
     log(f"judge on held-out real images: {summary['judge_heldout_real']}")
-    with atomic_directory(os.path.join(args.output_dir, JUDGE_NAME), overwrite=True, argument="--output_dir") as out:
-        judge.save_pretrained(out, safe_serialization=True)
     if args.judge_only:
         print(json.dumps(summary, indent=2))
         return 0
@@ -351,7 +368,7 @@ def main(argv=None) -> int:
 
         summary.update(
             train_unet(
-                unet, text_encoder, tokenizer, means, stds, [s.caption for s in samples], scaling_factor, args,
+                unet, text_encoder, tokenizer, means, stds, samples, scaling_factor, args,
                 quick_eval,
             )
         )
