@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from .families import FAMILIES, closest_family, detect_family, vae_scale_factor
+
 __all__ = [
     "SHIPPED_CONFIGS",
     "BenchmarkSettings",
@@ -54,13 +56,6 @@ SHIPPED_CONFIGS = {
     "sd-v2-1": "sd-v2-1.json",
     "sdxl-base-1.0": "sdxl-base-1.0.json",
 }
-#: Text encoder config per UNet `cross_attention_dim`, when building a pipeline from a UNet config alone:
-#: 768 -> CLIP ViT-L/14 (SD v1.x, shipped); 1024 -> the OpenCLIP ViT-H/14 text tower of SD v2.x.
-_TEXT_ENCODER_OVERRIDES = {
-    768: {},
-    1024: {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 23,
-           "projection_dim": 512, "hidden_act": "gelu"},
-}  # fmt: skip
 # aten ops that multiply activations by weights (the paper's MACs); everything else the counter sees is attention
 _WEIGHT_OPS = ("convolution", "_convolution", "convolution_backward", "addmm", "mm", "linear")
 
@@ -327,11 +322,9 @@ def measure_latency(
 
 
 def default_variants(teacher_config: Mapping[str, Any]) -> list[str]:
-    """`base, small, tiny` for SD v1/v2 teachers; `koala-1b, koala-700m` for SDXL (`addition_embed_type:
-    text_time`)."""
-    if teacher_config.get("addition_embed_type") == "text_time":
-        return ["koala-1b", "koala-700m"]
-    return ["base", "small", "tiny"]
+    """The variants of the teacher's family (:mod:`diffusers_bksdm.families`): `base, small, tiny` for SD v1/v2
+    teachers, `koala-1b, koala-700m` for SDXL (`addition_embed_type: text_time`)."""
+    return list((closest_family(teacher_config) or FAMILIES["sd-v1"]).variants)
 
 
 def _pipeline_from_config(unet_config: Mapping[str, Any], vae_config: Mapping[str, Any] | None, text_config):
@@ -354,13 +347,6 @@ def _pipeline_from_config(unet_config: Mapping[str, Any], vae_config: Mapping[st
     return pipe, unet
 
 
-def _text_config_for(unet_config: Mapping[str, Any]) -> dict[str, Any] | None:
-    overrides = _TEXT_ENCODER_OVERRIDES.get(unet_config.get("cross_attention_dim"))
-    if overrides is None or unet_config.get("addition_embed_type") is not None:
-        return None
-    return {**load_config("clip-vit-large-patch14-text", "--text_encoder_config"), **overrides}
-
-
 @dataclass
 class _Teacher:
     unet_config: dict[str, Any]
@@ -375,11 +361,14 @@ class _Teacher:
 def _teacher_from_config(teacher_config, vae_config, text_encoder_config, measure: bool) -> _Teacher:
     unet_config = dict(teacher_config) if isinstance(teacher_config, Mapping) else load_config(teacher_config)
     unet_config = {k: v for k, v in unet_config.items() if k != "_bksdm"}
-    if vae_config is None and unet_config.get("addition_embed_type") is None:
-        vae_config = "sd-v1-4-vae"  # SD v1.x and v2.x share the VAE architecture
+    family, closest = detect_family(unet_config), closest_family(unet_config)
+    if vae_config is None and closest is not None:
+        vae_config = closest.vae_config  # SD v1.x and v2.x share the VAE architecture
     if isinstance(vae_config, (str, os.PathLike)):
         vae_config = load_config(vae_config, "--vae_config")
-    text_config = text_encoder_config if text_encoder_config is not None else _text_config_for(unet_config)
+    text_config = text_encoder_config
+    if text_config is None and family is not None:
+        text_config = family.text_encoder()
     if isinstance(text_config, (str, os.PathLike)):
         text_config = load_config(text_config, "--text_encoder_config")
     pipe = unet = None
@@ -387,7 +376,7 @@ def _teacher_from_config(teacher_config, vae_config, text_encoder_config, measur
         torch.manual_seed(0)
         pipe, unet = _pipeline_from_config(unet_config, vae_config, text_config)
     text_params, decoder_params = _meta_component_params(vae_config, text_config)
-    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 8
+    vae_factor = vae_scale_factor(vae_config)
     source = os.fspath(teacher_config) if isinstance(teacher_config, (str, os.PathLike)) else "config"
     return _Teacher(unet_config, pipe, unet, text_params, decoder_params, vae_factor, source)
 
@@ -399,7 +388,7 @@ def _teacher_from_model(teacher: str) -> _Teacher:
     unet_config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     params = component_parameters(pipe) if pipe is not None else {}
     vae = getattr(pipe, "vae", None)
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+    vae_factor = vae_scale_factor(vae.config if vae is not None else None)
     return _Teacher(
         unet_config, pipe, unet, params.get("text_encoder"), params.get("vae_decoder"), vae_factor, teacher
     )

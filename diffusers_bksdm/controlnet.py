@@ -28,7 +28,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.configuration_utils import FrozenDict
 
 from .plan import PER_STAGE_FIELDS, BlockMap, RemovalPlan, build_block_map, public_config
-from .student import METADATA_KEY, _check_unet
+from .student import METADATA_KEY, _check_unet, copy_weights_into
 
 __all__ = ["compress_controlnet", "controlnet_from_student", "residual_map", "CONTROLNET_MID_BLOCK_TYPES"]
 
@@ -130,32 +130,6 @@ def _controlnet_teacher_name(block_map: BlockMap, residuals: list[int]) -> Calla
     return teacher_name
 
 
-def _copy_from(model: torch.nn.Module, source: torch.nn.Module, teacher_name: Callable[[str], str]) -> None:
-    """Assign to every tensor of the meta-device `model` a copy of the tensor of `source` that `teacher_name` names."""
-    source_tensors = source.state_dict()
-    copied, problems = {}, []
-    for name, target in model.state_dict(keep_vars=True).items():
-        source_name = teacher_name(name)
-        tensor = source_tensors.get(source_name)
-        if tensor is None:
-            problems.append(f"{name!r} <- {source_name!r}: the teacher ControlNet has no such tensor")
-        elif tensor.shape != target.shape:
-            problems.append(f"{name!r} {tuple(target.shape)} <- {source_name!r} {tuple(tensor.shape)}: shapes differ")
-        else:
-            copied[name] = tensor.detach().clone()
-    if problems:
-        shown = "\n  ".join(problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise ValueError(f"The block map does not fit this ControlNet ({len(problems)} tensors):\n  {shown}{more}")
-    model.load_state_dict(copied, strict=True, assign=True)
-    source_buffers = dict(source.named_buffers())
-    for name, _ in list(model.named_buffers()):
-        if name not in copied:  # non-persistent buffers
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
-            module._buffers[attr] = source_buffers[teacher_name(name)].detach().clone()
-
-
 def compress_controlnet(
     controlnet: ControlNetModel, variant: str | RemovalPlan | BlockMap = "small"
 ) -> ControlNetModel:
@@ -214,7 +188,8 @@ def compress_controlnet(
 
     with torch.device("meta"):
         student = ControlNetModel.from_config(new_config)
-    _copy_from(student, controlnet, _controlnet_teacher_name(block_map, residual_map(block_map)))
+    copy_weights_into(student, controlnet, _controlnet_teacher_name(block_map, residual_map(block_map)),
+                      what="teacher ControlNet")
     student.train(controlnet.training)
     logger.info(
         "Compressed ControlNet with variant %r: %s -> %s parameters, %d -> %d skip residuals",

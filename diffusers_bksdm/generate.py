@@ -237,8 +237,10 @@ def set_scheduler(pipe, name: str | None) -> None:
 
 
 def _family(unet_config: Any) -> str | None:
-    dim = unet_config.get("cross_attention_dim") if hasattr(unet_config, "get") else None
-    return {768: "sd-v1", 1024: "sd-v2", 2048: "sdxl"}.get(dim)
+    from .families import detect_family
+
+    family = detect_family(unet_config)
+    return family.name if family is not None else None
 
 
 def prompt_hashes(prompts: Sequence[str]) -> list[str]:

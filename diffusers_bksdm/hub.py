@@ -16,7 +16,16 @@ from typing import Any
 from collections.abc import Iterator, Sequence
 from unittest import mock
 
-__all__ = ["MODEL_CARD_TAGS", "build_model_card", "write_model_card", "push_folder", "UPLOAD_IGNORE_PATTERNS"]
+from .families import FAMILIES
+
+__all__ = [
+    "MODEL_CARD_TAGS",
+    "build_model_card",
+    "write_model_card",
+    "push_folder",
+    "PushError",
+    "UPLOAD_IGNORE_PATTERNS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +33,10 @@ MODEL_CARD_TAGS = ["bk-sdm", "knowledge-distillation", "diffusers", "text-to-ima
 EVAL_SECTION_START, EVAL_SECTION_END = "<!-- bksdm-eval:start -->", "<!-- bksdm-eval:end -->"
 #: what a training output folder holds that does not belong in the model repo
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", ".*/**", "logs/**", "**/.ipynb_checkpoints/**"]
+
+
+class PushError(RuntimeError):
+    """An upload to the hub failed; the local folder is intact and the message says how to retry (never the token)."""
 
 
 @contextlib.contextmanager
@@ -65,8 +78,8 @@ def build_model_card(
         evaluation (`dict`, *optional*): evaluation scores (FID, CLIP score, ...).
         repo_id (`str`, *optional*): the hub repo the card is for (shown in the usage snippet). The card is always
             built locally, without a hub lookup.
-        license (`str`, *optional*): the license (defaults to the teacher's family license for SD v1,
-            `creativeml-openrail-m`).
+        license (`str`, *optional*): the license; defaults to the one of the teacher's family
+            (:mod:`diffusers_bksdm.families`), SD v1's `creativeml-openrail-m` for an unknown family.
         extra_tags (list of `str`, *optional*): tags besides :data:`MODEL_CARD_TAGS`.
     """
     from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
@@ -119,7 +132,7 @@ def build_model_card(
     description = "\n".join(lines)
     base_model = None if os.path.isabs(teacher) or teacher.startswith("builtin:") else teacher
     kwargs = dict(from_training=True, base_model=base_model, model_description=description, inference=True,
-                  license=license or "creativeml-openrail-m")
+                  license=license or FAMILIES["sd-v1"].license)
     with _offline():  # always built from what we know locally; no hub round-trip during training
         card = load_or_create_model_card(repo_id or "bksdm-local/student", **kwargs)
     return populate_model_card(card, tags=[*MODEL_CARD_TAGS, f"bk-sdm-{variant}", *extra_tags])
@@ -161,8 +174,8 @@ def push_folder(
         `str`: the repo URL.
 
     Raises:
-        FileNotFoundError: `folder` is missing. RuntimeError: the upload failed; the message says how to retry, and the
-            local folder is left as it was.
+        FileNotFoundError: `folder` is missing. PushError (a `RuntimeError`): the upload failed; the message says
+            how to retry, and the local folder is left as it was.
     """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"`folder` {folder!r} is not a folder.")
@@ -181,7 +194,7 @@ def push_folder(
         message = str(error)
         if token:
             message = message.replace(token, "***")
-        raise RuntimeError(
+        raise PushError(
             f"Upload of {folder!r} to {repo_id!r} failed ({type(error).__name__}: {message}). The local folder is "
             f"intact; retry with: bksdm push {folder} --repo_id {repo_id}"
         ) from None

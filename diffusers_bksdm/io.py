@@ -225,6 +225,7 @@ def load_teacher(
     subfolder: str | None = None,
     revision: str | None = None,
     torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
 ):
     """Load a teacher: a whole pipeline (folder or repo with `model_index.json`), a bare UNet, or `builtin:<name>`.
 
@@ -235,6 +236,9 @@ def load_teacher(
     from .tiny import BUILTIN_PREFIX, builtin_teacher
 
     if name_or_path.startswith(BUILTIN_PREFIX):
+        if variant is not None:
+            raise ValueError(f"`variant` {variant!r} (a weight file variant such as 'fp16') does not apply to the "
+                             f"built-in teacher {name_or_path!r}: it has one set of weights.")
         pipe = builtin_teacher(name_or_path)
         if torch_dtype is not None:
             pipe.to(dtype=torch_dtype)
@@ -242,6 +246,8 @@ def load_teacher(
     kwargs = {"revision": revision, "use_safetensors": True}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
+    if variant is not None:  # diffusers' weight file variant: diffusion_pytorch_model.fp16.safetensors, ...
+        kwargs["variant"] = variant
     if _is_pipeline(name_or_path, subfolder, revision):
         pipe = DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
         if getattr(pipe, "unet", None) is None:

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from .families import FAMILIES
 from .io import atomic_write, atomic_write_text
 
 __all__ = [
@@ -53,23 +54,10 @@ METRICS = ("fid", "is", "clip")
 #: Name recorded in real-statistics files computed with the standard extractor.
 STANDARD_FID_EXTRACTOR = "inception-v3-compat-2048"
 
-#: The paper's MS-COCO 30K results (BK-SDM, ECCV 2024, Table 2/3): family -> [(model, FID, IS, CLIP, UNet params)].
+#: The paper's MS-COCO 30K results (BK-SDM, ECCV 2024, Table 2/3): family -> [(model, FID, IS, CLIP, UNet params)],
+#: from the family records of :mod:`diffusers_bksdm.families`.
 PAPER_RESULTS: dict[str, list[tuple[str, float, float, float, str]]] = {
-    "sd-v1": [
-        ("SD v1.4", 13.05, 36.76, 0.2958, "0.86B"),
-        ("BK-SDM-Base", 15.76, 33.79, 0.2878, "0.58B"),
-        ("BK-SDM-Base-2M", 14.81, 34.17, 0.2883, "0.58B"),
-        ("BK-SDM-Small", 16.98, 31.68, 0.2677, "0.49B"),
-        ("BK-SDM-Small-2M", 17.05, 33.10, 0.2734, "0.49B"),
-        ("BK-SDM-Tiny", 17.12, 30.09, 0.2653, "0.33B"),
-        ("BK-SDM-Tiny-2M", 17.53, 31.32, 0.2690, "0.33B"),
-    ],
-    "sd-v2": [
-        ("SD v2.1-base", 13.93, 35.93, 0.3075, "0.87B"),
-        ("BK-SDM-v2-Base", 15.85, 31.70, 0.2868, "0.59B"),
-        ("BK-SDM-v2-Small", 16.61, 31.73, 0.2901, "0.49B"),
-        ("BK-SDM-v2-Tiny", 15.68, 31.64, 0.2897, "0.33B"),
-    ],
+    name: list(family.paper_results) for name, family in FAMILIES.items() if family.paper_results
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -77,28 +77,36 @@ class BKUNet2DConditionModel:
         return compress_unet(unet, variant, copy_weights=copy_weights)
 
 
-def _copied_tensors(
-    student: torch.nn.Module, teacher: torch.nn.Module, block_map: BlockMap
-) -> dict[str, torch.Tensor]:
-    """For every student parameter and persistent buffer, a copy of the teacher tensor the block map names."""
-    teacher_tensors = teacher.state_dict(keep_vars=False)
+def copy_weights_into(
+    model: torch.nn.Module, source: torch.nn.Module, source_name: Callable[[str], str], what: str = "teacher"
+) -> None:
+    """Assign to every tensor of the meta-device `model` a copy of the tensor of `source` named by `source_name`
+    (e.g. :meth:`BlockMap.teacher_name`): parameters and persistent buffers through `load_state_dict(assign=True)`,
+    non-persistent buffers directly. Raises a ValueError listing every tensor that is missing or has another shape."""
+    source_tensors = source.state_dict()
     copied, problems = {}, []
-    for name, target in student.state_dict(keep_vars=True).items():
-        source_name = block_map.teacher_name(name)
-        source = teacher_tensors.get(source_name)
-        if source is None:
-            problems.append(f"student {name!r} <- teacher {source_name!r}: the teacher has no such tensor")
-        elif source.shape != target.shape:
+    for name, target in model.state_dict(keep_vars=True).items():
+        name_in_source = source_name(name)
+        tensor = source_tensors.get(name_in_source)
+        if tensor is None:
+            problems.append(f"{name!r} <- {what} {name_in_source!r}: the {what} has no such tensor")
+        elif tensor.shape != target.shape:
             problems.append(
-                f"student {name!r} {tuple(target.shape)} <- teacher {source_name!r} {tuple(source.shape)}: shapes differ"
+                f"{name!r} {tuple(target.shape)} <- {what} {name_in_source!r} {tuple(tensor.shape)}: shapes differ"
             )
         else:
-            copied[name] = source.detach().clone()
+            copied[name] = tensor.detach().clone()
     if problems:
         shown = "\n  ".join(problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise ValueError(f"The removal plan does not fit this teacher ({len(problems)} tensors):\n  {shown}{more}")
-    return copied
+        raise ValueError(f"The block map does not fit this {what} ({len(problems)} tensors):\n  {shown}{more}")
+    model.load_state_dict(copied, strict=True, assign=True)
+    source_buffers = dict(source.named_buffers())
+    for name, _ in list(model.named_buffers()):
+        if name not in copied:  # non-persistent buffers are not in the state dict
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            module._buffers[attr] = source_buffers[source_name(name)].detach().clone()
 
 
 def compress_unet(
@@ -142,16 +150,7 @@ def compress_unet(
     # Build on the meta device (no allocation, no random init), then assign copies of the teacher's tensors.
     with torch.device("meta"):
         student = UNet2DConditionModel.from_config(config)
-    copied = _copied_tensors(student, unet, block_map)
-    student.load_state_dict(copied, strict=True, assign=True)
-    # non-persistent buffers are not in the state dict; take them from the teacher as well
-    teacher_buffers = dict(unet.named_buffers())
-    persistent = set(copied)
-    for name, _buffer in list(student.named_buffers()):
-        if name not in persistent:
-            module_name, _, attr = name.rpartition(".")
-            module = student.get_submodule(module_name) if module_name else student
-            module._buffers[attr] = teacher_buffers[block_map.teacher_name(name)].detach().clone()
+    copy_weights_into(student, unet, block_map.teacher_name)
     leftover = [n for n, t in list(student.named_parameters()) + list(student.named_buffers()) if t.is_meta]
     if leftover and not first.is_meta:  # pragma: no cover - guarded by strict loading above
         raise RuntimeError(f"Student tensors were not initialised from the teacher: {leftover[:5]}")

@@ -101,7 +101,8 @@ def _read_state(checkpoint: str) -> dict[str, Any]:
 
 #: settings a resumed run must share with the checkpoint: changing any of them would silently change the run
 #: (the data position, the batch, the schedule or the model). Keys are `--` flags; values derive from `args`.
-RESUME_SETTINGS = ("pretrained_model_name_or_path", "variant", "train_batch_size", "gradient_accumulation_steps",
+RESUME_SETTINGS = ("pretrained_model_name_or_path", "student_variant",
+                   "train_batch_size", "gradient_accumulation_steps",
                    "dataset_name", "dataset_config_name", "train_data_dir", "train_shards", "latent_cache_dir",
                    "max_train_samples", "caption_column", "image_column", "resolution", "center_crop",
                    "random_flip", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "use_ema",
@@ -144,6 +145,8 @@ def _check_resume_settings(state: dict[str, Any], settings: dict[str, Any], chec
         saved = {k: recorded[k] for k in ("variant", "train_batch_size", "gradient_accumulation_steps",
                                           "lr_scheduler", "lr_warmup_steps", "resolution", "use_ema")
                  if k in recorded}
+    if "variant" in saved and "student_variant" not in saved:  # written when --variant named the student's variant
+        saved = {("student_variant" if k == "variant" else k): v for k, v in saved.items()}
     changed = [(k, saved[k], settings.get(k)) for k in keys if k in saved and saved[k] != settings.get(k)]
     if not changed:
         return
@@ -277,7 +280,8 @@ def _reload_components(args: argparse.Namespace, student_unet, fallback):
         return with_components(builtin_teacher(name), unet=student_unet)
     if fallback is not None:
         return with_components(fallback, unet=student_unet)
-    return DiffusionPipeline.from_pretrained(name, unet=student_unet, revision=args.revision, use_safetensors=True)
+    return DiffusionPipeline.from_pretrained(name, unet=student_unet, revision=args.revision, variant=args.variant,
+                                             use_safetensors=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -338,11 +342,12 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
     )
     from .distill import BKDistiller, training_target, unwrap_model
     from .io import count_parameters, load_teacher, parse_dtype
-    from .plan import get_variant
+    from .families import check_trainer_support, default_resolution, detect_family
+    from .plan import build_block_map, get_variant
     from .student import compress_unet
 
     check_train_args(args)
-    get_variant(args.variant)  # a bad name fails before anything is loaded
+    get_variant(args.student_variant)  # a bad name fails before anything is loaded
     logger = _logger()
     output_dir = os.path.abspath(args.output_dir)
     project_config = ProjectConfiguration(project_dir=output_dir,
@@ -413,32 +418,27 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
     if teacher_pipeline is not None:
         pipe = teacher_pipeline
     else:
-        pipe, _ = load_teacher(args.pretrained_model_name_or_path, revision=args.revision)
+        pipe, _ = load_teacher(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant)
         if pipe is None:
             raise ValueError(
                 f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} is a bare UNet; "
                 "distillation needs a whole pipeline (VAE, text encoder, tokenizer, scheduler)."
             )
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, c, None) is None]
-    if missing or getattr(pipe, "text_encoder_2", None) is not None:
-        what = (f"has no {missing}" if missing
-                else "has two text encoders (SDXL), which this trainer does not support yet")
-        raise ValueError(f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} {what}; "
-                         "accepted: Stable Diffusion v1/v2 pipelines.")
+    check_trainer_support(pipe, "--pretrained_model_name_or_path", args.pretrained_model_name_or_path)
     teacher, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    resolution = args.resolution or int(teacher.config.sample_size) * vae_factor
+    resolution = args.resolution or default_resolution(teacher.config, vae.config)
     fingerprints = None
     if args.latent_cache_dir:  # before any cast: the cache records the weights as loaded
         fingerprints = {"vae": module_fingerprint(vae), "text_encoder": module_fingerprint(text_encoder),
                         "tokenizer": tokenizer_fingerprint(tokenizer)}
 
     # BK-SDM initialises the student from the teacher; `--student_init random` is the paper's ablation
-    student = compress_unet(teacher, args.variant, copy_weights=args.student_init == "teacher")
+    block_map = build_block_map(teacher.config, args.student_variant)  # one map: the student and the feature pairs
+    student = compress_unet(teacher, block_map, copy_weights=args.student_init == "teacher")
     student.train()
     teacher_params, student_params = count_parameters(teacher), count_parameters(student)
-    logger.info(f"teacher UNet {teacher_params:,} parameters -> student ({args.variant}) {student_params:,}")
+    logger.info(f"teacher UNet {teacher_params:,} parameters -> student ({args.student_variant}) {student_params:,}")
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     teacher_dtype = parse_dtype(args.teacher_dtype, "--teacher_dtype") or weight_dtype
@@ -559,7 +559,7 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
         num_update_steps_per_epoch = math.ceil(len(train_dataloader) / ga)
         num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
 
-    kd = BKDistiller(teacher, student, variant=args.variant, lambda_task=args.lambda_task,
+    kd = BKDistiller(teacher, student, block_map=block_map, lambda_task=args.lambda_task,
                      lambda_out=args.lambda_out, lambda_feat=args.lambda_feat, feature_pairs=args.feature_pairs,
                      normalize_features=args.normalize_features, on_nonfinite=args.on_nonfinite)
     pair_names = [f"{t}->{s}" for t, s in kd.feature_pairs]
@@ -692,7 +692,7 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
 
     # ---- the loop ----
     logger.info("***** Running distillation *****")
-    logger.info(f"  Teacher = {args.pretrained_model_name_or_path}, variant = {args.variant}")
+    logger.info(f"  Teacher = {args.pretrained_model_name_or_path}, variant = {args.student_variant}")
     logger.info(f"  Data = {getattr(dataset, 'description', {})}")
     logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
     logger.info(f"  Total batch size = {args.train_batch_size * accelerator.num_processes * ga}")
@@ -930,7 +930,8 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
             "skipped samples": len(total_skipped.reasons),
         }
         card = build_model_card(
-            teacher=args.pretrained_model_name_or_path, variant=args.variant, teacher_parameters=teacher_params,
+            teacher=args.pretrained_model_name_or_path, variant=args.student_variant,
+            teacher_parameters=teacher_params, license=getattr(detect_family(teacher.config), "license", None),
             student_parameters=student_params, recipe=recipe,
             validation_image=os.path.relpath(grid, output_dir) if grid else None, validation_prompts=prompts,
             repo_id=args.hub_model_id if args.push_to_hub else None)

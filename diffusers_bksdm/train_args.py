@@ -8,8 +8,17 @@ center crop + random flip). This module imports nothing heavy, so `bksdm --help`
 from __future__ import annotations
 
 import argparse
+import warnings
 
-__all__ = ["add_train_arguments", "build_train_parser", "parse_train_args", "check_train_args", "SECRET_ARGS"]
+__all__ = [
+    "add_train_arguments",
+    "add_variant_arguments",
+    "resolve_variant_arguments",
+    "build_train_parser",
+    "parse_train_args",
+    "check_train_args",
+    "SECRET_ARGS",
+]
 
 #: arguments never written to trackers, model cards, logs or checkpoints
 SECRET_ARGS = ("hub_token",)
@@ -22,13 +31,38 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def add_variant_arguments(group) -> None:
+    """`--student_variant` (the BK-SDM variant) and `--variant` (the teacher's weight files, as in diffusers)."""
+    group.add_argument("--student_variant", type=str, default=None,
+                       help="BK-SDM variant of the student: base, small (default), tiny or a registered name.")
+    group.add_argument("--variant", type=str, default=None,
+                       help="Variant of the teacher's weight files, e.g. fp16 (as in diffusers' scripts). A BK-SDM "
+                            "variant name here still selects the student (deprecated: use --student_variant).")
+
+
+def resolve_variant_arguments(args: argparse.Namespace, default: str = "small") -> None:
+    """Read the old spelling `--variant small` as `--student_variant small` (with a `FutureWarning`); any other
+    `--variant` value stays the teacher's weight file variant. Sets `args.student_variant` (default `default`)."""
+    from .plan import list_variants
+
+    if args.variant is not None and args.variant in list_variants():
+        if args.student_variant not in (None, args.variant):
+            raise ValueError(f"`--variant` {args.variant!r} is a BK-SDM variant and `--student_variant` is "
+                             f"{args.student_variant!r}; pass the student's variant once, as --student_variant.")
+        warnings.warn(f"`--variant {args.variant}` for the student is deprecated and will be removed: use "
+                      f"`--student_variant {args.variant}`. `--variant` selects the teacher's weight files (e.g. "
+                      "fp16), as in diffusers' scripts.", FutureWarning, stacklevel=2)
+        args.student_variant, args.variant = args.variant, None
+    if args.student_variant is None:
+        args.student_variant = default
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model = parser.add_argument_group("teacher and student")
     model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
                        help="Teacher pipeline: a local folder, a hub repo id, or builtin:tiny-sd (built locally).")
     model.add_argument("--revision", type=str, default=None, help="Hub revision of the teacher.")
-    model.add_argument("--variant", type=str, default="small",
-                       help="BK-SDM variant of the student: base, small, tiny or a registered name.")
+    add_variant_arguments(model)
     model.add_argument("--lambda_task", type=float, default=1.0, help="Weight of the task (denoising) loss.")
     model.add_argument("--lambda_out", type=float, default=1.0, help="Weight of the output-level KD loss.")
     model.add_argument("--lambda_feat", type=float, default=1.0, help="Weight of the feature-level KD loss.")
@@ -158,6 +192,7 @@ def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_train_args(args: argparse.Namespace) -> None:
     """Reject inconsistent arguments before anything is loaded (the messages name the flags)."""
+    resolve_variant_arguments(args)
     sources = [name for name in ("dataset_name", "train_data_dir", "train_shards", "latent_cache_dir")
                if getattr(args, name)]
     if not sources:

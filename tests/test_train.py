@@ -191,7 +191,7 @@ def test_bad_arguments_are_named(tiny_pipeline_dir, images, tmp_path):
     with pytest.raises(ValueError, match="`--resolution` must be a multiple of 8, got 20"):
         parse_train_args(base_args(tiny_pipeline_dir, tmp_path, "--resolution", "20", data=images))
     with pytest.raises(ValueError, match="Unknown|unknown"):
-        run_train(base_args(tiny_pipeline_dir, tmp_path / "o", "--variant", "huge", data=images))
+        run_train(base_args(tiny_pipeline_dir, tmp_path / "o", "--student_variant", "huge", data=images))
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         run_train(base_args(tiny_pipeline_dir, tmp_path / "o", "--resume_from_checkpoint", str(tmp_path),
                             data=images))

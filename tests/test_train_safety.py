@@ -206,7 +206,7 @@ def two_step_run(tiny_pipeline_dir, images, tmp_path_factory):
         (("--train_batch_size", "1"), "--train_batch_size: 2 in the checkpoint, 1 now"),
         (("--gradient_accumulation_steps", "2"), "--gradient_accumulation_steps: 1 in the checkpoint, 2 now"),
         (("--learning_rate", "1e-4"), "--learning_rate: 5e-05 in the checkpoint, 0.0001 now"),
-        (("--variant", "tiny"), "--variant: 'small' in the checkpoint, 'tiny' now"),
+        (("--student_variant", "tiny"), "--student_variant: 'small' in the checkpoint, 'tiny' now"),
         (("--resolution", "32"), "--resolution: None in the checkpoint, 32 now"),
         (("--use_ema",), "--use_ema: False in the checkpoint, True now.*only be chosen when a run starts"),
     ],

@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..cache import build_cache, module_fingerprint
     from ..data import HFDatasetSource, ImageFolderSource, ImageTransform
+    from ..families import default_resolution
     from ..io import load_teacher, parse_dtype
 
     if bool(args.train_data_dir) == bool(args.dataset_name):
@@ -50,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if pipe is None or getattr(pipe, "vae", None) is None or getattr(pipe, "text_encoder", None) is None:
         raise ValueError(f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} must be a "
                          "pipeline with a VAE and a text encoder.")
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    resolution = args.resolution or int(pipe.unet.config.sample_size) * vae_factor
+    resolution = args.resolution or default_resolution(pipe.unet.config, pipe.vae.config)
     transform = ImageTransform(resolution, center_crop=True, random_flip=False)
     if args.train_data_dir:
         source = ImageFolderSource(args.train_data_dir, transform, args.caption_column,

@@ -6,6 +6,8 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
+    from ..train_args import add_variant_arguments
+
     parser = subparsers.add_parser(
         "compress",
         help="Remove blocks from a teacher UNet (or pipeline) and save the student.",
@@ -21,7 +23,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--subfolder", default=None, help="Load a bare UNet from this subfolder (e.g. `unet`).")
     parser.add_argument("--revision", default=None, help="Hub revision of the teacher.")
-    parser.add_argument("--variant", default="small", help="BK-SDM variant: base, small, tiny or a registered name.")
+    add_variant_arguments(parser)
     parser.add_argument(
         "--output", "--output_dir", dest="output", required=True, help="Folder to write the student to."
     )
@@ -37,25 +39,28 @@ def run(args: argparse.Namespace) -> int:
     from ..output_dir import check_not_protected
     from ..plan import get_variant
     from ..student import compress_pipeline, compress_unet
+    from ..train_args import resolve_variant_arguments
 
-    get_variant(args.variant)  # fail on a bad variant before loading anything
+    resolve_variant_arguments(args)
+    get_variant(args.student_variant)  # fail on a bad variant before loading anything
     # --overwrite replaces --output whole: never the teacher, a folder holding it, or the current directory
     check_not_protected(args.output, protected=[("the teacher (--teacher)", args.teacher)], argument="--output")
     pipe, teacher = load_teacher(
-        args.teacher, subfolder=args.subfolder, revision=args.revision, torch_dtype=parse_dtype(args.dtype)
+        args.teacher, subfolder=args.subfolder, revision=args.revision, torch_dtype=parse_dtype(args.dtype),
+        variant=args.variant,
     )
     with atomic_directory(args.output, overwrite=args.overwrite) as tmp:
         if pipe is not None:
-            student_pipe = compress_pipeline(pipe, args.variant)
+            student_pipe = compress_pipeline(pipe, args.student_variant)
             student = student_pipe.unet
             student_pipe.save_pretrained(tmp)
         else:
-            student = compress_unet(teacher, args.variant)
+            student = compress_unet(teacher, args.student_variant)
             student.save_pretrained(tmp)
     before, after = count_parameters(teacher), count_parameters(student)
     rows = [
         ("teacher UNet", f"{before:,}"),
-        (f"student UNet ({args.variant})", f"{after:,}"),
+        (f"student UNet ({args.student_variant})", f"{after:,}"),
         ("reduction", f"{1 - after / before:.1%}"),
     ]
     width = max(len(r[0]) for r in rows)

@@ -22,6 +22,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from ..hub import PushError
     from ..output_dir import OutputFolderBusy
     from ..train import FinalSaveError, train
 
@@ -30,9 +31,7 @@ def run(args: argparse.Namespace) -> int:
     except (OutputFolderBusy, FinalSaveError, FloatingPointError) as error:  # the message says what to do
         print(f"bksdm distill: error: {error}", file=sys.stderr)
         return 1
-    except RuntimeError as error:
-        if "bksdm push" not in str(error):
-            raise
+    except PushError as error:
         print(f"bksdm distill: error: {error}", file=sys.stderr)  # training finished; only the upload failed
         return 1
     if result["interrupted"]:

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     import os
     import sys
 
-    from ..hub import build_model_card, push_folder, write_model_card
+    from ..hub import PushError, build_model_card, push_folder, write_model_card
     from ..student import student_info
 
     if not os.path.isdir(args.folder):
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         url = push_folder(args.folder, args.repo_id, token=args.hub_token, private=args.private,
                           commit_message=args.commit_message)
-    except RuntimeError as error:  # the message says how to retry and never holds the token
+    except PushError as error:  # the message says how to retry and never holds the token
         print(f"bksdm push: error: {error}", file=sys.stderr)
         return 1
     print(f"pushed {args.folder} to {url}")
