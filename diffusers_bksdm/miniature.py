@@ -49,11 +49,12 @@ def write_world(folder: str | os.PathLike, num_train: int, seed: int = 0) -> dic
     return folders
 
 
-def eval_prompt_list(images_per_prompt: int) -> list[str]:
-    """The held-out prompts, each repeated `images_per_prompt` times (prompt `i` of the list has its own seed)."""
+def eval_prompt_list(images_per_prompt: int, split: str = "heldout") -> list[str]:
+    """The held-out prompts (or the seen control prompts, `split="train"`), each repeated `images_per_prompt` times
+    (prompt `i` of the list has its own seed)."""
     if images_per_prompt < 1:
         raise ValueError(f"`images_per_prompt` must be >= 1, got {images_per_prompt!r}.")
-    return [p for p in shapes.eval_prompts() for _ in range(images_per_prompt)]
+    return [p for p in shapes.eval_prompts(split) for _ in range(images_per_prompt)]
 
 
 def evaluate_pipeline(
@@ -65,16 +66,34 @@ def evaluate_pipeline(
     images_per_prompt: int = 4,
     num_inference_steps: int = 25,
     guidance_scale: float = 7.5,
+    seen: bool = True,
 ) -> dict[str, Any]:
     """Generate the held-out prompts with `pipe` (as `bksdm generate` does: one seeded generator per image) into
-    `output_dir/im32`, and score them with the judge (see :func:`diffusers_bksdm.judge.score_images`)."""
-    from .generate import GenerationConfig, generate_images, image_folder
-    from .judge import load_judge, score_images
+    `output_dir/im32`, and score them with the judge (see :func:`diffusers_bksdm.judge.score_images`). With `seen`,
+    also the control prompts of combinations seen in training (`output_dir/seen`): `seen_accuracy`."""
+    from .judge import load_judge
 
-    prompts = eval_prompt_list(images_per_prompt)
+    judge = judge if judge is not None else load_judge()
+    results = _generate_and_score(
+        pipe, output_dir, real_images, judge, images_per_prompt, num_inference_steps, guidance_scale, "heldout"
+    )
+    if seen:
+        control = _generate_and_score(
+            pipe, os.path.join(output_dir, "seen"), None, judge, images_per_prompt, num_inference_steps,
+            guidance_scale, "train",
+        )  # fmt: skip
+        results["seen_accuracy"] = control["accuracy"]
+    return results
+
+
+def _generate_and_score(pipe, output_dir, real_images, judge, images_per_prompt, steps, guidance, split):
+    from .generate import GenerationConfig, generate_images, image_folder
+    from .judge import score_images
+
+    prompts = eval_prompt_list(images_per_prompt, split)
     config = GenerationConfig(
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
         scheduler=None,
         seed=EVAL_SEED,
         resolution=shapes.IMAGE_SIZE,
@@ -83,12 +102,7 @@ def evaluate_pipeline(
     )
     with torch.no_grad():
         generate_images(pipe, prompts, output_dir, config)
-    return score_images(
-        image_folder(output_dir, shapes.IMAGE_SIZE),
-        prompts,
-        real_images=real_images,
-        judge=judge if judge is not None else load_judge(),
-    )
+    return score_images(image_folder(output_dir, shapes.IMAGE_SIZE), prompts, real_images=real_images, judge=judge)
 
 
 def comparison_grid(

@@ -80,6 +80,8 @@ HELD_OUT = (
 )
 #: "all" renders every combination (the judge's training data: the judge must read the held-out combinations too)
 SPLITS = ("train", "heldout", "all")
+#: a control set of training combinations: each held-out combination with the next shape (same colour and position)
+SEEN = tuple((c, SHAPES[(SHAPES.index(s) + 1) % len(SHAPES)], p) for c, s, p in HELD_OUT)
 # pictures are drawn this many times larger, then reduced, for smooth edges
 _SUPERSAMPLE = 4
 
@@ -180,9 +182,12 @@ def render(sample: ShapeSample, size: int = IMAGE_SIZE) -> Image.Image:
     return image.resize((size, size), Image.Resampling.BOX)
 
 
-def eval_prompts() -> list[str]:
-    """The evaluation prompts: every held-out combination in both sizes (24 prompts)."""
-    return [caption(c, s, p, size) for c, s, p in HELD_OUT for size in SIZES]
+def eval_prompts(split: str = "heldout") -> list[str]:
+    """The evaluation prompts: every held-out combination in both sizes (24 prompts). With `split="train"`, the same
+    colours and positions with another shape (:data:`SEEN`): combinations seen in training, a control set."""
+    if split not in ("heldout", "train"):
+        raise ValueError(f"`split` must be 'heldout' or 'train', got {split!r}.")
+    return [caption(c, s, p, size) for c, s, p in (HELD_OUT if split == "heldout" else SEEN) for size in SIZES]
 
 
 def write_shapes_dataset(

@@ -53,6 +53,9 @@ def test_no_held_out_combination_in_the_training_split():
     assert len(seen) == len(shapes.COLORS) * len(shapes.SHAPES) * len(shapes.POSITIONS) - len(held)
     assert {s.combination for s in shapes.sample_shapes(500, "heldout", seed=0)} == held
     assert len(shapes.eval_prompts()) == 2 * len(held)
+    # the control prompts are training combinations with the held-out colours and positions
+    assert not set(shapes.SEEN) & held and len(set(shapes.SEEN)) == len(held)
+    assert {(c, p) for c, _, p in shapes.SEEN} == {(c, p) for c, _, p in held}
     assert {tuple(shapes.parse_caption(p)[k] for k in ("color", "shape", "position")) for p in shapes.eval_prompts()} == held
 
 
@@ -197,6 +200,7 @@ def test_demo_runs_end_to_end_and_writes_its_pictures_and_summary(tmp_path, caps
     assert summary["steps"] == 3 and set(summary["results"]) == {"teacher", "student before", "student after"}
     for row in summary["results"].values():
         assert 0 <= row["accuracy"] <= 1 and row["fd"] >= 0 and row["num_images"] == len(shapes.eval_prompts())
+        assert 0 <= row["seen_accuracy"] <= 1
     assert summary["results"]["student after"]["unet_params"] < summary["results"]["teacher"]["unet_params"]
     assert "StableDiffusionPipeline" in summary["stock_diffusers_reload"]
     for name in ("grid.png", "loss_curve.png"):

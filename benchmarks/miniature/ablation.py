@@ -110,7 +110,7 @@ def summarise(runs: list[dict], teacher_row: dict, latency: dict[str, float]) ->
     for name in dict.fromkeys(r["row"] for r in runs):
         group = [r for r in runs if r["row"] == name]
         row = {"row": name, "params": group[0]["params"], "seeds": len(group)}
-        for key in ("accuracy", "position_accuracy", "fd", "output_mse"):
+        for key in ("accuracy", "position_accuracy", "fd", "output_mse", "seen_accuracy"):
             values = [r[key] for r in group]
             row[key], row[key + "_min"], row[key + "_max"] = statistics.mean(values), min(values), max(values)
         row["latency_ratio"] = latency[group[0]["variant"]] / latency["teacher"]
@@ -132,13 +132,15 @@ def markdown(rows: list[dict], args) -> str:
         f"{' '.join(map(str, args.seeds))}; {args.images_per_prompt} images per held-out prompt "
         f"({args.images_per_prompt * 24} per row), {args.num_inference_steps} PNDM steps, guidance 7.5.",
         "",
-        "| model | UNet params | accuracy (colour + shape) | position | FD | output MSE to teacher | latency / teacher |",
-        "|---|---|---|---|---|---|---|",
+        "| model | UNet params | accuracy (colour + shape) | position | FD | seen acc. | output MSE to teacher "
+        "| latency / teacher |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['row']} | {row['params']:,} | {cell(row, 'accuracy', '.3f')} | "
-            f"{cell(row, 'position_accuracy', '.3f')} | {cell(row, 'fd', '.2f')} | {cell(row, 'output_mse', '.4f')} | "
+            f"{cell(row, 'position_accuracy', '.3f')} | {cell(row, 'fd', '.2f')} | {cell(row, 'seen_accuracy', '.3f')} | "
+            f"{cell(row, 'output_mse', '.4f')} | "
             f"{row['latency_ratio']:.2f} |"
         )
     return "\n".join(lines) + "\n"

@@ -74,12 +74,13 @@ def _reload_in_stock_diffusers(student_dir: str, prompt: str) -> str:
 
 def _table(rows: dict[str, dict]) -> str:
     lines = [
-        f"{'model':<24} {'UNet params':>12} {'latency ms':>11} {'accuracy':>9} {'position':>9} {'FD':>8}",
+        f"{'model':<24} {'UNet params':>12} {'latency ms':>11} {'accuracy':>9} {'position':>9} {'FD':>8} "
+        f"{'seen acc.':>9}",
     ]
     for name, row in rows.items():
         lines.append(
             f"{name:<24} {row['unet_params']:>12,} {1000 * row['unet_latency_s']:>11.2f} {row['accuracy']:>9.3f} "
-            f"{row['position_accuracy']:>9.3f} {row['fd']:>8.2f}"
+            f"{row['position_accuracy']:>9.3f} {row['fd']:>8.2f} {row['seen_accuracy']:>9.3f}"
         )
     return "\n".join(lines)
 
@@ -194,8 +195,9 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(_table(rows))
     print(
-        "\naccuracy: colour and shape read by the judge as the prompt asked (chance 1/18); position: position right; "
-        "FD: Fréchet distance of judge features to real held-out images (lower is better)."
+        "\naccuracy: colour and shape read by the judge as the prompt asked (chance 1/18), on held-out prompts; "
+        "position: position right; FD: Fréchet distance of judge features to real held-out images (lower is "
+        "better); seen acc.: accuracy on combinations seen in training (a control)."
     )
     print(f"student pipeline (reloads in stock diffusers: {reload}): {student_dir}")
     print(f"pictures: {grid}, {curve}; numbers: {summary_path}")
