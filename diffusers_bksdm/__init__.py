@@ -39,6 +39,9 @@ _LAZY = {
     "LoraTransferReport": "lora",
     "transfer_lora": "lora",
     "save_lora": "lora",
+    "IPAdapterTransferReport": "ip_adapter",
+    "transfer_ip_adapter": "ip_adapter",
+    "save_ip_adapter": "ip_adapter",
 }
 
 __all__ = [
