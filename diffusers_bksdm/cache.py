@@ -107,8 +107,8 @@ def build_cache(
     from .io import atomic_directory
 
     if not source.transform.center_crop:
-        raise ValueError("A latent cache needs center-cropped images (random crops cannot be cached); pass "
-                         "--center_crop.")
+        raise ValueError("`source.transform.center_crop` is False: a latent cache needs center-cropped images "
+                         "(random crops cannot be cached).")
     for argument, value in (("batch_size", batch_size), ("shard_size", shard_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{argument}` must be an integer >= 1, got {value!r}.")

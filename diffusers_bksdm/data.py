@@ -79,7 +79,7 @@ class ImageTransform:
 
     def __post_init__(self):
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 8:
-            raise ValueError(f"`--resolution` must be an integer >= 8, got {self.resolution!r}.")
+            raise ValueError(f"`resolution` must be an integer >= 8, got {self.resolution!r}.")
 
     def crop_box(self, image: Image.Image, rng: random.Random | None) -> tuple[int, int, int, int]:
         width, height = image.size

@@ -157,6 +157,7 @@ def push_folder(
     commit_message: str = "Upload BK-SDM student",
     ignore_patterns: Sequence[str] | None = None,
     api=None,
+    argument: str = "repo_id",
 ) -> str:
     """Create `repo_id` (if needed) and upload `folder` to it.
 
@@ -169,6 +170,7 @@ def push_folder(
         ignore_patterns (list of `str`, *optional*): files not to upload (defaults to checkpoints, hidden files and
             tracker logs, :data:`UPLOAD_IGNORE_PATTERNS`).
         api (`HfApi`, *optional*): an API object to use instead of `HfApi(token=token)`.
+        argument (`str`, *optional*, defaults to `"repo_id"`): how errors name `repo_id` (a command passes its flag).
 
     Returns:
         `str`: the repo URL.
@@ -180,7 +182,7 @@ def push_folder(
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"`folder` {folder!r} is not a folder.")
     if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
-        raise ValueError(f"`--repo_id` must look like 'user/name', got {repo_id!r}.")
+        raise ValueError(f"`{argument}` must look like 'user/name', got {repo_id!r}.")
     if api is None:
         from huggingface_hub import HfApi
 

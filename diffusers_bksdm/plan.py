@@ -187,7 +187,8 @@ _VARIANTS: dict[str, RemovalPlan] = {}
 
 
 def register_variant(name: str, plan: RemovalPlan) -> None:
-    """Register a named removal plan so that `compress_unet(unet, name)` and `bksdm compress --variant name` use it.
+    """Register a named removal plan so that `compress_unet(unet, name)` and `bksdm compress --student_variant name`
+    use it.
 
     Args:
         name (`str`): lower-case letters, digits, `_`, `-` and `.`; must not be registered yet.

@@ -947,7 +947,8 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
         logger.info(f"student pipeline written to {output_dir}")
         if args.push_to_hub:
             repo_id = args.hub_model_id or os.path.basename(output_dir.rstrip(os.sep))
-            result["hub_url"] = push_folder(output_dir, repo_id, token=args.hub_token, private=args.hub_private)
+            result["hub_url"] = push_folder(output_dir, repo_id, token=args.hub_token, private=args.hub_private,
+                                            argument="--hub_model_id")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

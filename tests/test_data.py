@@ -66,7 +66,7 @@ def test_image_folder_errors_name_the_argument(tmp_path):
     message = "`--caption_column` value 'caption' is not a column; columns: file_name, text"
     with pytest.raises(ValueError, match=message):
         ImageFolderSource(str(folder), ImageTransform(16), caption_column="caption")
-    with pytest.raises(ValueError, match="`--resolution` must be an integer >= 8, got 4"):
+    with pytest.raises(ValueError, match="`resolution` must be an integer >= 8, got 4"):
         ImageTransform(4)
 
 

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                                 repo_id=None)
         write_model_card(args.folder, card)
     try:
-        url = push_folder(args.folder, args.repo_id, token=args.hub_token, private=args.private,
+        url = push_folder(args.folder, args.repo_id, token=args.hub_token, private=args.private, argument="--repo_id",
                           commit_message=args.commit_message)
     except PushError as error:  # the message says how to retry and never holds the token
         print(f"bksdm push: error: {error}", file=sys.stderr)
