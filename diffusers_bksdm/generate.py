@@ -21,6 +21,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,13 @@ class GenerationConfig:
     batch_size: int = 1
 
     def __post_init__(self):
+        if (
+            isinstance(self.guidance_scale, bool)
+            or not isinstance(self.guidance_scale, (int, float))
+            or not math.isfinite(self.guidance_scale)
+            or self.guidance_scale < 0
+        ):
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {self.guidance_scale!r}.")
         for name in ("num_inference_steps", "resolution", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -207,6 +215,11 @@ def load_pipeline(
                 f"`--model` {model!r} is not a pipeline folder (no model_index.json). To evaluate a UNet saved alone, "
                 "pass the teacher pipeline as --model and the UNet folder as --unet."
             )
+        if not os.path.isdir(model):  # a hub id: one clear line when it is mistyped or the hub cannot be reached
+            from .io import hub_file_exists
+
+            if not hub_file_exists(model, "model_index.json", revision=revision, argument="--model"):
+                raise ValueError(f"`--model` {model!r} is not a pipeline repo (no model_index.json).")
         kwargs: dict[str, Any] = {"revision": revision, "use_safetensors": True}
         if disable_safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)

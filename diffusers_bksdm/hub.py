@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 from typing import Any
 from collections.abc import Iterator, Sequence
 from unittest import mock
@@ -198,7 +199,7 @@ def push_folder(
             message = message.replace(token, "***")
         raise PushError(
             f"Upload of {folder!r} to {repo_id!r} failed ({type(error).__name__}: {message}). The local folder is "
-            f"intact; retry with: bksdm push {folder} --repo_id {repo_id}"
+            f"intact; retry with: bksdm push {shlex.quote(folder)} --repo_id {shlex.quote(repo_id)}"
         ) from None
     logger.info("pushed %s to %s", folder, repo_id)
     return str(getattr(url, "url", url) or f"https://huggingface.co/{repo_id}")

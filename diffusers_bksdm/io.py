@@ -36,6 +36,8 @@ __all__ = [
     "replace_path",
     "with_components",
     "count_parameters",
+    "hub_file_exists",
+    "parse_device",
     "load_teacher",
 ]
 
@@ -53,6 +55,25 @@ def parse_dtype(name: str | None, argument: str = "--dtype") -> torch.dtype | No
     if key not in DTYPES:
         raise ValueError(f"`{argument}` must be one of {list(DTYPES)}, got {name!r}.")
     return DTYPES[key]
+
+
+def parse_device(name: str | None, argument: str = "--device") -> torch.device | None:
+    """`"cuda:1"` -> `torch.device("cuda:1")`; refuses names torch does not know and CUDA/MPS where there is none."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"`{argument}` {name!r} is not a device; accepted: cpu, cuda, cuda:N, mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`{argument}` {name!r}: CUDA is not available on this machine; use --{argument.lstrip('-')} "
+                         "cpu.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"`{argument}` {name!r}: MPS is not available on this machine; use --{argument.lstrip('-')} "
+                         "cpu.")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"`{argument}` {name!r} is not supported here; accepted: cpu, cuda, cuda:N, mps.")
+    return device
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -202,21 +223,54 @@ def with_components(pipe: Any, pipeline_class: type | None = None, **components:
     return new_pipe
 
 
-def _is_pipeline(name_or_path: str, subfolder: str | None, revision: str | None) -> bool:
-    if subfolder:
-        return False
+def hub_file_exists(repo_id: str, filename: str, *, revision: str | None = None, argument: str = "--teacher") -> bool:
+    """Whether the hub repo `repo_id` holds `filename` (the local Hugging Face cache first, then the hub).
+
+    Raises:
+        FileNotFoundError: `repo_id` is neither a local folder nor a valid hub repo id (e.g. a mistyped path).
+        ValueError: the hub cannot be reached (offline, no network) and the file is not cached: one line naming
+            the id and how to use a local folder instead.
+    """
+    from huggingface_hub import file_exists, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"`{argument}` {repo_id!r}: no such folder (and not a hub repo id of the form 'user/name')."
+        ) from None
+    if isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str):
+        return True
+    try:
+        return file_exists(repo_id, filename, revision=revision)
+    except HfHubHTTPError:
+        raise
+    except Exception as error:  # noqa: BLE001 - offline mode, DNS, proxy, timeout: all mean "cannot reach the hub"
+        raise ValueError(
+            f"`{argument}` {repo_id!r} is not a local folder and the Hugging Face Hub cannot be reached to fetch it "
+            f"({type(error).__name__}). Download it where the hub is reachable (`hf download {repo_id} --local-dir "
+            "<folder>`) and pass that folder instead."
+        ) from None
+
+
+def _is_pipeline(name_or_path: str, subfolder: str | None, revision: str | None, argument: str = "--teacher") -> bool:
     if os.path.isdir(name_or_path):
+        if subfolder:
+            return False
         if os.path.isfile(os.path.join(name_or_path, "model_index.json")):
             return True
         if os.path.isfile(os.path.join(name_or_path, "config.json")):
             return False
         raise ValueError(
-            f"`--teacher` {name_or_path!r} is a folder with neither model_index.json (a pipeline) nor config.json "
+            f"`{argument}` {name_or_path!r} is a folder with neither model_index.json (a pipeline) nor config.json "
             "(a UNet); pass --subfolder if the UNet is in a subfolder."
         )
-    from huggingface_hub import file_exists
-
-    return file_exists(name_or_path, "model_index.json", revision=revision)
+    if subfolder:  # a bare UNet on the hub: fail now with one line if the hub cannot be reached
+        hub_file_exists(name_or_path, f"{subfolder}/config.json", revision=revision, argument=argument)
+        return False
+    return hub_file_exists(name_or_path, "model_index.json", revision=revision, argument=argument)
 
 
 def load_teacher(
@@ -226,10 +280,12 @@ def load_teacher(
     revision: str | None = None,
     torch_dtype: torch.dtype | None = None,
     variant: str | None = None,
+    argument: str = "--teacher",
 ):
     """Load a teacher: a whole pipeline (folder or repo with `model_index.json`), a bare UNet, or `builtin:<name>`.
 
-    Returns `(pipeline_or_None, unet)`. Weights are loaded from safetensors only.
+    Returns `(pipeline_or_None, unet)`. Weights are loaded from safetensors only. `argument` is the flag named in
+    errors (a missing folder, a hub that cannot be reached).
     """
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
@@ -248,10 +304,10 @@ def load_teacher(
         kwargs["torch_dtype"] = torch_dtype
     if variant is not None:  # diffusers' weight file variant: diffusion_pytorch_model.fp16.safetensors, ...
         kwargs["variant"] = variant
-    if _is_pipeline(name_or_path, subfolder, revision):
+    if _is_pipeline(name_or_path, subfolder, revision, argument):
         pipe = DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
         if getattr(pipe, "unet", None) is None:
-            raise ValueError(f"`--teacher` {name_or_path!r} is a {type(pipe).__name__} without a `unet` component.")
+            raise ValueError(f"`{argument}` {name_or_path!r} is a {type(pipe).__name__} without a `unet` component.")
         return pipe, pipe.unet
     unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder=subfolder, **kwargs)
     return None, unet

@@ -58,10 +58,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench import BenchmarkSettings, benchmark, report_markdown, save_report
-    from ..io import parse_dtype
+    from ..io import parse_device, parse_dtype
 
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`--device` {args.device!r}: CUDA is not available on this machine; use --device cpu.")
+    parse_device(args.device)  # an unknown device or one this machine lacks fails with one line
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"`--threads` must be a positive integer, got {args.threads}.")

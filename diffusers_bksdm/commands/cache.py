@@ -43,11 +43,13 @@ def run(args: argparse.Namespace) -> int:
     from ..cache import build_cache, module_fingerprint
     from ..data import HFDatasetSource, ImageFolderSource, ImageTransform
     from ..families import default_resolution
-    from ..io import load_teacher, parse_dtype
+    from ..io import load_teacher, parse_device, parse_dtype
 
+    parse_device(args.device)  # before anything is loaded
     if bool(args.train_data_dir) == bool(args.dataset_name):
         raise ValueError("Pass exactly one of --train_data_dir and --dataset_name.")
-    pipe, _ = load_teacher(args.pretrained_model_name_or_path, revision=args.revision)
+    pipe, _ = load_teacher(args.pretrained_model_name_or_path, revision=args.revision,
+                           argument="--pretrained_model_name_or_path")
     if pipe is None or getattr(pipe, "vae", None) is None or getattr(pipe, "text_encoder", None) is None:
         raise ValueError(f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} must be a "
                          "pipeline with a VAE and a text encoder.")

@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
         write_results,
     )
 
+    from ..io import parse_device
+
+    parse_device(args.device)  # before anything is loaded
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if args.save_real_stats and not args.real_images:

@@ -29,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not os.path.isdir(args.folder):
         raise FileNotFoundError(f"`folder` {args.folder!r} is not a folder.")
+    if not any(os.path.isfile(os.path.join(args.folder, name)) for name in ("model_index.json", "config.json")):
+        raise ValueError(f"`folder` {args.folder!r} is not a pipeline (no model_index.json) nor a model (no "
+                         "config.json); pass the --output_dir of bksdm distill or the --output of bksdm compress.")
     if not os.path.isfile(os.path.join(args.folder, "README.md")):
         unet_dir = os.path.join(args.folder, "unet")
         info = student_info(unet_dir if os.path.isdir(unet_dir) else args.folder)
