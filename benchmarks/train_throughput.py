@@ -135,7 +135,7 @@ def main() -> None:
         common = ["--pretrained_model_name_or_path", "random-sd-v1-4", "--variant", args.variant, "--seed", "0",
                   "--resolution", str(args.resolution), "--train_batch_size", str(args.train_batch_size),
                   "--max_train_steps", str(args.steps + 1), "--report_to", "none", "--checkpointing_steps",
-                  "1000000", "--output_dir", os.path.join(tmp, "out")]
+                  "1000000", "--output_dir", os.path.join(tmp, "out"), "--overwrite_output_dir"]  # one per round
         # on a CPU shared with other jobs, wall time swings by several x; the process CPU time of a one-thread
         # run (--threads 1) is the steady measure, so it is the one the ratio uses there
         cpu = device == "cpu"
