@@ -30,7 +30,13 @@ from diffusers.configuration_utils import FrozenDict
 from .plan import PER_STAGE_FIELDS, BlockMap, RemovalPlan, build_block_map, public_config
 from .student import METADATA_KEY, _check_unet, copy_weights_into
 
-__all__ = ["compress_controlnet", "controlnet_from_student", "residual_map", "CONTROLNET_MID_BLOCK_TYPES"]
+__all__ = [
+    "compress_controlnet",
+    "compress_controlnet_component",
+    "controlnet_from_student",
+    "residual_map",
+    "CONTROLNET_MID_BLOCK_TYPES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -188,8 +194,9 @@ def compress_controlnet(
 
     with torch.device("meta"):
         student = ControlNetModel.from_config(new_config)
-    copy_weights_into(student, controlnet, _controlnet_teacher_name(block_map, residual_map(block_map)),
-                      what="teacher ControlNet")
+    copy_weights_into(
+        student, controlnet, _controlnet_teacher_name(block_map, residual_map(block_map)), what="teacher ControlNet"
+    )
     student.train(controlnet.training)
     logger.info(
         "Compressed ControlNet with variant %r: %s -> %s parameters, %d -> %d skip residuals",
@@ -200,6 +207,22 @@ def compress_controlnet(
         len(student.controlnet_down_blocks),
     )
     return student
+
+
+def compress_controlnet_component(controlnet: Any, block_map: BlockMap) -> Any:
+    """:func:`compress_controlnet` for a pipeline's `controlnet` component: a `ControlNetModel` or a
+    `MultiControlNetModel` (each of its ControlNets is compressed)."""
+    from diffusers import MultiControlNetModel
+
+    if isinstance(controlnet, MultiControlNetModel):
+        return MultiControlNetModel([compress_controlnet(net, block_map) for net in controlnet.nets])
+    if isinstance(controlnet, ControlNetModel):
+        return compress_controlnet(controlnet, block_map)
+    raise TypeError(
+        f"`pipe.controlnet` must be a ControlNetModel or a MultiControlNetModel, got "
+        f"{type(controlnet).__module__}.{type(controlnet).__qualname__}; other ControlNet types (ControlNet-XS, "
+        "union ControlNets, ...) are not supported."
+    )
 
 
 def _make_identity(mid_block: torch.nn.Module) -> None:

@@ -168,7 +168,8 @@ def compress_pipeline(pipe: Any, variant: str | RemovalPlan = "small", *, copy_w
     """Return a pipeline of the same class as `pipe` whose UNet is a BK-SDM student of `pipe.unet`.
 
     The other components (VAE, text encoder, tokenizer, scheduler, ...) are shared with `pipe`, not copied; `pipe`
-    itself is not modified.
+    itself is not modified. A ControlNet pipeline's `controlnet` (one or several) is cut to the student's down path
+    with the same block map (:func:`~diffusers_bksdm.controlnet.compress_controlnet`): the teacher's would not fit.
     """
     unet = getattr(pipe, "unet", None)
     if unet is None or not hasattr(pipe, "components"):
@@ -179,7 +180,13 @@ def compress_pipeline(pipe: Any, variant: str | RemovalPlan = "small", *, copy_w
     _check_unet(unet, "pipe.unet")
     from .io import with_components
 
-    return with_components(pipe, unet=compress_unet(unet, variant, copy_weights=copy_weights))
+    block_map = _block_map_for(unet.config, variant)
+    components = {"unet": compress_unet(unet, block_map, copy_weights=copy_weights)}
+    if pipe.components.get("controlnet") is not None:
+        from .controlnet import compress_controlnet_component
+
+        components["controlnet"] = compress_controlnet_component(pipe.components["controlnet"], block_map)
+    return with_components(pipe, **components)
 
 
 def student_info(config_or_path: Any) -> dict[str, Any] | None:

@@ -10,10 +10,21 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_python
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
+from diffusers import (
+    ControlNetModel,
+    MultiControlNetModel,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 
 from diffusers_bksdm import RemovalPlan, build_block_map, compress_pipeline, compress_unet, student_info
-from diffusers_bksdm.controlnet import compress_controlnet, controlnet_from_student, residual_map
+from diffusers_bksdm.controlnet import (
+    compress_controlnet,
+    compress_controlnet_component,
+    controlnet_from_student,
+    residual_map,
+)
 from diffusers_bksdm.tiny import tiny_pipeline, tiny_unet
 
 VARIANTS = ["base", "small", "tiny"]
@@ -246,9 +257,12 @@ def test_student_controlnet_pipeline_runs_and_reloads_in_stock_diffusers(tmp_pat
     torch.manual_seed(3)
     controlnet = ControlNetModel.from_unet(pipe.unet, **COND)
     randomize_zero_convs(controlnet)
-    student_pipe = compress_pipeline(pipe, "tiny")
-    student_cn = compress_controlnet(controlnet, build_block_map(pipe.unet.config, "tiny"))
-    cn_pipe = StableDiffusionControlNetPipeline(**student_pipe.components, controlnet=student_cn)
+    teacher_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+    # compress_pipeline cuts the ControlNet with the UNet's block map
+    cn_pipe = compress_pipeline(teacher_pipe, "tiny")
+    assert type(cn_pipe) is StableDiffusionControlNetPipeline and cn_pipe.controlnet is not controlnet
+    expected = compress_controlnet(controlnet, build_block_map(pipe.unet.config, "tiny")).state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in cn_pipe.controlnet.state_dict().items())
     cond = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     kw = dict(prompt="a red square", num_inference_steps=2, height=16, width=16, output_type="np")
     image = cn_pipe(image=cond, generator=torch.Generator().manual_seed(0), **kw).images
@@ -264,8 +278,19 @@ def test_student_controlnet_pipeline_runs_and_reloads_in_stock_diffusers(tmp_pat
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), image, atol=1e-5)
 
     # with its zero convolutions at zero, the ControlNet pipeline gives the student pipeline's image bit for bit
-    zero_convs(student_cn)
+    zero_convs(cn_pipe.controlnet)
     controlled = cn_pipe(image=cond, generator=torch.Generator().manual_seed(0), **kw).images
+    student_pipe = StableDiffusionPipeline(**{k: v for k, v in cn_pipe.components.items() if k != "controlnet"})
     alone = student_pipe(generator=torch.Generator().manual_seed(0), **kw).images
     assert not np.array_equal(controlled, image)
     assert np.array_equal(controlled, alone)
+
+
+def test_multi_controlnet_component(teacher):
+    unet, controlnet = teacher
+    block_map = build_block_map(unet.config, "small")
+    multi = compress_controlnet_component(MultiControlNetModel([controlnet, controlnet]), block_map)
+    assert type(multi) is MultiControlNetModel and len(multi.nets) == 2
+    assert all(len(net.controlnet_down_blocks) == 8 for net in multi.nets)
+    with pytest.raises(TypeError, match="`pipe.controlnet` must be a ControlNetModel or a MultiControlNetModel"):
+        compress_controlnet_component(unet, block_map)
