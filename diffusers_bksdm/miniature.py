@@ -64,7 +64,7 @@ def evaluate_pipeline(
     real_images: str | os.PathLike | None,
     judge=None,
     images_per_prompt: int = 4,
-    num_inference_steps: int = 25,
+    num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     seen: bool = True,
 ) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_images", type=int, default=4000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--images_per_prompt", type=int, default=4)
-    parser.add_argument("--num_inference_steps", type=int, default=25)
+    parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), help="A subset of the rows to run.")
     return parser.parse_args(argv)
 

@@ -34,7 +34,9 @@ def add_parser(subparsers) -> None:
         "--learning_rate", type=float, default=5e-4, help="Higher than the paper's 5e-5: a few hundred steps."
     )
     parser.add_argument("--images_per_prompt", type=int, default=4, help="Judged images per held-out prompt.")
-    parser.add_argument("--num_inference_steps", type=int, default=25, help="Denoising steps of judged images.")
+    parser.add_argument(
+        "--num_inference_steps", type=int, default=50, help="Denoising steps of judged images (the pipeline default)."
+    )
     parser.add_argument("--judge", default="builtin:shapes-judge", help="The judge (a ShapesJudge folder).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
