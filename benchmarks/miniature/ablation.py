@@ -66,7 +66,7 @@ def run_row(args, teacher, world, judge, name: str, seed: int) -> dict:
     train_args = parse_train_args(
         [
             "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
-            "--variant", variant,
+            "--student_variant", variant,
             "--train_data_dir", world["train"],
             "--no-random_flip",
             "--train_batch_size", str(args.train_batch_size),

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     train_args = parse_train_args(
         [
             "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
-            "--variant", args.variant,
+            "--student_variant", args.variant,
             "--train_data_dir", world["train"],
             "--no-random_flip",  # captions say left and right
             "--train_batch_size", str(args.train_batch_size),
