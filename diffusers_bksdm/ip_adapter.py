@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .io import atomic_write
 from .plan import BlockMap
 
 __all__ = ["IPAdapterTransferReport", "transfer_ip_adapter", "save_ip_adapter"]
@@ -163,14 +163,7 @@ def save_ip_adapter(state_dict: Mapping[str, Mapping[str, torch.Tensor]], path: 
     if not path.endswith(".safetensors"):
         raise ValueError(f"`path` must name a .safetensors file, got {path!r}.")
     flat = {f"{part}.{key}": tensor.contiguous() for part in _PARTS for key, tensor in state_dict[part].items()}
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
-    os.close(fd)
-    try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_write(path) as tmp:
         save_file(flat, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
     return path

@@ -238,4 +238,4 @@ def test_cli_writes_a_lora_the_student_loads(peft_lora_file, tmp_path, capsys):
     assert main([*args, "--output", str(out)]) == 2  # exists, no --overwrite
     assert "exists" in capsys.readouterr().err
     assert main([*args, "--output", str(tmp_path / "student.bin")]) == 2
-    assert not list(tmp_path.glob(".student.safetensors.tmp-*"))
+    assert not list(tmp_path.glob(".student*"))
