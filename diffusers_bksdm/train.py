@@ -113,8 +113,8 @@ RESUME_SETTINGS = ("pretrained_model_name_or_path", "student_variant",
 def _resume_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The values of `RESUME_SETTINGS` as given on the command line (before `--scale_lr` changes the rate)."""
     settings = {k: getattr(args, k, None) for k in RESUME_SETTINGS}
-    for key in ("train_data_dir", "latent_cache_dir"):
-        if settings[key]:
+    for key in ("train_data_dir", "latent_cache_dir", "pretrained_model_name_or_path"):
+        if settings[key] and os.path.isdir(settings[key]):  # the same folder, however it is spelled
             settings[key] = os.path.abspath(settings[key])
     return settings
 
@@ -269,6 +269,127 @@ def _grid(rows: list[list[Any]]):
     return grid
 
 
+def _training_data(args: argparse.Namespace, accelerator, resolution: int, seed: int, tokenizer, fingerprints):
+    """The training source chosen by the arguments (latent cache, image folder, `datasets` dataset or webdataset
+    shards) and its collator."""
+    from .cache import CachedCollator, CachedSource, LatentCache
+    from .data import CaptionCollator, HFDatasetSource, ImageFolderSource, ImageTransform, webdataset_source
+
+    transform = ImageTransform(resolution, center_crop=args.center_crop, random_flip=args.random_flip)
+    if args.latent_cache_dir:
+        cache = LatentCache(args.latent_cache_dir)
+        cache.check(resolution=resolution, center_crop=args.center_crop, vae_fingerprint=fingerprints["vae"],
+                    text_encoder_fingerprint=fingerprints["text_encoder"],
+                    tokenizer_fingerprint=fingerprints["tokenizer"], teacher=args.pretrained_model_name_or_path)
+        return CachedSource(cache, random_flip=args.random_flip, seed=seed), CachedCollator()
+    if args.train_data_dir:
+        dataset = ImageFolderSource(args.train_data_dir, transform, args.caption_column, seed, args.max_train_samples)
+        return dataset, CaptionCollator(tokenizer)
+    if args.dataset_name:
+        with accelerator.main_process_first():
+            dataset = HFDatasetSource.from_name(
+                args.dataset_name, transform, dataset_config_name=args.dataset_config_name,
+                image_column=args.image_column, caption_column=args.caption_column, cache_dir=args.cache_dir,
+                seed=seed, max_train_samples=args.max_train_samples)
+        return dataset, CaptionCollator(tokenizer)
+    dataset = webdataset_source(args.train_shards, transform, caption_column=args.caption_column, seed=seed,
+                                shuffle_buffer=args.shuffle_buffer)
+    if dataset.num_shards < accelerator.num_processes:
+        raise ValueError(f"`--train_shards` has {dataset.num_shards} shard(s) for {accelerator.num_processes} "
+                         "processes; every process needs at least one shard.")
+    return dataset, CaptionCollator(tokenizer)
+
+
+def _data_loader(args: argparse.Namespace, dataset, collate, seed: int):
+    """The loader: streamed shards in their own order, any other source in :class:`EpochShuffleSampler` order."""
+    from .data import EpochShuffleSampler
+
+    loader_kwargs = dict(batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
+    if args.train_shards:
+        return torch.utils.data.DataLoader(dataset, **loader_kwargs)
+    sampler = EpochShuffleSampler(len(dataset), seed=seed)
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, **loader_kwargs)
+
+
+def log_validation(pipe, teacher, student, ema, accelerator, args: argparse.Namespace, *, seed: int,
+                   resolution: int, output_dir: str, step: int) -> str:
+    """Render `--validation_prompts` with the teacher and the (unwrapped) student, the same seed per prompt, and
+    write the grid (teacher | student, one row per prompt) to `OUTPUT/validation/step-N.png` and to the trackers.
+    With an EMA the student is rendered with the EMA weights. Returns the grid's path. Main process only."""
+    import numpy as np
+
+    prompts = list(args.validation_prompts)
+    if ema is not None:
+        ema.store(student.parameters())
+        ema.copy_to(student.parameters())
+    student.eval()
+    teacher_pipe = with_components(pipe, unet=teacher)
+    student_pipe = with_components(pipe, unet=student)
+    for validation_pipe in (teacher_pipe, student_pipe):
+        validation_pipe.set_progress_bar_config(disable=True)
+    rows = []
+    with accelerator.autocast(), torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            row = []
+            for p in (teacher_pipe, student_pipe):
+                gen = torch.Generator(device=accelerator.device).manual_seed(seed + i)
+                row.append(p(prompt, num_inference_steps=args.validation_inference_steps,
+                             guidance_scale=args.validation_guidance_scale, generator=gen,
+                             height=resolution, width=resolution).images[0])
+            rows.append(row)
+    student.train()
+    if ema is not None:
+        ema.restore(student.parameters())
+    grid = _grid(rows)
+    folder = os.path.join(output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step-{step:06d}.png")
+    with atomic_write(path) as tmp:
+        grid.save(tmp)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(grid)]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(prompts))]}, step=step)
+    _logger().info(f"validation grid (teacher | student) written to {path}")
+    return path
+
+
+def save_model_card(args: argparse.Namespace, accelerator, dataset, teacher, parameters: tuple[int, int], *,
+                    global_step: int, resolution: int, seed: int, skipped_samples: int, grid: str | None,
+                    output_dir: str):
+    """The student's model card: teacher, variant, parameter counts `(teacher, student)`, the training recipe, the
+    last validation grid and the license of the teacher's family."""
+    from .families import detect_family
+    from .hub import build_model_card
+
+    ga = args.gradient_accumulation_steps
+    recipe = {
+        "data": getattr(dataset, "description", {}),
+        "optimizer steps": global_step,
+        "batch": f"{args.train_batch_size} x {accelerator.num_processes} processes x {ga} accumulation = "
+                 f"{args.train_batch_size * accelerator.num_processes * ga}",
+        "learning rate": f"{args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)",
+        "optimizer": "AdamW 8-bit" if args.use_8bit_adam else "AdamW",
+        "resolution": resolution,
+        "lambdas (task, out, feat)": f"{args.lambda_task}, {args.lambda_out}, {args.lambda_feat}",
+        "feature pairs": args.feature_pairs,
+        "mixed precision": accelerator.mixed_precision,
+        "EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
+        "seed": seed,
+        "skipped samples": skipped_samples,
+    }
+    return build_model_card(
+        teacher=args.pretrained_model_name_or_path, variant=args.student_variant, teacher_parameters=parameters[0],
+        student_parameters=parameters[1], recipe=recipe,
+        license=getattr(detect_family(teacher.config), "license", None),
+        validation_image=os.path.relpath(grid, output_dir) if grid else None,
+        validation_prompts=list(args.validation_prompts or []),
+        repo_id=args.hub_model_id if args.push_to_hub else None)
+
+
 def _reload_components(args: argparse.Namespace, student_unet, fallback):
     """The teacher pipeline as saved (full-precision VAE / text encoder) with the student UNet."""
     from diffusers import DiffusionPipeline
@@ -321,7 +442,6 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
 
 
 def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: list) -> dict[str, Any]:
-    import numpy as np
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -330,19 +450,11 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
-    from .cache import CachedCollator, CachedSource, LatentCache, module_fingerprint, tokenizer_fingerprint
-    from .data import (
-        CaptionCollator,
-        EpochShuffleSampler,
-        HFDatasetSource,
-        ImageFolderSource,
-        ImageTransform,
-        SkippedSamples,
-        webdataset_source,
-    )
+    from .cache import module_fingerprint, tokenizer_fingerprint
+    from .data import SkippedSamples
     from .distill import BKDistiller, training_target, unwrap_model
     from .io import count_parameters, load_teacher, parse_dtype
-    from .families import check_trainer_support, default_resolution, detect_family
+    from .families import check_trainer_support, default_resolution
     from .plan import build_block_map, get_variant
     from .student import compress_unet
 
@@ -418,7 +530,8 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
     if teacher_pipeline is not None:
         pipe = teacher_pipeline
     else:
-        pipe, _ = load_teacher(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant)
+        pipe, _ = load_teacher(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                               argument="--pretrained_model_name_or_path")
         if pipe is None:
             raise ValueError(
                 f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} is a bare UNet; "
@@ -500,40 +613,11 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
     # ---- data ----
     streamed = bool(args.train_shards)
     use_cache = bool(args.latent_cache_dir)
-    transform = ImageTransform(resolution, center_crop=args.center_crop, random_flip=args.random_flip)
-    if use_cache:
-        cache = LatentCache(args.latent_cache_dir)
-        cache.check(resolution=resolution, center_crop=args.center_crop, vae_fingerprint=fingerprints["vae"],
-                    text_encoder_fingerprint=fingerprints["text_encoder"],
-                    tokenizer_fingerprint=fingerprints["tokenizer"], teacher=args.pretrained_model_name_or_path)
-        dataset = CachedSource(cache, random_flip=args.random_flip, seed=seed)
-        collate = CachedCollator()
-    elif args.train_data_dir:
-        dataset = ImageFolderSource(args.train_data_dir, transform, args.caption_column, seed, args.max_train_samples)
-        collate = CaptionCollator(tokenizer)
-    elif args.dataset_name:
-        with accelerator.main_process_first():
-            dataset = HFDatasetSource.from_name(
-                args.dataset_name, transform, dataset_config_name=args.dataset_config_name,
-                image_column=args.image_column, caption_column=args.caption_column, cache_dir=args.cache_dir,
-                seed=seed, max_train_samples=args.max_train_samples)
-        collate = CaptionCollator(tokenizer)
-    else:
-        dataset = webdataset_source(args.train_shards, transform, caption_column=args.caption_column, seed=seed,
-                                    shuffle_buffer=args.shuffle_buffer)
-        if dataset.num_shards < accelerator.num_processes:
-            raise ValueError(f"`--train_shards` has {dataset.num_shards} shard(s) for {accelerator.num_processes} "
-                             "processes; every process needs at least one shard.")
-        collate = CaptionCollator(tokenizer)
+    dataset, collate = _training_data(args, accelerator, resolution, seed, tokenizer, fingerprints)
     settings["data"] = _data_fingerprint(dataset)
     if resume_path is not None:
         _check_resume_settings(resume_state, settings, resume_path, keys=("data",))
-    loader_kwargs = dict(batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
-    if streamed:
-        train_dataloader = torch.utils.data.DataLoader(dataset, **loader_kwargs)
-    else:
-        sampler = EpochShuffleSampler(len(dataset), seed=seed)
-        train_dataloader = torch.utils.data.DataLoader(dataset, sampler=sampler, **loader_kwargs)
+    train_dataloader = _data_loader(args, dataset, collate, seed)
 
     # ---- schedule ----
     ga = args.gradient_accumulation_steps
@@ -613,43 +697,8 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
             return
         last_validation[0] = step
         if accelerator.is_main_process:
-            unwrapped = unwrap_model(student)
-            if ema is not None:
-                ema.store(unwrapped.parameters())
-                ema.copy_to(unwrapped.parameters())
-            unwrapped.eval()
-            teacher_pipe = with_components(pipe, unet=teacher)
-            student_pipe = with_components(pipe, unet=unwrapped)
-            for validation_pipe in (teacher_pipe, student_pipe):
-                validation_pipe.set_progress_bar_config(disable=True)
-            rows = []
-            with accelerator.autocast(), torch.no_grad():
-                for i, prompt in enumerate(prompts):
-                    row = []
-                    for p in (teacher_pipe, student_pipe):
-                        gen = torch.Generator(device=accelerator.device).manual_seed(seed + i)
-                        row.append(p(prompt, num_inference_steps=args.validation_inference_steps,
-                                     guidance_scale=args.validation_guidance_scale, generator=gen,
-                                     height=resolution, width=resolution).images[0])
-                    rows.append(row)
-            unwrapped.train()
-            if ema is not None:
-                ema.restore(unwrapped.parameters())
-            grid = _grid(rows)
-            folder = os.path.join(output_dir, "validation")
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"step-{step:06d}.png")
-            with atomic_write(path) as tmp:
-                grid.save(tmp)
-            last_grid[0] = path
-            for tracker in accelerator.trackers:
-                if tracker.name == "tensorboard":
-                    tracker.writer.add_images("validation", np.stack([np.asarray(grid)]), step, dataformats="NHWC")
-                elif tracker.name == "wandb":
-                    import wandb
-
-                    tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(prompts))]}, step=step)
-            logger.info(f"validation grid (teacher | student) written to {path}")
+            last_grid[0] = log_validation(pipe, teacher, unwrap_model(student), ema, accelerator, args,
+                                          seed=seed, resolution=resolution, output_dir=output_dir, step=step)
         accelerator.wait_for_everyone()
 
     # ---- checkpoints ----
@@ -903,7 +952,7 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
         last = save_checkpoint(global_step, epoch, batches_in_epoch)
     accelerator.wait_for_everyone()
     if main_process:
-        from .hub import build_model_card, push_folder, write_model_card
+        from .hub import push_folder, write_model_card
 
         unwrapped = unwrap_model(student)
         if ema is not None:
@@ -913,28 +962,9 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
         full_precision = weight_dtype == torch.float32
         final_pipe = _reload_components(args, unwrapped, pipe if full_precision or teacher_pipeline is not None
                                         else None)
-        grid = last_grid[0]
-        recipe = {
-            "data": getattr(dataset, "description", {}),
-            "optimizer steps": global_step,
-            "batch": f"{args.train_batch_size} x {accelerator.num_processes} processes x {ga} accumulation = "
-                     f"{args.train_batch_size * accelerator.num_processes * ga}",
-            "learning rate": f"{args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)",
-            "optimizer": "AdamW 8-bit" if args.use_8bit_adam else "AdamW",
-            "resolution": resolution,
-            "lambdas (task, out, feat)": f"{args.lambda_task}, {args.lambda_out}, {args.lambda_feat}",
-            "feature pairs": args.feature_pairs,
-            "mixed precision": accelerator.mixed_precision,
-            "EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
-            "seed": seed,
-            "skipped samples": len(total_skipped.reasons),
-        }
-        card = build_model_card(
-            teacher=args.pretrained_model_name_or_path, variant=args.student_variant,
-            teacher_parameters=teacher_params, license=getattr(detect_family(teacher.config), "license", None),
-            student_parameters=student_params, recipe=recipe,
-            validation_image=os.path.relpath(grid, output_dir) if grid else None, validation_prompts=prompts,
-            repo_id=args.hub_model_id if args.push_to_hub else None)
+        card = save_model_card(args, accelerator, dataset, teacher, (teacher_params, student_params),
+                               global_step=global_step, resolution=resolution, seed=seed,
+                               skipped_samples=len(total_skipped.reasons), grid=last_grid[0], output_dir=output_dir)
         try:
             with update_folder(output_dir, argument="--output_dir") as tmp:  # the model index goes last
                 final_pipe.save_pretrained(tmp, safe_serialization=True)
