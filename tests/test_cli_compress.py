@@ -64,11 +64,14 @@ def test_errors_name_the_argument(tiny_pipeline_dir, tmp_path, capsys):
     assert "`--output`" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "user data"
 
-    assert (
-        main(["compress", "--teacher", str(tiny_pipeline_dir), "--variant", "huge", "--output", str(tmp_path / "x")])
-        == 2
-    )
+    assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--student_variant", "huge",
+                 "--output", str(tmp_path / "x")]) == 2
     assert "Unknown variant 'huge'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    # `--variant` is diffusers' weight file variant: a teacher without such files says so, and nothing is written
+    assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--variant", "huge",
+                 "--output", str(tmp_path / "x")]) == 2
+    assert "variant=huge" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
     assert main(["compress", "--teacher", str(tmp_path), "--output", str(tmp_path / "y")]) == 2
