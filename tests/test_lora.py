@@ -228,7 +228,7 @@ def test_a_lora_for_another_architecture_is_refused():
 
 def test_cli_writes_a_lora_the_student_loads(peft_lora_file, tmp_path, capsys):
     out = tmp_path / "student.safetensors"
-    args = ["lora", "--teacher", "builtin:tiny-sd", "--variant", "small", "--lora", str(peft_lora_file)]
+    args = ["lora", "--teacher", "builtin:tiny-sd", "--student_variant", "small", "--lora", str(peft_lora_file)]
     assert main([*args, "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "dropped" in printed and "mid_block.attentions.0.proj_in" in printed

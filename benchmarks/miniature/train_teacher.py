@@ -175,8 +175,8 @@ def partial_captions(samples, generator: torch.Generator, p: float) -> list[str]
     own, which lets it compose combinations it never saw (the held-out prompts)."""
     keep = torch.rand(len(samples), 4, generator=generator) >= p
     return [
-        shapes.caption(*(value if k else None for value, k in zip((s.color, s.shape, s.position, s.size), row)))
-        for s, row in zip(samples, keep.tolist())
+        shapes.caption(*(v if k else None for v, k in zip((s.color, s.shape, s.position, s.size), row, strict=True)))
+        for s, row in zip(samples, keep.tolist(), strict=True)
     ]
 
 
@@ -285,7 +285,7 @@ def judge_accuracy(judge, samples, images: torch.Tensor) -> dict:
     predictions = judge.predict(to_float(images))
     result = {}
     for name in ("color", "shape", "position", "size"):
-        result[name] = float(np.mean([p[name] == getattr(s, name) for p, s in zip(predictions, samples)]))
+        result[name] = float(np.mean([p[name] == getattr(s, name) for p, s in zip(predictions, samples, strict=True)]))
     return result
 
 
@@ -299,7 +299,7 @@ def teacher_accuracy(pipe, judge, images_per_prompt: int, seed: int, **pipe_kwar
     predictions = judge.predict(generated * 2 - 1)
     wanted = [parse_caption(p) for p in prompts]
     return {
-        key: float(np.mean([all(p[k] == w[k] for k in keys) for p, w in zip(predictions, wanted)]))
+        key: float(np.mean([all(p[k] == w[k] for k in keys) for p, w in zip(predictions, wanted, strict=True)]))
         for key, keys in (
             ("color_and_shape", ("color", "shape")),
             ("position", ("position",)),

@@ -26,7 +26,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--pretrained_model_name_or_path", default="builtin:shapes-sd", help="The teacher pipeline (32 px shapes)."
     )
-    parser.add_argument("--variant", default="small", help="BK-SDM variant: base, small or tiny.")
+    parser.add_argument("--student_variant", default=None, help="BK-SDM variant: base, small (default) or tiny.")
+    parser.add_argument("--variant", default=None, help="Deprecated spelling of --student_variant.")
     parser.add_argument("--max_train_steps", type=int, default=300, help="Distillation steps.")
     parser.add_argument("--train_batch_size", type=int, default=64)
     parser.add_argument("--num_images", type=int, default=4000, help="Images in the generated training set.")
@@ -47,8 +48,12 @@ def add_parser(subparsers) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     from ..plan import get_variant
+    from ..train_args import resolve_variant_arguments
 
-    get_variant(args.variant)
+    resolve_variant_arguments(args)
+    if args.variant is not None:
+        raise ValueError(f"`--variant` {args.variant!r} is not a BK-SDM variant; the demo's teacher has one weight file.")
+    get_variant(args.student_variant)
     for name in ("max_train_steps", "train_batch_size", "num_images", "images_per_prompt", "num_inference_steps"):
         value = getattr(args, name)
         if value < 1:
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if teacher is None:
         raise ValueError(f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} is a bare UNet.")
     judge = load_judge(args.judge)
-    before = compress_pipeline(teacher, args.variant)
+    before = compress_pipeline(teacher, args.student_variant)
     judged = dict(
         real_images=world["heldout"],
         judge=judge,
@@ -126,11 +131,11 @@ def run(args: argparse.Namespace) -> int:
     }
     del before
 
-    print(f"[3/5] distilling BK-SDM-{args.variant} for {args.max_train_steps} steps (task + output KD + feature KD)")
+    print(f"[3/5] distilling BK-SDM-{args.student_variant} for {args.max_train_steps} steps (task + output KD + feature KD)")
     train_args = parse_train_args(
         [
             "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
-            "--student_variant", args.variant,
+            "--student_variant", args.student_variant,
             "--train_data_dir", world["train"],
             "--no-random_flip",  # captions say left and right
             "--train_batch_size", str(args.train_batch_size),
@@ -176,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     curve = miniature.loss_curve(os.path.join(student_dir, LOG_FILE), os.path.join(out, "loss_curve.png"))
     summary = {
         "teacher": args.pretrained_model_name_or_path,
-        "variant": args.variant,
+        "variant": args.student_variant,
         "steps": result["global_step"],
         "train_batch_size": args.train_batch_size,
         "learning_rate": args.learning_rate,

@@ -7,11 +7,13 @@ import os
 
 
 def add_parser(subparsers) -> None:
+    from ..train_args import add_variant_arguments
+
     parser = subparsers.add_parser(
         "lora",
         help="Transfer a LoRA trained on the teacher to a BK-SDM student.",
         description="Rename every LoRA layer of the teacher's UNet to the student layer copied from it (the block map "
-        "of --variant), drop the LoRA layers of removed blocks (listed), pass text-encoder LoRA layers through, and "
+        "of --student_variant), drop the LoRA layers of removed blocks (listed), pass text-encoder LoRA layers through, and "
         "write a .safetensors file that the student pipeline loads with `pipe.load_lora_weights`.",
     )
     parser.add_argument(
@@ -24,7 +26,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--subfolder", default=None, help="Read the UNet config from this subfolder (e.g. `unet`).")
     parser.add_argument("--revision", default=None, help="Hub revision of the teacher.")
-    parser.add_argument("--variant", default="small", help="BK-SDM variant: base, small, tiny or a registered name.")
+    add_variant_arguments(parser)
     parser.add_argument(
         "--lora", required=True, help="The teacher's LoRA: a .safetensors file, or a folder holding one."
     )
@@ -52,20 +54,22 @@ def _unet_config(name: str, subfolder: str | None, revision: str | None) -> dict
 def run(args: argparse.Namespace) -> int:
     from ..lora import save_lora, transfer_lora
     from ..plan import build_block_map, get_variant
+    from ..train_args import resolve_variant_arguments
 
-    get_variant(args.variant)  # fail on a bad variant before loading anything
+    resolve_variant_arguments(args)
+    get_variant(args.student_variant)  # fail on a bad variant before loading anything
     if not args.output.endswith(".safetensors"):
         raise ValueError(f"`--output` must name a .safetensors file, got {args.output!r}.")
     if os.path.exists(args.output) and not args.overwrite:
         raise ValueError(f"`--output` {args.output!r} exists; choose another file or pass --overwrite.")
     if not os.path.exists(args.lora):
         raise FileNotFoundError(f"`--lora` {args.lora!r} does not exist.")
-    block_map = build_block_map(_unet_config(args.teacher, args.subfolder, args.revision), args.variant)
+    block_map = build_block_map(_unet_config(args.teacher, args.subfolder, args.revision), args.student_variant)
     state_dict, report = transfer_lora(args.lora, block_map, weight_name=args.weight_name)
     save_lora(state_dict, args.output, report)
     print(report.summary())
     if report.dropped:
-        print(f"dropped (the {args.variant} student has no copy of these teacher layers):")
+        print(f"dropped (the {args.student_variant} student has no copy of these teacher layers):")
         for name in report.dropped:
             print(f"  {name}")
     print(f"saved student LoRA to {args.output}")
