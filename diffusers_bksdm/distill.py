@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .plan import BlockMap, RemovalPlan, config_differences, match_block_map
+from .plan import FEATURE_PAIR_SETS, BlockMap, RemovalPlan, config_differences, match_block_map
 
 __all__ = ["BKDistiller", "DistillationOutput", "training_target", "unwrap_model"]
 
@@ -194,8 +194,10 @@ class BKDistiller:
             trainer builds it once for :func:`~diffusers_bksdm.compress_unet` and the distiller). It is checked
             against both models' configs.
         lambda_task, lambda_out, lambda_feat (`float`, *optional*, default to `1.0`): weights of the three terms.
-        feature_pairs (`"bk"`, `"all"` or a list of `(teacher_module, student_module)` names, defaults to `"bk"`):
-            `"bk"` reproduces BK-SDM's pairs; `"all"` adds the mid block where both models have one; an explicit list
+        feature_pairs (`str` or a list of `(teacher_module, student_module)` names, defaults to `"bk"`):
+            `"bk"` reproduces BK-SDM's pairs; `"all"` adds the mid block where both models have one; `"self-attn"`
+            pairs the self-attention (`attn1`) outputs of every student transformer block with those of the teacher
+            block it was copied from (KOALA's feature distillation); an explicit list
             is validated (unknown module names raise; shape mismatches raise on the first batch). With an explicit
             list the teacher and student need not be related by a block map.
         normalize_features (`bool`, *optional*, defaults to `False`): divide each pair's MSE by the teacher feature's
@@ -310,8 +312,8 @@ class BKDistiller:
     def _validate_pairs(self, pairs: Any) -> list[tuple[str, str]]:
         if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or len(pairs) == 0:
             raise ValueError(
-                f"`feature_pairs` must be 'bk', 'all' or a non-empty list of (teacher_module, student_module) names, "
-                f"got {pairs!r}."
+                f"`feature_pairs` must be one of {list(FEATURE_PAIR_SETS)} or a non-empty list of (teacher_module, "
+                f"student_module) names, got {pairs!r}."
             )
         teacher_modules = dict(self.teacher.named_modules())
         student_modules = dict(self._student_module.named_modules())

@@ -32,6 +32,7 @@ __all__ = [
     "match_block_map",
     "config_differences",
     "METADATA_KEY",
+    "FEATURE_PAIR_SETS",
     "register_variant",
     "unregister_variant",
     "list_variants",
@@ -44,6 +45,10 @@ PLAN_FORMAT_VERSION = 1
 #: Config key under which a student records where it comes from. It starts with `_`, so stock diffusers loads the
 #: config without a warning and keeps the key when the model is saved again.
 METADATA_KEY = "_bksdm"
+
+#: Named feature-pair sets of :meth:`BlockMap.feature_pairs`: BK-SDM's stage outputs (`"bk"`), the same plus the
+#: mid block (`"all"`), and KOALA's self-attention outputs of every kept transformer block (`"self-attn"`).
+FEATURE_PAIR_SETS = ("bk", "all", "self-attn")
 
 # Block types whose submodule layout (`resnets`, `attentions`, `downsamplers` / `upsamplers`) the block map knows.
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
@@ -412,15 +417,21 @@ class BlockMap:
     def feature_pairs(self, which: str = "bk") -> list[tuple[str, str]]:
         """(teacher_module, student_module) pairs whose outputs feature distillation compares.
 
-        `"bk"` gives BK-SDM's pairs: every stage's block output, pairwise. A student down block that lost its
-        downsampler (the new innermost stage of tiny) is compared before downsampling instead: the last attention's
-        `proj_out` (or the last resnet when the stage has no attention). `"all"` adds the mid block where both models
-        have one.
+        - `"bk"` (the default) gives BK-SDM's pairs: every stage's block output, pairwise. A student down block that
+          lost its downsampler (the new innermost stage of tiny) is compared before downsampling instead: the last
+          attention's `proj_out` (or the last resnet when the stage has no attention).
+        - `"all"` adds the mid block where both models have one.
+        - `"self-attn"` gives KOALA's choice (its finding: self-attention features are the most useful to distil):
+          for every transformer block of the student, the output of its self-attention (`attn1`) and that of the
+          teacher transformer block it was copied from.
         """
-        if which not in ("bk", "all"):
+        if which not in FEATURE_PAIR_SETS:
             raise ValueError(
-                f"`feature_pairs` must be 'bk', 'all' or a list of (teacher, student) names, got {which!r}."
+                f"`feature_pairs` must be one of {list(FEATURE_PAIR_SETS)} or a list of (teacher, student) names, "
+                f"got {which!r}."
             )
+        if which == "self-attn":
+            return [(self.teacher_name(f"{block}.attn1"), f"{block}.attn1") for block in self.transformer_blocks()]
         pairs = []
         for stage in self.down:
             teacher_block, student_block = f"down_blocks.{stage.teacher_index}", f"down_blocks.{stage.student_index}"
@@ -440,6 +451,26 @@ class BlockMap:
             pairs.append((f"up_blocks.{stage.teacher_index}", f"up_blocks.{stage.student_index}"))
         return pairs
 
+    def transformer_blocks(self) -> list[str]:
+        """Names of the student's transformer blocks, in forward order (down blocks, mid block, up blocks), derived
+        from the student config: for each attention layer a stage keeps, the first k blocks of its stack."""
+        names = []
+        for stage in self.down:
+            if stage.has_attention:
+                depth = self._student_depth(stage.student_index)
+                for m in range(len(stage.layers)):
+                    names += [f"down_blocks.{stage.student_index}.attentions.{m}.transformer_blocks.{k}"
+                              for k in range(depth)]
+        mid_type = self._student_config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+        if self.keeps_mid_block and mid_type == "UNetMidBlock2DCrossAttn":
+            names += [f"mid_block.attentions.0.transformer_blocks.{k}" for k in range(self._student_depth(-1))]
+        for stage in self.up:
+            if stage.has_attention:
+                depth = self._student_depth(len(self.up) - 1 - stage.student_index)
+                for m in range(len(stage.layers)):
+                    names += [f"up_blocks.{stage.student_index}.attentions.{m}.transformer_blocks.{k}"
+                              for k in range(depth)]
+        return names
 
 
 def _per_stage(config: Mapping[str, Any], key: str, num_stages: int) -> list:

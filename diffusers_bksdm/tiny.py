@@ -22,6 +22,7 @@ __all__ = [
     "tiny_tokenizer",
     "tiny_scheduler",
     "tiny_pipeline",
+    "tiny_text_encoder_2",
     "BUILTIN_PREFIX",
     "builtin_teacher",
     "asset_path",
@@ -32,7 +33,7 @@ __all__ = [
 TINY_FAMILIES = ("sd-v1", "sd-v2", "sd-v2-v", "sdxl")
 BUILTIN_PREFIX = "builtin:"
 #: builtin teacher name -> tiny family
-BUILTIN_TEACHERS = {"tiny-sd": "sd-v1", "tiny-sd2": "sd-v2", "tiny-sd2-v": "sd-v2-v"}
+BUILTIN_TEACHERS = {"tiny-sd": "sd-v1", "tiny-sd2": "sd-v2", "tiny-sd2-v": "sd-v2-v", "tiny-sdxl": "sdxl"}
 #: trained teachers shipped in `diffusers_bksdm/assets` (see docs/miniature.md)
 TRAINED_TEACHERS = ("shapes-sd",)
 
@@ -94,12 +95,16 @@ def tiny_unet(family: str = "sd-v1", seed: int = 0):
     return UNet2DConditionModel.from_config(tiny_unet_config(family))
 
 
-def tiny_vae(seed: int = 0):
-    """A 2-stage AutoencoderKL (downsampling factor 2), so 16 px images give the tiny UNet's 8x8 latents."""
+def tiny_vae(seed: int = 0, family: str = "sd-v1"):
+    """A 2-stage AutoencoderKL (downsampling factor 2), so 16 px images give the tiny UNet's 8x8 latents. For
+    `"sdxl"` it carries the SDXL VAE's scaling factor (0.13025) and `force_upcast`, so the fp32 path is exercised."""
     from diffusers import AutoencoderKL
 
+    _check_family(family)
     torch.manual_seed(seed)
+    sdxl = {"scaling_factor": 0.13025, "force_upcast": True} if family == "sdxl" else {}
     return AutoencoderKL(
+        **sdxl,
         block_out_channels=[32, 64],
         in_channels=3,
         out_channels=3,
@@ -111,11 +116,10 @@ def tiny_vae(seed: int = 0):
     )
 
 
-def tiny_text_encoder(seed: int = 0):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _tiny_text_config(**extra):
+    from transformers import CLIPTextConfig
 
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         bos_token_id=0,
         eos_token_id=2,
         pad_token_id=1,
@@ -126,8 +130,25 @@ def tiny_text_encoder(seed: int = 0):
         num_hidden_layers=2,
         vocab_size=1000,
         max_position_embeddings=MAX_TOKENS,
+        **extra,
     )
-    return CLIPTextModel(config)
+
+
+def tiny_text_encoder(seed: int = 0):
+    """A 2-layer CLIP text encoder (hidden size 32) with random weights."""
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(_tiny_text_config())
+
+
+def tiny_text_encoder_2(seed: int = 0):
+    """SDXL's second text encoder in miniature: a CLIP text model with a projection (`text_embeds`, size 32) whose
+    pooled output conditions the UNet next to the penultimate hidden states of both encoders (32 + 32 = 64)."""
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed + 1)
+    return CLIPTextModelWithProjection(_tiny_text_config(projection_dim=TEXT_HIDDEN))
 
 
 def _byte_characters() -> list[str]:
@@ -185,11 +206,14 @@ class _nullcontext:
 
 
 def tiny_scheduler(family: str = "sd-v1"):
-    """The scheduler the real family ships (PNDM for SD v1/v2-base, DDIM with v-prediction for SD v2 768)."""
-    from diffusers import DDIMScheduler, PNDMScheduler
+    """The scheduler the real family ships (PNDM for SD v1/v2-base, DDIM with v-prediction for SD v2 768, Euler for
+    SDXL)."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
     _check_family(family)
     common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    if family == "sdxl":
+        return EulerDiscreteScheduler(**common, steps_offset=1, timestep_spacing="leading")
     if family == "sd-v2-v":
         return DDIMScheduler(
             **common, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction"
@@ -198,12 +222,21 @@ def tiny_scheduler(family: str = "sd-v1"):
 
 
 def tiny_pipeline(family: str = "sd-v1", seed: int = 0):
-    """A complete tiny `StableDiffusionPipeline` (16x16 images, 8x8 latents) with random weights."""
-    from diffusers import StableDiffusionPipeline
+    """A complete tiny pipeline (16x16 images, 8x8 latents) with random weights: a `StableDiffusionPipeline`, or for
+    `"sdxl"` a `StableDiffusionXLPipeline` with two text encoders and tokenizers."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    _check_family(family)
     if family == "sdxl":
-        raise ValueError(
-            "tiny_pipeline builds Stable Diffusion v1/v2 pipelines; use tiny_unet('sdxl') for SDXL UNets."
+        return StableDiffusionXLPipeline(
+            vae=tiny_vae(seed, family),
+            text_encoder=tiny_text_encoder(seed),
+            text_encoder_2=tiny_text_encoder_2(seed),
+            tokenizer=tiny_tokenizer(),
+            tokenizer_2=tiny_tokenizer(),
+            unet=tiny_unet(family, seed),
+            scheduler=tiny_scheduler(family),
+            force_zeros_for_empty_prompt=True,
         )
     return StableDiffusionPipeline(
         vae=tiny_vae(seed),
