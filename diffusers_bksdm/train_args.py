@@ -66,8 +66,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     model.add_argument("--lambda_task", type=float, default=1.0, help="Weight of the task (denoising) loss.")
     model.add_argument("--lambda_out", type=float, default=1.0, help="Weight of the output-level KD loss.")
     model.add_argument("--lambda_feat", type=float, default=1.0, help="Weight of the feature-level KD loss.")
-    model.add_argument("--feature_pairs", type=str, default="bk", choices=["bk", "all"],
-                       help="bk: BK-SDM's feature pairs; all: also the mid block where both UNets have one.")
+    model.add_argument("--feature_pairs", type=str, default="bk", choices=["bk", "all", "self-attn"],
+                       help="bk: BK-SDM's feature pairs; all: also the mid block where both UNets have one; "
+                            "self-attn: KOALA's, the self-attention output of every kept transformer block.")
     model.add_argument("--student_init", type=str, default="teacher", choices=["teacher", "random"],
                        help="Initialise the student from the teacher's weights (BK-SDM) or at random (ablation).")
     model.add_argument("--normalize_features", action="store_true",
