@@ -8,6 +8,7 @@ Rows (equal steps, batch, learning rate and seeds for every row):
 - small (b): teacher init + task loss only;
 - small (c): random init + task + output KD + feature KD;
 - small (d): (a) with `--normalize_features`;
+- small (e): (a) with KOALA's feature pairs (`--feature_pairs self-attn`: every self-attention output);
 - base (a) and tiny (a);
 - the teacher itself.
 
@@ -34,6 +35,7 @@ ROWS = {
     "small (b) task loss only": ("small", ["--lambda_out", "0", "--lambda_feat", "0"]),
     "small (c) random init + KD": ("small", ["--student_init", "random"]),
     "small (d) (a) + normalized features": ("small", ["--normalize_features"]),
+    "small (e) (a) with self-attention pairs (KOALA)": ("small", ["--feature_pairs", "self-attn"]),
     "base (a) BK-SDM": ("base", []),
     "tiny (a) BK-SDM": ("tiny", []),
 }
