@@ -101,10 +101,32 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> tuple[torch.Tensor, bool]:
         """Returns `(pixel_values, flipped)`: a `(3, resolution, resolution)` float tensor in [-1, 1]."""
+        sample = self.apply(image, rng)
+        return sample["pixel_values"], sample["flip"]
+
+    def apply(self, image: Image.Image, rng: random.Random | None = None) -> dict[str, Any]:
+        """The transformed sample with what SDXL's size conditioning needs: `pixel_values`, `flip`,
+        `original_size` (height, width of the source image) and `crop_top_left` (top, left of the crop in the resized
+        image, as the model sees it: mirrored when the crop is flipped). Draws from `rng` in the same order as
+        :meth:`__call__`."""
+        original_size = (image.size[1], image.size[0])
         image = self.resize(image)
-        image = image.crop(self.crop_box(image, rng))
+        resized_width = image.size[0]
+        box = self.crop_box(image, rng)
+        image = image.crop(box)
         flipped = bool(self.random_flip and rng is not None and rng.random() < 0.5)
-        return to_tensor(image, flip=flipped), flipped
+        return {
+            "pixel_values": to_tensor(image, flip=flipped),
+            "flip": flipped,
+            "original_size": original_size,
+            "crop_top_left": crop_top_left(resized_width, box[0], box[1], self.resolution, flipped),
+        }
+
+
+def crop_top_left(image_width: int, left: int, top: int, size: int, flipped: bool) -> tuple[int, int]:
+    """(top, left) of a `size` crop at `left` of an image `image_width` wide, seen after an optional horizontal flip
+    of the crop: flipping the crop equals cropping the flipped image at `image_width - left - size`."""
+    return (top, image_width - left - size if flipped else left)
 
 
 def to_tensor(image: Image.Image, flip: bool = False) -> torch.Tensor:
@@ -190,9 +212,8 @@ class _MapSource(torch.utils.data.Dataset):
             except Exception as error:  # noqa: BLE001 - any unreadable sample is skipped and reported
                 skipped.append((name, f"{type(error).__name__}: {error}"))
                 continue
-            pixel_values, flipped = self.transform(image, sample_rng(self.seed, epoch, name))
-            return {"pixel_values": pixel_values, "caption": caption, "flip": flipped, "key": name,
-                    "index": current, "skipped": skipped}
+            sample = self.transform.apply(image, sample_rng(self.seed, epoch, name))
+            return {**sample, "caption": caption, "key": name, "index": current, "skipped": skipped}
         raise RuntimeError(
             f"{len(skipped)} samples in a row from index {index} are unreadable (last: {skipped[-1]}); check the data."
         )
@@ -432,9 +453,8 @@ class _WebDatasetDecoder:
             except Exception as error:  # noqa: BLE001 - any unreadable sample is skipped and reported
                 pending.append((key, f"{type(error).__name__}: {error}"))
                 continue
-            pixel_values, flipped = self.transform(image, sample_rng(self.seed, self.epoch_ref(), key))
-            yield {"pixel_values": pixel_values, "caption": caption, "flip": flipped, "key": key, "index": -1,
-                   "skipped": pending}
+            sample = self.transform.apply(image, sample_rng(self.seed, self.epoch_ref(), key))
+            yield {**sample, "caption": caption, "key": key, "index": -1, "skipped": pending}
             pending = []
         if pending:
             # reported at the end of the stream, with an empty sample that the collator drops
@@ -550,12 +570,17 @@ class _SeededSampleShuffle:
 class CaptionCollator:
     """Stacks samples into a batch and tokenizes the captions.
 
+    A batch holds `pixel_values`, `captions`, `flip`, `original_sizes` and `crops_top_left` (one `(height, width)` and
+    one `(top, left)` row per sample, for SDXL's `time_ids`), and `input_ids` (and `input_ids_2`) when tokenizers are
+    given.
+
     Args:
         tokenizer (*optional*): a `CLIPTokenizer`; `None` keeps the captions untokenized.
+        tokenizer_2 (*optional*): SDXL's second tokenizer.
     """
 
-    def __init__(self, tokenizer=None):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer=None, tokenizer_2=None):
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         skipped = [s for sample in samples for s in sample["skipped"]]
@@ -567,10 +592,14 @@ class CaptionCollator:
             batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples]).contiguous()
         else:
             batch["pixel_values"] = torch.zeros(0)
+        for name, key in (("original_sizes", "original_size"), ("crops_top_left", "crop_top_left")):
+            batch[name] = torch.tensor([list(s[key]) for s in samples], dtype=torch.long).reshape(-1, 2)
         captions = [s["caption"] for s in samples]
         batch["captions"] = captions
         if self.tokenizer is not None:
             batch["input_ids"] = tokenize(self.tokenizer, captions)
+        if self.tokenizer_2 is not None:
+            batch["input_ids_2"] = tokenize(self.tokenizer_2, captions)
         return batch
 
 
