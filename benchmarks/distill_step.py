@@ -15,7 +15,9 @@ before each step through `/proc/self/clear_refs` (Linux), measured in a child pr
 peak); where that is unavailable the memory figures are skipped and the report says so.
 
 The default model is the real SD v1.4 UNet config with `block_out_channels [64, 128, 256, 256]` and 32x32 latents
-(seconds on a CPU); `--real-size` uses the real config (64x64 latents), for a GPU.
+(seconds on a CPU); `--real-size` uses the real config (64x64 latents), for a GPU. `--config sdxl-base-1.0` (with
+`--variant koala-700m` or `koala-1b`) does the same for SDXL: the UNet takes `added_cond_kwargs` (pooled text
+embeddings, time ids), 128x128 latents at real size; `--feature_pairs self-attn` measures KOALA's pair set.
 
 Run: `python benchmarks/distill_step.py --variant small --threads 1 --batch 2 --repeats 15` (CPU; one thread makes the
 process CPU time a steady figure on a shared machine), or on a GPU:
@@ -44,18 +46,31 @@ from diffusers_bksdm import BKDistiller, compress_unet
 MMAP_THRESHOLD = "65536"
 
 
-def unet_config(real_size: bool) -> dict:
-    config = json.loads(resources.files("diffusers_bksdm").joinpath("configs/sd-v1-4.json").read_text())
+def unet_config(real_size: bool, name: str = "sd-v1-4") -> dict:
+    config = json.loads(resources.files("diffusers_bksdm").joinpath(f"configs/{name}.json").read_text())
     if not real_size:
-        config["block_out_channels"] = [64, 128, 256, 256]
+        narrow = [64, 128, 256, 256][: len(config["block_out_channels"])]
+        config["block_out_channels"] = narrow
         config["sample_size"] = 32
+        if isinstance(config.get("attention_head_dim"), list):  # SDXL: keep 64-wide heads
+            config["attention_head_dim"] = [max(1, c // 64) for c in narrow]
     return config
+
+
+def added_conditioning(config: dict, batch: int, g: torch.Generator, device: torch.device) -> dict | None:
+    """SDXL's `added_cond_kwargs` (pooled text embeddings and the 6 time ids), or None for SD."""
+    if config.get("addition_embed_type") != "text_time":
+        return None
+    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    return {"text_embeds": torch.randn(batch, pooled, generator=g).to(device),
+            "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch).to(device)}
 
 
 def build(args, device: torch.device):
     torch.manual_seed(0)
-    config = unet_config(args.real_size)
-    teacher = UNet2DConditionModel.from_config(config).to(device)
+    config = unet_config(args.real_size, args.config)
+    with torch.device(device):  # initialised where it runs (seconds on a GPU for SDXL's 2.6B parameters)
+        teacher = UNet2DConditionModel.from_config(config)
     student = compress_unet(teacher, args.variant)
     teacher.requires_grad_(False).eval()
     if args.teacher_dtype == "fp16":
@@ -73,26 +88,28 @@ def build(args, device: torch.device):
         torch.randint(0, 1000, (args.batch,), generator=g).to(device),
         torch.randn(args.batch, 77, config["cross_attention_dim"], generator=g).to(device),
         torch.randn(args.batch, 4, size, size, generator=g).to(device),
+        added_conditioning(config, args.batch, g, device),
     )
     return teacher, student, optimizer, batch
 
 
-def make_steps(teacher, student, optimizer, batch):
-    kd = BKDistiller(teacher, student)
-    noisy, timesteps, text, target = batch
+def make_steps(teacher, student, optimizer, batch, feature_pairs: str = "bk"):
+    kd = BKDistiller(teacher, student, feature_pairs=feature_pairs)
+    noisy, timesteps, text, target, added = batch
     t_dtype = next(teacher.parameters()).dtype
+    t_added = None if added is None else {k: v.to(t_dtype) for k, v in added.items()}
 
     def plain():
         with torch.no_grad():
-            teacher(noisy.to(t_dtype), timesteps, text.to(t_dtype), return_dict=False)
-        pred = student(noisy, timesteps, text, return_dict=False)[0]
+            teacher(noisy.to(t_dtype), timesteps, text.to(t_dtype), added_cond_kwargs=t_added, return_dict=False)
+        pred = student(noisy, timesteps, text, added_cond_kwargs=added, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), target.float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def distill():
-        out = kd(noisy, timesteps, text, target)
+        out = kd(noisy, timesteps, text, target, added_cond_kwargs=added)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -139,7 +156,7 @@ def _reset_peak_rss() -> None:
 def memory_steps(steps: dict, repeats: int, device: torch.device) -> dict:
     """For each step: median of (peak during the step - memory before it) and of the absolute peak, in MiB."""
     result = {name: {"growth": [], "peak": []} for name in steps}
-    for name, fn in steps.items():  # warm up: optimizer state, allocator pools
+    for fn in steps.values():  # warm up: optimizer state, allocator pools
         fn()
     for _ in range(repeats):
         for name, fn in steps.items():
@@ -179,7 +196,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--memory-repeats", type=int, default=3)
-    parser.add_argument("--real-size", action="store_true", help="the real SD v1.4 UNet and 64x64 latents")
+    parser.add_argument("--real-size", action="store_true", help="the real UNet config and its native latent size")
+    parser.add_argument("--config", default="sd-v1-4", choices=["sd-v1-4", "sd-v2-1-base", "sdxl-base-1.0"])
+    parser.add_argument("--feature_pairs", default="bk", choices=["bk", "all", "self-attn"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--teacher-dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -192,7 +211,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     teacher, student, optimizer, batch = build(args, device)
-    steps, kd = make_steps(teacher, student, optimizer, batch)
+    steps, kd = make_steps(teacher, student, optimizer, batch, args.feature_pairs)
 
     if args.memory_child:
         print(json.dumps(memory_steps(steps, args.memory_repeats, device)))
@@ -216,12 +235,13 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "model": "SD v1.4 UNet" + ("" if args.real_size else ", block_out_channels [64, 128, 256, 256]"),
-        "latent": unet_config(args.real_size)["sample_size"],
+        "model": f"{args.config} UNet" + ("" if args.real_size else ", narrowed (block_out_channels 64-256)"),
+        "latent": unet_config(args.real_size, args.config)["sample_size"],
         "variant": args.variant,
         "batch": args.batch,
         "teacher_dtype": args.teacher_dtype,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "feature_pair_set": args.feature_pairs,
         "feature_pairs": len(kd.feature_pairs),
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
         "student_params": sum(p.numel() for p in student.parameters()),
