@@ -1,12 +1,13 @@
 """diffusers-bksdm: BK-SDM block removal and knowledge distillation for diffusers UNets.
 
-Importing the package is cheap: training, evaluation and the command line load only when first used.
+Importing the package is cheap (no torch, no diffusers): the block plans load at once; students, training,
+evaluation and the command line load when first used.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -21,15 +22,16 @@ from .plan import (  # noqa: E402
     register_variant,
     unregister_variant,
 )
-from .student import (  # noqa: E402
-    BKUNet2DConditionModel,
-    compress_pipeline,
-    compress_unet,
-    student_info,
-)
 
-# name -> module, imported on first access
+if TYPE_CHECKING:  # for type checkers and editors; at run time these load on first access
+    from .student import BKUNet2DConditionModel, compress_pipeline, compress_unet, student_info  # noqa: F401
+
+# name -> module, imported on first access (`student` imports torch and diffusers)
 _LAZY = {
+    "BKUNet2DConditionModel": "student",
+    "compress_pipeline": "student",
+    "compress_unet": "student",
+    "student_info": "student",
     "BKDistiller": "distill",
     "DistillationOutput": "distill",
     "training_target": "distill",
@@ -55,10 +57,6 @@ __all__ = [
     "match_block_map",
     "register_variant",
     "unregister_variant",
-    "BKUNet2DConditionModel",
-    "compress_pipeline",
-    "compress_unet",
-    "student_info",
     *_LAZY,
 ]
 

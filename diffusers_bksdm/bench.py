@@ -15,6 +15,7 @@ Everything can be built from a UNet config alone (random weights), so the report
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -60,9 +61,10 @@ SHIPPED_CONFIGS = {
 _WEIGHT_OPS = ("convolution", "_convolution", "convolution_backward", "addmm", "mm", "linear")
 
 
-def load_config(name_or_path: str | os.PathLike, argument: str = "--teacher_config") -> dict[str, Any]:
+def load_config(name_or_path: str | os.PathLike, argument: str = "name_or_path") -> dict[str, Any]:
     """A config dict from a JSON file, a folder holding `config.json`, or a shipped name (see :data:`SHIPPED_CONFIGS`
-    and the other files of `diffusers_bksdm/configs`, e.g. `sd-v1-4-vae`)."""
+    and the other files of `diffusers_bksdm/configs`, e.g. `sd-v1-4-vae`). `argument` is how errors name
+    `name_or_path` (a command passes its flag)."""
     name = os.fspath(name_or_path)
     if os.path.isdir(name):
         name = os.path.join(name, "config.json")
@@ -84,7 +86,8 @@ class BenchmarkSettings:
     """What to measure.
 
     Args:
-        resolution (`int`, *optional*, defaults to 512): image height and width.
+        resolution (`int`, *optional*): image height and width. By default the teacher's native size: its UNet's
+            `sample_size` times the VAE scale factor (512 for SD v1, 768 for SD v2.1, 16 for `builtin:tiny-sd`).
         batch_size (`int`, *optional*, defaults to 1): images per call; the UNet sees twice as many samples with
             classifier-free guidance.
         cfg (`bool`, *optional*, defaults to `True`): double the UNet batch as classifier-free guidance does.
@@ -96,7 +99,7 @@ class BenchmarkSettings:
         dtype (`torch.dtype`, *optional*): defaults to float16 on CUDA and float32 elsewhere.
     """
 
-    resolution: int = 512
+    resolution: int | None = None
     batch_size: int = 1
     cfg: bool = True
     repeats: int = 5
@@ -109,12 +112,13 @@ class BenchmarkSettings:
     def __post_init__(self):
         for name in ("resolution", "batch_size", "repeats"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`--{name}` must be a positive integer, got {value!r}.")
+            if (name != "resolution" or value is not None) and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be a positive integer{' or None' if name == 'resolution' else ''}, "
+                                 f"got {value!r}.")
         for name in ("warmup", "steps", "pipeline_repeats"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                raise ValueError(f"`--{name}` must be a non-negative integer, got {value!r}.")
+                raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
         if self.dtype is None:
             self.dtype = torch.float16 if torch.device(self.device).type == "cuda" else torch.float32
 
@@ -296,25 +300,52 @@ def _synchronize(device: torch.device) -> None:
 
 
 def measure_latency(
-    calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1, device: str | torch.device = "cpu"
+    calls: Mapping[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    device: str | torch.device = "cpu",
+    desc: str | None = None,
 ) -> dict[str, list[float]]:
     """Time several callables side by side: `warmup` untimed rounds, then `repeats` rounds in which every callable
-    runs once, in an order rotated each round so that none always runs first. Returns the seconds of each run."""
+    runs once, in an order rotated each round so that none always runs first. Returns the seconds of each run.
+
+    With `desc`, a progress bar (on stderr) counts the calls and names the round and the model running.
+    """
     device = torch.device(device)
     names = list(calls)
     times: dict[str, list[float]] = {name: [] for name in names}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for name in names:
-                calls[name]()
-        _synchronize(device)
-        for r in range(repeats):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                _synchronize(device)
-                start = time.perf_counter()
-                calls[name]()
-                _synchronize(device)
-                times[name].append(time.perf_counter() - start)
+    bar = None
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=(warmup + repeats) * len(names), desc=desc, unit="call", leave=False)
+
+    def run(name: str, label: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(f"{label}: {name}", refresh=False)
+        calls[name]()
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        with torch.inference_mode():
+            for w in range(warmup):
+                for name in names:
+                    run(name, f"warm-up {w + 1}/{warmup}")
+            _synchronize(device)
+            for r in range(repeats):
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    _synchronize(device)
+                    start = time.perf_counter()
+                    calls[name]()
+                    _synchronize(device)
+                    times[name].append(time.perf_counter() - start)
+                    if bar is not None:  # outside the timed span
+                        bar.set_postfix_str(f"round {r + 1}/{repeats}: {name}", refresh=False)
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     return times
 
 
@@ -358,19 +389,22 @@ class _Teacher:
     source: str
 
 
-def _teacher_from_config(teacher_config, vae_config, text_encoder_config, measure: bool) -> _Teacher:
-    unet_config = dict(teacher_config) if isinstance(teacher_config, Mapping) else load_config(teacher_config)
+def _teacher_from_config(teacher_config, vae_config, text_encoder_config, measure: bool, names) -> _Teacher:
+    unet_config = (
+        dict(teacher_config) if isinstance(teacher_config, Mapping)
+        else load_config(teacher_config, names("teacher_config"))
+    )  # fmt: skip
     unet_config = {k: v for k, v in unet_config.items() if k != "_bksdm"}
     family, closest = detect_family(unet_config), closest_family(unet_config)
     if vae_config is None and closest is not None:
         vae_config = closest.vae_config  # SD v1.x and v2.x share the VAE architecture
     if isinstance(vae_config, (str, os.PathLike)):
-        vae_config = load_config(vae_config, "--vae_config")
+        vae_config = load_config(vae_config, names("vae_config"))
     text_config = text_encoder_config
     if text_config is None and family is not None:
         text_config = family.text_encoder()
     if isinstance(text_config, (str, os.PathLike)):
-        text_config = load_config(text_config, "--text_encoder_config")
+        text_config = load_config(text_config, names("text_encoder_config"))
     pipe = unet = None
     if measure:
         torch.manual_seed(0)
@@ -381,10 +415,10 @@ def _teacher_from_config(teacher_config, vae_config, text_encoder_config, measur
     return _Teacher(unet_config, pipe, unet, text_params, decoder_params, vae_factor, source)
 
 
-def _teacher_from_model(teacher: str) -> _Teacher:
+def _teacher_from_model(teacher: str, names) -> _Teacher:
     from .io import load_teacher
 
-    pipe, unet = load_teacher(teacher)
+    pipe, unet = load_teacher(teacher, argument=names("teacher"))
     unet_config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     params = component_parameters(pipe) if pipe is not None else {}
     vae = getattr(pipe, "vae", None)
@@ -394,7 +428,9 @@ def _teacher_from_model(teacher: str) -> _Teacher:
     )
 
 
-def _time_pipelines(teacher: _Teacher, entries, settings: BenchmarkSettings) -> dict[str, list[float]]:
+def _time_pipelines(
+    teacher: _Teacher, entries, settings: BenchmarkSettings, progress: bool = False
+) -> dict[str, list[float]]:
     device = torch.device(settings.device)
     for component in teacher.pipe.components.values():
         if isinstance(component, torch.nn.Module):
@@ -414,7 +450,8 @@ def _time_pipelines(teacher: _Teacher, entries, settings: BenchmarkSettings) -> 
 
     logger.info("Timing %d pipelines: %d steps", len(pipes), settings.steps)
     calls = {name: call(pipe) for name, pipe in pipes.items()}
-    return measure_latency(calls, settings.pipeline_repeats or 1, min(settings.warmup, 1), device)
+    return measure_latency(calls, settings.pipeline_repeats or 1, min(settings.warmup, 1), device,
+                           desc="pipeline latency" if progress else None)
 
 
 def benchmark(
@@ -427,6 +464,8 @@ def benchmark(
     vae_config: str | Mapping[str, Any] | None = None,
     text_encoder_config: str | Mapping[str, Any] | None = None,
     measure: bool = True,
+    progress: bool = False,
+    argument_names: Mapping[str, str] | None = None,
 ) -> BenchmarkReport:
     """Measure a teacher and its students side by side.
 
@@ -442,6 +481,11 @@ def benchmark(
         vae_config, text_encoder_config (*optional*): override the VAE / text encoder built in config mode.
         measure (`bool`, *optional*, defaults to `True`): time the models; with `False` only parameters and MACs are
             computed (in config mode on the meta device only: no memory, about a second).
+        progress (`bool`, *optional*, defaults to `False`): progress bars (stderr) over the timed calls, naming the
+            round and the model.
+        argument_names (`Mapping[str, str]`, *optional*): how errors name the arguments (`teacher`,
+            `teacher_config`, `variants`, `students`, `vae_config`, `text_encoder_config`, `resolution`); a command
+            passes its flags. By default the Python names.
 
     Returns:
         `BenchmarkReport`: the teacher first, then the students.
@@ -455,28 +499,41 @@ def benchmark(
     """
     from diffusers import UNet2DConditionModel
 
+    from ._quiet import silence_library_noise
     from .student import BKUNet2DConditionModel, compress_unet
 
+    def names(key: str) -> str:
+        return (argument_names or {}).get(key, key)
+
     if (teacher is None) == (teacher_config is None):
-        raise ValueError("Pass exactly one of `--teacher` (a model) and `--teacher_config` (a UNet config).")
+        raise ValueError(f"Pass exactly one of `{names('teacher')}` (a model) and `{names('teacher_config')}` (a UNet "
+                         "config).")
     if students and variants:
-        raise ValueError("Pass either `--variants` or `--student`, not both.")
+        raise ValueError(f"Pass either `{names('variants')}` or `{names('students')}`, not both.")
+    silence_library_noise()
     settings = settings or BenchmarkSettings()
     device = torch.device(settings.device)
     if teacher_config is not None:
-        base = _teacher_from_config(teacher_config, vae_config, text_encoder_config, measure)
+        base = _teacher_from_config(teacher_config, vae_config, text_encoder_config, measure, names)
     else:
-        base = _teacher_from_model(teacher)
+        base = _teacher_from_model(teacher, names)
+    if settings.resolution is None:  # the teacher's native size
+        sample_size = base.unet_config.get("sample_size") or 64
+        native = int(sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size) * base.vae_factor
+        settings = dataclasses.replace(settings, resolution=native)
+        logger.info("Resolution %d: the teacher's native size (UNet sample_size x VAE factor %d)", native,
+                    base.vae_factor)
     if settings.resolution % base.vae_factor:
         raise ValueError(
-            f"`--resolution` must be a multiple of {base.vae_factor} (the VAE factor), got {settings.resolution}."
+            f"`{names('resolution')}` must be a multiple of {base.vae_factor} (the VAE factor), got "
+            f"{settings.resolution}."
         )
     latent = settings.resolution // base.vae_factor
 
     entries: list[tuple[str, dict[str, Any], Any]] = []  # (name, UNet config, UNet module or None)
     if students:
         for name, path in students.items():
-            student_unet = _load_student_unet(path, settings.dtype)
+            student_unet = _load_student_unet(path, settings.dtype, names("students"))
             entries.append((name, dict(student_unet.config), student_unet))
     else:
         for variant in variants or default_variants(base.unet_config):
@@ -500,10 +557,11 @@ def benchmark(
         inputs = unet_inputs(base.unet_config, settings.unet_batch, latent, device, settings.dtype)
         calls = {name: (lambda u=unet: u(**inputs)) for name, unet in unets.items()}
         logger.info("Timing %d UNets: %d warm-up + %d rounds", len(calls), settings.warmup, settings.repeats)
-        times = measure_latency(calls, settings.repeats, settings.warmup, device)
+        times = measure_latency(calls, settings.repeats, settings.warmup, device,
+                                desc="UNet latency" if progress else None)
         pipe_times = {}
         if settings.steps and base.pipe is not None:
-            pipe_times = _time_pipelines(base, entries, settings)
+            pipe_times = _time_pipelines(base, entries, settings, progress)
         elif settings.steps:
             logger.warning("No text encoder / VAE for this teacher: whole-pipeline latency is not measured.")
         for row in rows:
@@ -553,13 +611,13 @@ def _meta_component_params(vae_cfg, text_cfg) -> tuple[int | None, int | None]:
     return text_params, decoder_params
 
 
-def _load_student_unet(path: str, dtype: torch.dtype | None):
+def _load_student_unet(path: str, dtype: torch.dtype | None, argument: str = "students"):
     from diffusers import UNet2DConditionModel
 
     subfolder = "unet" if os.path.isfile(os.path.join(path, "model_index.json")) else None
     if os.path.isdir(path) and subfolder is None and not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(
-            f"`--student` {path!r} is neither a UNet folder (config.json) nor a pipeline (model_index.json)."
+            f"`{argument}` {path!r} is neither a UNet folder (config.json) nor a pipeline (model_index.json)."
         )
     return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, use_safetensors=True)
 

@@ -83,6 +83,8 @@ def build_cache(
     teacher: str | None = None,
     overwrite: bool = False,
     fingerprints: dict[str, str] | None = None,
+    argument: str = "output",
+    progress_bar: bool = True,
 ) -> dict[str, Any]:
     """Encode every sample of a map-style source (:class:`~diffusers_bksdm.data.ImageFolderSource` or
     :class:`~diffusers_bksdm.data.HFDatasetSource`) into a cache folder.
@@ -98,6 +100,8 @@ def build_cache(
         teacher (`str`, *optional*): the teacher's name, recorded for the error messages.
         fingerprints (`dict`, *optional*): precomputed `{"vae", "text_encoder"}` fingerprints of the weights as
             loaded (pass them when the models were cast after loading).
+        argument (`str`, *optional*, defaults to `"output"`): how errors name `output` (a command passes its flag).
+        progress_bar (`bool`, *optional*, defaults to `True`): a progress bar over the samples (stderr).
 
     Returns:
         `dict`: the cache index (also written to `index.json`).
@@ -109,16 +113,21 @@ def build_cache(
     if not source.transform.center_crop:
         raise ValueError("`source.transform.center_crop` is False: a latent cache needs center-cropped images "
                          "(random crops cannot be cached).")
-    for argument, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{argument}` must be an integer >= 1, got {value!r}.")
+            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
     fingerprints = dict(fingerprints or {})
     fingerprints.setdefault("vae", module_fingerprint(vae))
     fingerprints.setdefault("text_encoder", module_fingerprint(text_encoder))
     skipped = SkippedSamples()
     keys: list[str] = []
     shards: list[dict[str, Any]] = []
-    with atomic_directory(output, overwrite=overwrite, argument="--cache_dir") as tmp:
+    bar = None
+    with atomic_directory(output, overwrite=overwrite, argument=argument) as tmp:
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(source), desc="encoding", unit="sample", dynamic_ncols=True)
         buffer: dict[str, list[torch.Tensor]] = {name: [] for name in TENSOR_NAMES}
 
         def flush_shard():
@@ -140,6 +149,8 @@ def build_cache(
             for name, value in zip(TENSOR_NAMES, (mean, std, mean_flip, std_flip, hidden), strict=True):
                 buffer[name].append(value.float().cpu())
             keys.extend(k for k, _, _ in batch)
+            if bar is not None:
+                bar.update(len(batch))
 
         pending: list[tuple[str, torch.Tensor, str]] = []
         in_shard = 0
@@ -149,6 +160,8 @@ def build_cache(
                 image, caption = source.read(index)
             except Exception as error:  # noqa: BLE001 - unreadable samples are skipped and reported
                 skipped.update([(key, f"{type(error).__name__}: {error}")])
+                if bar is not None:
+                    bar.update(1)
                 continue
             pixels, _ = source.transform(image, None)
             pending.append((key, pixels, caption))
@@ -159,7 +172,7 @@ def build_cache(
                 if in_shard == shard_size:
                     flush_shard()
                     in_shard = 0
-            if index and index % 1000 == 0:
+            if bar is None and index and index % 1000 == 0:
                 logger.info("cache: %d / %d samples encoded", index, len(source))
         if pending:
             encode(pending)
@@ -186,6 +199,8 @@ def build_cache(
         }
         with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=1)
+    if bar is not None:
+        bar.close()
     if skipped.total:
         logger.warning("cache: %s", skipped.summary())
     logger.info("cache: %d samples in %d shard(s) written to %s", len(keys), len(shards), output)
@@ -204,22 +219,25 @@ class LatentCache:
 
     Args:
         path (`str`): the folder.
+        argument (`str`, *optional*, defaults to `"path"`): how errors name `path` (the trainer passes its flag,
+            `--latent_cache_dir`).
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, argument: str = "path"):
         index_path = os.path.join(path, INDEX_FILE)
         if not os.path.isfile(index_path):
             raise FileNotFoundError(
-                f"`--latent_cache_dir` {path!r} is not a latent cache (no {INDEX_FILE}); build one with `bksdm cache`."
+                f"`{argument}` {path!r} is not a latent cache (no {INDEX_FILE}); build one with `bksdm cache`."
             )
         with open(index_path, encoding="utf-8") as f:
             self.index = json.load(f)
         if self.index.get("format") != CACHE_FORMAT:
             raise ValueError(
-                f"`--latent_cache_dir` {path!r} has cache format {self.index.get('format')!r}; this version reads "
+                f"`{argument}` {path!r} has cache format {self.index.get('format')!r}; this version reads "
                 f"format {CACHE_FORMAT}. Rebuild it with `bksdm cache`."
             )
         self.path = path
+        self.argument = argument
         self.keys: list[str] = self.index["keys"]
         self.offsets: list[int] = []
         total = 0
@@ -249,9 +267,9 @@ class LatentCache:
         fp = self.fingerprint
         problems = []
         if int(resolution) != fp["resolution"]:
-            problems.append(f"it was built at --resolution {fp['resolution']}, the run uses {resolution}")
+            problems.append(f"it was built at resolution {fp['resolution']}, the run uses {resolution} (`resolution`)")
         if not center_crop:
-            problems.append("the run asks for random crops (--no-center_crop), a cache holds center crops only")
+            problems.append("the run asks for random crops (`center_crop` False), a cache holds center crops only")
         built_with = f" (built with teacher {self.index.get('teacher')!r})" if self.index.get("teacher") else ""
         for what, expected in (("VAE", vae_fingerprint), ("text encoder", text_encoder_fingerprint),
                                ("tokenizer", tokenizer_fingerprint)):
@@ -261,7 +279,7 @@ class LatentCache:
                                 f"{' ' + repr(teacher) if teacher else ''}{built_with}")
         if problems:
             raise ValueError(
-                f"`--latent_cache_dir` {self.path!r} does not match this run: " + "; ".join(problems)
+                f"`{self.argument}` {self.path!r} does not match this run: " + "; ".join(problems)
                 + ". Rebuild it with `bksdm cache` for this teacher and resolution."
             )
 

@@ -1,4 +1,8 @@
-"""The `bksdm` command line."""
+"""The `bksdm` command line.
+
+Parsing imports nothing heavy (no torch, no diffusers): `bksdm --help` and `bksdm <command> --help` answer at once.
+A subcommand imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,24 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 from .commands import command_modules
+from .commands._flags import HelpFormatter
+
+__all__ = ["build_parser", "main", "setup_logging"]
+
+#: loggers whose INFO lines are noise at the command line (accelerate logs every checkpoint it saves or loads)
+QUIET_LOGGERS = ("accelerate",)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="bksdm", description="BK-SDM compression and distillation for diffusers.")
+    parser = argparse.ArgumentParser(
+        prog="bksdm", description="BK-SDM compression and distillation for diffusers.", allow_abbrev=False,
+        formatter_class=HelpFormatter,
+    )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"diffusers-bksdm {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in command_modules():
@@ -21,13 +35,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _TqdmHandler(logging.Handler):
+    """Writes log lines to stderr above the progress bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """INFO lines of this package written above progress bars, accelerate's per-checkpoint INFO lines hidden, and the
+    library notices that are noise for us silenced (:func:`diffusers_bksdm._quiet.silence_library_noise`)."""
+    from ._quiet import silence_library_noise
+
+    root = logging.getLogger()
+    if not any(isinstance(h, _TqdmHandler) for h in root.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    silence_library_noise()
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, printing deprecated spellings as one `warning:` line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        args = parser.parse_args(argv)
+    prog = " ".join(filter(None, ("bksdm", getattr(args, "command", None))))
+    for warning in caught:
+        if issubclass(warning.category, FutureWarning):
+            print(f"{prog}: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as error:

@@ -13,6 +13,9 @@ Random crops and flips are drawn from a generator seeded by `(seed, epoch, sampl
 augmentation whatever the worker count, the process count, or a resumption from a checkpoint. The map-style
 sources take `(epoch, index)` pairs from :class:`EpochShuffleSampler`.
 
+Errors name the Python arguments (`train_data_dir`, `caption_column`, ...); a command passes `argument_names` (or
+`argument`) to have its flags named instead.
+
 Unreadable or corrupt images and missing captions never stop a run: a bad sample is replaced by the next readable
 one (map-style) or dropped (streams), and every skipped key travels with the batch (`batch["skipped"]`) so that the
 trainer can count and report them, also from dataloader worker processes.
@@ -52,6 +55,10 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 #: how many following samples a map-style source tries before giving up on a run of bad ones
 MAX_FALLBACK = 64
+
+
+def _namer(argument_names: dict[str, str] | None) -> Callable[[str], str]:
+    return lambda key: (argument_names or {}).get(key, key)
 
 
 def sample_rng(seed: int, epoch: int, key: Any) -> random.Random:
@@ -255,18 +262,23 @@ def _jsonl_rows(path: str, text: str) -> list[dict[str, Any]]:
     return rows
 
 
-def read_metadata(train_data_dir: str, caption_column: str = "text") -> list[tuple[str, Any]]:
-    """`[(file_name, caption), ...]` from the `metadata.csv` or `metadata.jsonl` of an image folder."""
+def read_metadata(
+    train_data_dir: str, caption_column: str = "text", argument_names: dict[str, str] | None = None
+) -> list[tuple[str, Any]]:
+    """`[(file_name, caption), ...]` from the `metadata.csv` or `metadata.jsonl` of an image folder.
+
+    `argument_names` says how errors name `train_data_dir` and `caption_column` (a command passes its flags)."""
+    names = _namer(argument_names)
     if not os.path.isdir(train_data_dir):
-        raise FileNotFoundError(f"`--train_data_dir` {train_data_dir!r} is not a folder.")
+        raise FileNotFoundError(f"`{names('train_data_dir')}` {train_data_dir!r} is not a folder.")
     found = [name for name in ("metadata.jsonl", "metadata.csv") if os.path.isfile(os.path.join(train_data_dir, name))]
     if not found:
         raise ValueError(
-            f"`--train_data_dir` {train_data_dir!r} has no metadata.csv or metadata.jsonl; accepted: a folder with "
-            f"one of them, holding a `file_name` column and the caption column ({caption_column!r})."
+            f"`{names('train_data_dir')}` {train_data_dir!r} has no metadata.csv or metadata.jsonl; accepted: a folder "
+            f"with one of them, holding a `file_name` column and the caption column ({caption_column!r})."
         )
     if len(found) > 1:
-        raise ValueError(f"`--train_data_dir` {train_data_dir!r} has both {found}; keep only one of them.")
+        raise ValueError(f"`{names('train_data_dir')}` {train_data_dir!r} has both {found}; keep only one of them.")
     path = os.path.join(train_data_dir, found[0])
     with open(path, "rb") as f:
         raw = f.read()
@@ -278,7 +290,7 @@ def read_metadata(train_data_dir: str, caption_column: str = "text") -> list[tup
                          "file as UTF-8.") from error
     rows = _csv_rows(path, text) if found[0].endswith(".csv") else _jsonl_rows(path, text)
     columns = sorted({k for row in rows for k in row})
-    for column, argument in (("file_name", None), (caption_column, "--caption_column")):
+    for column, argument in (("file_name", None), (caption_column, names("caption_column"))):
         if rows and column not in columns:
             what = f"`{argument}` value {column!r}" if argument else "the column 'file_name'"
             raise ValueError(f"{path}: {what} is not a column; columns: {', '.join(columns)}.")
@@ -296,6 +308,7 @@ class ImageFolderSource(_MapSource):
         caption_column (`str`, *optional*, defaults to `"text"`): the caption column.
         seed (`int`, *optional*, defaults to 0): seed of the augmentations.
         max_train_samples (`int`, *optional*): keep only the first samples.
+        argument_names (`dict`, *optional*): how errors name `train_data_dir` and `caption_column`.
     """
 
     def __init__(
@@ -305,10 +318,11 @@ class ImageFolderSource(_MapSource):
         caption_column: str = "text",
         seed: int = 0,
         max_train_samples: int | None = None,
+        argument_names: dict[str, str] | None = None,
     ):
         super().__init__(transform, seed)
         self.root = os.path.abspath(train_data_dir)
-        self.records = read_metadata(train_data_dir, caption_column)[:max_train_samples]
+        self.records = read_metadata(train_data_dir, caption_column, argument_names)[:max_train_samples]
         self.description = {"type": "imagefolder", "train_data_dir": self.root, "caption_column": caption_column}
 
     def __len__(self) -> int:
@@ -337,6 +351,7 @@ class HFDatasetSource(_MapSource):
             `"text"`): the columns.
         seed (`int`, *optional*, defaults to 0): seed of the augmentations.
         description (`dict`, *optional*): how the dataset was loaded, recorded in caches and model cards.
+        argument_names (`dict`, *optional*): how errors name `image_column`, `caption_column` and `dataset_name`.
     """
 
     def __init__(
@@ -347,10 +362,12 @@ class HFDatasetSource(_MapSource):
         caption_column: str = "text",
         seed: int = 0,
         description: dict[str, Any] | None = None,
+        argument_names: dict[str, str] | None = None,
     ):
         super().__init__(transform, seed)
+        names = _namer(argument_names)
         columns = list(dataset.column_names)
-        for argument, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        for argument, column in ((names("image_column"), image_column), (names("caption_column"), caption_column)):
             if column not in columns:
                 raise ValueError(f"`{argument}` value {column!r} needs to be one of: {', '.join(columns)}.")
         from datasets import Image as ImageFeature
@@ -373,10 +390,12 @@ class HFDatasetSource(_MapSource):
         cache_dir: str | None = None,
         seed: int = 0,
         max_train_samples: int | None = None,
+        argument_names: dict[str, str] | None = None,
     ) -> HFDatasetSource:
         """Load the `train` split of a hub dataset, a `save_to_disk` folder or any folder `load_dataset` reads."""
         import datasets
 
+        names = _namer(argument_names)
         if os.path.isdir(dataset_name) and (
             os.path.isfile(os.path.join(dataset_name, "dataset_info.json"))
             or os.path.isfile(os.path.join(dataset_name, "dataset_dict.json"))
@@ -386,13 +405,14 @@ class HFDatasetSource(_MapSource):
             loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
-                raise ValueError(f"`--dataset_name` {dataset_name!r} has no 'train' split; splits: {list(loaded)}.")
+                raise ValueError(f"`{names('dataset_name')}` {dataset_name!r} has no 'train' split; splits: "
+                                 f"{list(loaded)}.")
             loaded = loaded["train"]
         if max_train_samples is not None:
             loaded = loaded.select(range(min(max_train_samples, len(loaded))))
         description = {"type": "datasets", "dataset_name": dataset_name, "dataset_config_name": dataset_config_name,
                        "image_column": image_column, "caption_column": caption_column}
-        return cls(loaded, transform, image_column, caption_column, seed, description)
+        return cls(loaded, transform, image_column, caption_column, seed, description, argument_names)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -489,6 +509,7 @@ def webdataset_source(
     caption_column: str = "txt",
     seed: int = 0,
     shuffle_buffer: int = 1000,
+    argument: str = "urls",
 ):
     """A streamed `webdataset.WebDataset` of img2dataset-style shards, split across processes and workers.
 
@@ -503,6 +524,7 @@ def webdataset_source(
             sample's `.json`.
         seed (`int`, *optional*, defaults to 0): seed of the shuffles and augmentations.
         shuffle_buffer (`int`, *optional*, defaults to 1000): samples in the shuffle buffer (0 disables shuffling).
+        argument (`str`, *optional*, defaults to `"urls"`): how errors name `urls` (a command passes its flag).
     """
     import webdataset as wds
 
@@ -511,10 +533,10 @@ def webdataset_source(
     else:
         shard_list = [u for pattern in urls for u in wds.shardlists.expand_urls(pattern)]
     if not shard_list:
-        raise ValueError(f"`--train_shards` {urls!r} expands to no shard.")
+        raise ValueError(f"`{argument}` {urls!r} expands to no shard.")
     missing = [u for u in shard_list if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
     if missing:
-        raise FileNotFoundError(f"`--train_shards`: {len(missing)} shard(s) not found, e.g. {missing[0]!r}.")
+        raise FileNotFoundError(f"`{argument}`: {len(missing)} shard(s) not found, e.g. {missing[0]!r}.")
     epoch = _Epoch()
     decoder = _WebDatasetDecoder(transform, seed, caption_column, epoch)
     stages: list[Any] = [wds.SimpleShardList(shard_list)]

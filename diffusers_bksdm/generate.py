@@ -1,7 +1,8 @@
 """Generate evaluation images: one seed per prompt, resumable, sharded over processes with accelerate.
 
 The paper's protocol (MS-COCO 30K prompts, PNDM, 25 steps, guidance 7.5, seed 1234, 512x512 images downsampled to
-256x256 with PIL) is the default. Unlike the official BK-SDM script, which shares one generator over all prompts,
+256x256 with PIL) is the default, except that images are generated at the model's native size (its UNet's
+`sample_size` times the VAE scale factor: 512 for SD v1) unless a resolution is given. Unlike the official BK-SDM script, which shares one generator over all prompts,
 every prompt gets its own generator seeded from `(seed, prompt index)`, so an image depends neither on the batch size
 nor on how the prompts are split across processes or runs.
 
@@ -18,6 +19,7 @@ OUTPUT/
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,6 +42,7 @@ __all__ = [
     "prompt_seed",
     "image_name",
     "image_folder",
+    "native_resolution",
     "load_pipeline",
     "set_scheduler",
     "generate_images",
@@ -78,8 +81,10 @@ class GenerationConfig:
         scheduler (`str`, *optional*, defaults to `"pndm"`): one of :data:`SCHEDULERS`, or `None` to keep the
             pipeline's own scheduler.
         seed (`int`, *optional*, defaults to 1234): base seed; prompt `i` uses :func:`prompt_seed(seed, i)`.
-        resolution (`int`, *optional*, defaults to 512): height and width of the generated images.
-        eval_resolution (`int`, *optional*, defaults to 256): size of the downsampled copies (`None` or 0: none).
+        resolution (`int`, *optional*): height and width of the generated images. By default the pipeline's native
+            size (:func:`native_resolution`: 512 for SD v1, 16 for `builtin:tiny-sd`).
+        eval_resolution (`int`, *optional*, defaults to 256): size of the downsampled copies for evaluation, made
+            only when smaller than `resolution` (`None` or 0: none).
         batch_size (`int`, *optional*, defaults to 1): prompts per pipeline call. It does not change the images.
     """
 
@@ -87,7 +92,7 @@ class GenerationConfig:
     guidance_scale: float = 7.5
     scheduler: str | None = "pndm"
     seed: int = 1234
-    resolution: int = 512
+    resolution: int | None = None
     eval_resolution: int | None = 256
     batch_size: int = 1
 
@@ -101,7 +106,9 @@ class GenerationConfig:
             raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {self.guidance_scale!r}.")
         for name in ("num_inference_steps", "resolution", "batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if name == "resolution" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if self.eval_resolution is not None and (
             not isinstance(self.eval_resolution, int) or self.eval_resolution < 0
@@ -113,20 +120,28 @@ class GenerationConfig:
             raise ValueError(f"`scheduler` must be one of {sorted(SCHEDULERS)} or None, got {self.scheduler!r}.")
 
 
-def read_prompts(path: str | os.PathLike, caption_column: str | None = None) -> list[str]:
+def read_prompts(
+    path: str | os.PathLike,
+    caption_column: str | None = None,
+    *,
+    argument: str = "path",
+    caption_argument: str = "caption_column",
+) -> list[str]:
     """Read prompts from a `.csv` file (one row per prompt) or a text file (one prompt per non-empty line).
 
     Args:
         path (`str` or `os.PathLike`): the prompt file.
         caption_column (`str`, *optional*): the CSV column holding the prompts. By default the first of
             :data:`CAPTION_COLUMNS` that the file has.
+        argument, caption_argument (`str`, *optional*): how errors name `path` and `caption_column` (a command passes
+            its flags).
 
     Returns:
         `list[str]`: the prompts; prompt `i` is the `i`-th row (CSV) or non-empty line (text).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Prompt file {path!r} does not exist.")
+        raise FileNotFoundError(f"`{argument}`: the prompt file {path!r} does not exist.")
     if path.lower().endswith(".csv"):
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -135,20 +150,20 @@ def read_prompts(path: str | os.PathLike, caption_column: str | None = None) -> 
                 found = [c for c in CAPTION_COLUMNS if c in columns]
                 if not found:
                     raise ValueError(
-                        f"Prompt file {path!r} has no caption column: its columns are {columns}; expected one of "
-                        f"{list(CAPTION_COLUMNS)} (or name the column with --caption_column)."
+                        f"`{argument}`: the prompt file {path!r} has no caption column: its columns are {columns}; "
+                        f"expected one of {list(CAPTION_COLUMNS)} (or name the column with `{caption_argument}`)."
                     )
                 caption_column = found[0]
             elif caption_column not in columns:
                 raise ValueError(
-                    f"Prompt file {path!r} has no column {caption_column!r} (--caption_column); its columns are "
-                    f"{columns}."
+                    f"`{caption_argument}` {caption_column!r} is not a column of the prompt file {path!r}; its columns "
+                    f"are {columns}."
                 )
             prompts = [(row.get(caption_column) or "").strip() for row in reader]
         empty = [i for i, p in enumerate(prompts) if not p]
         if empty:
             raise ValueError(
-                f"Prompt file {path!r} has {len(empty)} empty captions in column {caption_column!r} (first at row "
+                f"`{argument}`: the prompt file {path!r} has {len(empty)} empty captions in column {caption_column!r} (first at row "
                 f"{empty[0]}); every row needs a prompt."
             )
     else:
@@ -156,7 +171,8 @@ def read_prompts(path: str | os.PathLike, caption_column: str | None = None) -> 
             prompts = [line.strip() for line in f if line.strip()]
     if not prompts:
         raise ValueError(
-            f"Prompt file {path!r} holds no prompts; expected a .csv with a caption column or a text file."
+            f"`{argument}`: the prompt file {path!r} holds no prompts; expected a .csv with a caption column or a text "
+            "file."
         )
     return prompts
 
@@ -180,6 +196,20 @@ def image_folder(output_dir: str | os.PathLike, resolution: int) -> str:
     return os.path.join(os.fspath(output_dir), f"im{resolution}")
 
 
+def native_resolution(pipe) -> int:
+    """The image size a pipeline makes by default: its UNet's `sample_size` times the VAE scale factor."""
+    from .families import vae_scale_factor
+
+    sample_size = pipe.unet.config.sample_size
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = sample_size[0]
+    factor = getattr(pipe, "vae_scale_factor", None)
+    if not isinstance(factor, int):
+        vae = getattr(pipe, "vae", None)
+        factor = vae_scale_factor(vae.config if vae is not None else None)
+    return int(sample_size) * factor
+
+
 def _save_png(image, path: str) -> None:
     with atomic_write(path) as tmp:
         image.save(tmp)
@@ -192,8 +222,10 @@ def load_pipeline(
     torch_dtype: torch.dtype | None = None,
     revision: str | None = None,
     disable_safety_checker: bool = False,
+    argument: str = "model",
 ):
-    """Load a text-to-image pipeline for generation: a folder, a hub repo id, or `builtin:tiny-sd`.
+    """Load a text-to-image pipeline for generation: a folder, a hub repo id, or a built-in teacher
+    (`builtin:tiny-sd`, `builtin:shapes-sd`).
 
     Args:
         model (`str`): pipeline folder or repo id (with `model_index.json`), or `builtin:<name>`.
@@ -202,24 +234,27 @@ def load_pipeline(
         revision (`str`, *optional*): hub revision.
         disable_safety_checker (`bool`, *optional*, defaults to `False`): drop the safety checker, whose black
             images would count in FID.
+        argument (`str`, *optional*, defaults to `"model"`): how errors name `model` (a command passes its flag).
     """
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
+    from ._quiet import silence_library_noise
     from .tiny import BUILTIN_PREFIX, builtin_teacher
 
+    silence_library_noise()
     if model.startswith(BUILTIN_PREFIX):
         pipe = builtin_teacher(model)
     else:
         if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ValueError(
-                f"`--model` {model!r} is not a pipeline folder (no model_index.json). To evaluate a UNet saved alone, "
-                "pass the teacher pipeline as --model and the UNet folder as --unet."
+                f"`{argument}` {model!r} is not a pipeline folder (no model_index.json). To evaluate a UNet saved "
+                "alone, pass the teacher pipeline as the model and the UNet folder as `unet`."
             )
         if not os.path.isdir(model):  # a hub id: one clear line when it is mistyped or the hub cannot be reached
             from .io import hub_file_exists
 
-            if not hub_file_exists(model, "model_index.json", revision=revision, argument="--model"):
-                raise ValueError(f"`--model` {model!r} is not a pipeline repo (no model_index.json).")
+            if not hub_file_exists(model, "model_index.json", revision=revision, argument=argument):
+                raise ValueError(f"`{argument}` {model!r} is not a pipeline repo (no model_index.json).")
         kwargs: dict[str, Any] = {"revision": revision, "use_safetensors": True}
         if disable_safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -232,7 +267,7 @@ def load_pipeline(
         pipe.to(dtype=torch_dtype)
     if getattr(pipe, "unet", None) is None:
         raise ValueError(
-            f"`--model` {model!r} is a {type(pipe).__name__} without a `unet`: not a text-to-image model."
+            f"`{argument}` {model!r} is a {type(pipe).__name__} without a `unet`: not a text-to-image model."
         )
     return pipe
 
@@ -242,7 +277,7 @@ def set_scheduler(pipe, name: str | None) -> None:
     if name is None:
         return
     if name not in SCHEDULERS:
-        raise ValueError(f"`--scheduler` must be one of {sorted(SCHEDULERS)}, got {name!r}.")
+        raise ValueError(f"`name` must be one of {sorted(SCHEDULERS)} or None, got {name!r}.")
     import diffusers
 
     scheduler_class = getattr(diffusers, SCHEDULERS[name])
@@ -271,7 +306,7 @@ def _holds_images(output_dir: str) -> bool:
     return False
 
 
-def _check_manifest(output_dir: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+def _check_manifest(output_dir: str, settings: dict[str, Any], argument: str = "output_dir") -> dict[str, Any] | None:
     """The previous run's manifest, or `None`; refuses other image settings when that run wrote images."""
     path = os.path.join(output_dir, MANIFEST)
     if not os.path.isfile(path):
@@ -280,15 +315,15 @@ def _check_manifest(output_dir: str, settings: dict[str, Any]) -> dict[str, Any]
         with open(path, encoding="utf-8") as f:
             previous = json.load(f)
     except (OSError, ValueError) as error:
-        raise ValueError(f"`--output` {output_dir!r}: {path} cannot be read ({error}).") from error
+        raise ValueError(f"`{argument}` {output_dir!r}: {path} cannot be read ({error}).") from error
     if not isinstance(previous, dict):
-        raise ValueError(f"`--output` {output_dir!r}: {path} is not a generation manifest.")
+        raise ValueError(f"`{argument}` {output_dir!r}: {path} is not a generation manifest.")
     changed = {k: (previous.get(k), settings.get(k)) for k in _IMAGE_SETTINGS if previous.get(k) != settings.get(k)}
     if changed and _holds_images(output_dir):
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise ValueError(
-            f"`--output` {output_dir!r} holds images generated with other settings ({shown}); resuming would mix "
-            "them. Use another --output folder, or the settings of the first run."
+            f"`{argument}` {output_dir!r} holds images generated with other settings ({shown}); resuming would mix "
+            f"them. Use another `{argument}` folder, or the settings of the first run."
         )
     return previous if not changed else None  # a run that wrote no image does not bind the folder
 
@@ -306,6 +341,8 @@ def generate_images(
     state=None,
     description: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    progress_bar: bool = True,
+    argument: str = "output_dir",
 ) -> list[int]:
     """Generate one image per prompt into `output_dir`, skipping prompts whose images already exist.
 
@@ -324,18 +361,25 @@ def generate_images(
             with different image settings is refused (unless the earlier run wrote no image); prompts whose text
             changed (a hash per prompt is recorded) are regenerated.
         progress (`Callable[[int, int], None]`, *optional*): called with (done, total) after every batch.
+        progress_bar (`bool`, *optional*, defaults to `True`): a progress bar over the images (stderr, with the
+            time left; one line per process), and the pipeline's own bar over the denoising steps of each batch.
+        argument (`str`, *optional*, defaults to `"output_dir"`): how errors name `output_dir` (a command passes its
+            flag).
 
     Returns:
         `list[int]`: the prompt indices this process generated (skipped ones excluded).
     """
-    from PIL import Image
-
     config = config or GenerationConfig()
     if len(prompts) == 0:
         raise ValueError("`prompts` is empty: nothing to generate.")
+    if config.resolution is None:
+        config = dataclasses.replace(config, resolution=native_resolution(pipe))
+        logger.info("Generating at %dx%d: the model's native size", config.resolution, config.resolution)
     output_dir = os.fspath(output_dir)
     full_dir = image_folder(output_dir, config.resolution)
-    small = config.eval_resolution if config.eval_resolution and config.eval_resolution != config.resolution else None
+    small = config.eval_resolution if config.eval_resolution and config.eval_resolution < config.resolution else None
+    if config.eval_resolution and small is None and config.eval_resolution != config.resolution:
+        logger.info("No %dpx copies: the images are %dpx already", config.eval_resolution, config.resolution)
     small_dir = image_folder(output_dir, small) if small else None
     is_main = state is None or state.is_main_process
 
@@ -353,7 +397,7 @@ def generate_images(
         "downsampling": "PIL bicubic",
     }
     if is_main:
-        previous = _check_manifest(output_dir, settings)
+        previous = _check_manifest(output_dir, settings, argument)
         for folder in filter(None, (output_dir, full_dir, small_dir)):
             os.makedirs(folder, exist_ok=True)
         hashes = prompt_hashes(prompts)
@@ -376,7 +420,7 @@ def generate_images(
     if state is not None:
         state.wait_for_everyone()
         if not is_main:
-            _check_manifest(output_dir, settings)
+            _check_manifest(output_dir, settings, argument)
 
     set_scheduler(pipe, config.scheduler)
     indices = list(range(len(prompts)))
@@ -393,7 +437,27 @@ def generate_images(
     pending = [i for i in indices if not done(i)]
     if len(pending) < len(indices):
         logger.info("Skipping %d prompts whose images exist in %s", len(indices) - len(pending), output_dir)
-    pipe.set_progress_bar_config(disable=True)
+    bar = None
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        rank = state.process_index if state is not None else 0
+        bar = tqdm(total=len(pending), desc="images" if rank == 0 else f"images [process {rank}]", unit="image",
+                   position=2 * rank, dynamic_ncols=True)
+        pipe.set_progress_bar_config(desc="  denoising", leave=False, position=2 * rank + 1, dynamic_ncols=True)
+    else:
+        pipe.set_progress_bar_config(disable=True)
+    try:
+        generated = _generate_pending(pipe, prompts, pending, config, full_dir, small, small_dir, progress, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return generated
+
+
+def _generate_pending(pipe, prompts, pending, config, full_dir, small, small_dir, progress, bar) -> list[int]:
+    from PIL import Image
+
     generated = []
     for start in range(0, len(pending), config.batch_size):
         batch = pending[start : start + config.batch_size]
@@ -415,6 +479,8 @@ def generate_images(
             # the full-size image is written last: its presence marks the prompt as done
             _save_png(image, os.path.join(full_dir, name))
             generated.append(i)
+        if bar is not None:
+            bar.update(len(batch))
         if progress is not None:
             progress(start + len(batch), len(pending))
     return generated

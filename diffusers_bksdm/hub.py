@@ -1,27 +1,28 @@
 """Model cards and hub uploads for distilled students.
 
-The card is built with diffusers' `load_or_create_model_card` / `populate_model_card` and records what a reader needs
-to trust the student: teacher, variant, parameter counts, the training recipe, the validation grid and evaluation
-scores when there are any. Uploads go through `huggingface_hub.HfApi`; the token is passed to the API only, never
+The card is built locally (no hub lookup, no template) and records what a reader needs to trust the student: teacher,
+variant, parameter counts, the training recipe, the validation grid and evaluation scores when there are any; it links
+the teacher only when it is a hub repo id and never shows a local absolute path. Uploads go through `huggingface_hub.HfApi`; the token is passed to the API only, never
 written to a file or a log.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 from typing import Any
-from collections.abc import Iterator, Sequence
-from unittest import mock
+from collections.abc import Sequence
 
 from .families import FAMILIES
 
 __all__ = [
     "MODEL_CARD_TAGS",
     "build_model_card",
+    "describe_data",
+    "is_hub_id",
     "write_model_card",
     "push_folder",
     "PushError",
@@ -40,13 +41,69 @@ class PushError(RuntimeError):
     """An upload to the hub failed; the local folder is intact and the message says how to retry (never the token)."""
 
 
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    """Build a card locally: `load_or_create_model_card` otherwise looks for an existing card on the hub first."""
-    import huggingface_hub.constants as constants
+#: where the package lives; `None` while it has no public home (cards then name it without a link)
+PACKAGE_URL: str | None = None
+#: what the built-in teachers are, for the cards of their students
+BUILTIN_TEACHERS = {
+    "builtin:shapes-sd": "the trained miniature teacher shipped with diffusers-bksdm (32 px pictures of coloured "
+    "shapes)",
+    "builtin:tiny-sd": "a tiny random-weight teacher built locally by diffusers-bksdm (for tests and demos)",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
-    with mock.patch.object(constants, "HF_HUB_OFFLINE", True):
-        yield
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a hub repo id (`user/name`) rather than a local folder or a built-in teacher."""
+    return bool(_HUB_ID.match(name)) and ".." not in name and not os.path.exists(name)
+
+
+def _teacher_name(teacher: str) -> str:
+    """The teacher as a card names it: a hub id or built-in name as is, a local folder by its last component."""
+    if teacher.startswith("builtin:") or is_hub_id(teacher):
+        return teacher
+    return os.path.basename(os.path.normpath(teacher)) or teacher
+
+
+def _teacher_text(teacher: str) -> str:
+    if teacher.startswith("builtin:"):
+        what = BUILTIN_TEACHERS.get(teacher, "a tiny teacher built locally by diffusers-bksdm")
+        return f"`{teacher}`, {what}"
+    if is_hub_id(teacher):
+        return f"[`{teacher}`](https://huggingface.co/{teacher})"
+    return f"a local teacher folder (`{_teacher_name(teacher)}`)"
+
+
+def _local(value: Any) -> Any:
+    """`value` with every absolute path reduced to its last component (a card never shows the local file system)."""
+    if isinstance(value, str) and os.path.isabs(value):
+        return os.path.basename(os.path.normpath(value)) or value
+    if isinstance(value, dict):
+        return {k: _local(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_local(v) for v in value]
+    return value
+
+
+def describe_data(description: Any) -> str:
+    """A training-data description (the `description` of a data source, see :mod:`diffusers_bksdm.data`) in words,
+    without local absolute paths."""
+    if not isinstance(description, dict) or not description:
+        shown = _local(description)
+        return json.dumps(shown) if isinstance(shown, (list, dict)) else str(shown)
+    kind = description.get("type")
+    d = _local(description)
+    if kind == "imagefolder":
+        return f"image folder `{d.get('train_data_dir')}` (captions: column `{d.get('caption_column')}`)"
+    if kind == "datasets" and d.get("dataset_name"):
+        config = f", config `{d['dataset_config_name']}`" if d.get("dataset_config_name") else ""
+        return (f"`datasets` dataset `{d['dataset_name']}`{config} (images: column `{d.get('image_column')}`, "
+                f"captions: column `{d.get('caption_column')}`)")
+    if kind == "webdataset":
+        return f"webdataset shards `{d.get('train_shards')}` ({d.get('num_shards')} shards)"
+    if kind == "latent_cache":
+        source = describe_data(description.get("source")) if description.get("source") else "unknown data"
+        return f"latent cache `{d.get('path')}` of {source}"
+    return json.dumps(d)
 
 
 def _format_count(value: int | None) -> str:
@@ -69,30 +126,35 @@ def build_model_card(
 ):
     """A `huggingface_hub.ModelCard` for a distilled BK-SDM student.
 
+    The card says only what is known: the teacher is linked only when it is a hub repo id (a local folder is named by
+    its last component, a built-in teacher by its name), local absolute paths in the recipe are reduced to their last
+    component, and no template placeholder is left.
+
     Args:
-        teacher (`str`): the teacher's hub id or path; it becomes `base_model`.
+        teacher (`str`): the teacher's hub id, path or built-in name; a hub id becomes `base_model`.
         variant (`str`): the BK-SDM variant.
         teacher_parameters, student_parameters (`int`, *optional*): UNet parameter counts.
-        recipe (`dict`, *optional*): training facts (data, steps, batch, lambdas, ...), shown as a table.
+        recipe (`dict`, *optional*): training facts (data, steps, batch, lambdas, ...), shown as a table; a `data`
+            entry that is a data-source description is written in words (:func:`describe_data`).
         validation_image (`str`, *optional*): path of the teacher | student grid, relative to the card's folder.
         validation_prompts (list of `str`, *optional*): the grid's prompts, top to bottom.
         evaluation (`dict`, *optional*): evaluation scores (FID, CLIP score, ...).
-        repo_id (`str`, *optional*): the hub repo the card is for (shown in the usage snippet). The card is always
-            built locally, without a hub lookup.
+        repo_id (`str`, *optional*): the hub repo the card is for (shown in the usage snippet; without one the
+            snippet loads the folder that holds the card). The card is always built locally, without a hub lookup.
         license (`str`, *optional*): the license; defaults to the one of the teacher's family
             (:mod:`diffusers_bksdm.families`), SD v1's `creativeml-openrail-m` for an unknown family.
         extra_tags (list of `str`, *optional*): tags besides :data:`MODEL_CARD_TAGS`.
     """
-    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
 
+    package = f"[diffusers-bksdm]({PACKAGE_URL})" if PACKAGE_URL else "diffusers-bksdm"
     lines = [
-        f"# BK-SDM-{variant} student of `{teacher}`",
+        f"# BK-SDM-{variant} student of `{_teacher_name(teacher)}`",
         "",
-        f"A [BK-SDM](https://arxiv.org/abs/2305.15798) student distilled from [`{teacher}`]"
-        f"({teacher if os.path.isabs(teacher) else 'https://huggingface.co/' + teacher}) with "
-        "[diffusers-bksdm](https://github.com/): whole blocks removed from the UNet, the student initialised from the "
-        "teacher's weights and trained with the task loss plus output- and feature-level knowledge distillation. The "
-        "UNet is a standard `UNet2DConditionModel` inside the stock pipeline class: plain diffusers loads it.",
+        f"A [BK-SDM](https://arxiv.org/abs/2305.15798) student distilled from {_teacher_text(teacher)}, with "
+        f"{package}: whole blocks removed from the UNet, the student initialised from the teacher's weights and "
+        "trained with the task loss plus output- and feature-level knowledge distillation. The UNet is a standard "
+        "`UNet2DConditionModel` inside the stock pipeline class: plain diffusers loads it.",
         "",
         "| | UNet parameters |",
         "|---|---|",
@@ -104,39 +166,45 @@ def build_model_card(
     if recipe:
         lines += ["", "## Training recipe", "", "| setting | value |", "|---|---|"]
         for key, value in recipe.items():
-            shown = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            if key == "data" and isinstance(value, dict):
+                shown = describe_data(value)
+            else:
+                value = _local(value)
+                shown = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
             lines.append(f"| {key} | {shown.replace('|', '/')} |")
     if validation_image:
         lines += ["", "## Validation", "", "Same prompts and seeds; left: teacher, right: student.", ""]
         if validation_prompts:
             lines += [f"{i + 1}. {p}" for i, p in enumerate(validation_prompts)] + [""]
-        lines.append(f"![teacher | student]({validation_image})")
+        lines.append(f"![teacher | student]({_local(validation_image)})")
     # between the markers of `diffusers_bksdm.metrics.update_model_card`, so `bksdm eval --model_card` replaces it
     lines += ["", EVAL_SECTION_START, "## Evaluation", ""]
     if evaluation:
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in evaluation.items()]
     else:
-        lines.append("No evaluation scores were recorded for this checkpoint (add them with `bksdm eval "
-                     "--model_card`).")
+        lines.append("No evaluation scores were recorded for this checkpoint (add them with `bksdm generate` and "
+                     "`bksdm eval --model_card`).")
     lines.append(EVAL_SECTION_END)
+    lines += ["", "## Usage", "", "```python", "from diffusers import DiffusionPipeline", ""]
+    if repo_id:
+        lines.append(f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")')
+    else:
+        lines.append('pipe = DiffusionPipeline.from_pretrained(".")  # run in the folder that holds this card')
     lines += [
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "from diffusers import DiffusionPipeline",
-        "",
-        f'pipe = DiffusionPipeline.from_pretrained("{repo_id or "<this folder or repo>"}")',
         'image = pipe("a golden vase with different flowers").images[0]',
         "```",
+        "",
+        "## Limitations",
+        "",
+        "The student inherits the teacher's limitations and biases, and with fewer blocks its images are in general "
+        "somewhat below the teacher's; compare them in the validation grid and the evaluation above.",
     ]
-    description = "\n".join(lines)
-    base_model = None if os.path.isabs(teacher) or teacher.startswith("builtin:") else teacher
-    kwargs = dict(from_training=True, base_model=base_model, model_description=description, inference=True,
-                  license=license or FAMILIES["sd-v1"].license)
-    with _offline():  # always built from what we know locally; no hub round-trip during training
-        card = load_or_create_model_card(repo_id or "bksdm-local/student", **kwargs)
-    return populate_model_card(card, tags=[*MODEL_CARD_TAGS, f"bk-sdm-{variant}", *extra_tags])
+    base_model = teacher if is_hub_id(teacher) else None
+    data = ModelCardData(
+        license=license or FAMILIES["sd-v1"].license, library_name="diffusers", inference=True, base_model=base_model,
+        pipeline_tag="text-to-image", tags=list(dict.fromkeys([*MODEL_CARD_TAGS, f"bk-sdm-{variant}", *extra_tags])),
+    )  # fmt: skip
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
 def write_model_card(folder: str, card) -> str:
@@ -199,7 +267,7 @@ def push_folder(
             message = message.replace(token, "***")
         raise PushError(
             f"Upload of {folder!r} to {repo_id!r} failed ({type(error).__name__}: {message}). The local folder is "
-            f"intact; retry with: bksdm push {shlex.quote(folder)} --repo_id {shlex.quote(repo_id)}"
+            f"intact; retry with: bksdm push {shlex.quote(folder)} --hub_model_id {shlex.quote(repo_id)}"
         ) from None
     logger.info("pushed %s to %s", folder, repo_id)
     return str(getattr(url, "url", url) or f"https://huggingface.co/{repo_id}")

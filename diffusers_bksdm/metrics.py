@@ -1,8 +1,11 @@
 """FID, IS and CLIP score of generated images, following the BK-SDM paper's protocol.
 
 - FID and IS come from torchmetrics (`FrechetInceptionDistance`, `InceptionScore`). By default they use the standard
-  Inception v3 weights of torch-fidelity / pytorch-fid (`pip install torch-fidelity`, downloaded on first use); any
-  `torch.nn.Module` mapping a uint8 `(N, 3, H, W)` batch to features (FID) or logits (IS) can be injected instead.
+  Inception v3 weights of torch-fidelity / pytorch-fid (downloaded on first use). torch-fidelity needs torchvision,
+  whose newest release on PyPI requires the newest torch: install the torchvision build that matches your torch and
+  then torch-fidelity without dependencies (:func:`torch_fidelity_install_command` says how), so that your torch is
+  kept. Any `torch.nn.Module` mapping a uint8 `(N, 3, H, W)` batch to features (FID) or logits (IS) can be injected
+  instead.
 - CLIP score is the mean raw cosine similarity between each image and its prompt (not torchmetrics' `100 * max(cos,
   0)`), by default under the open_clip ViT-g-14 `laion2b_s34b_b88k` weights in transformers format; any
   :class:`CLIPEmbedder` (or an object with the same two methods) can be injected.
@@ -39,9 +42,11 @@ __all__ = [
     "build_fid",
     "build_inception_score",
     "CLIPEmbedder",
+    "torch_fidelity_install_command",
     "compute_real_statistics",
     "evaluate_images",
     "results_markdown",
+    "evaluation_protocol",
     "update_model_card",
     "write_results",
 ]
@@ -64,8 +69,9 @@ PAPER_RESULTS: dict[str, list[tuple[str, float, float, float, str]]] = {
 # ----------------------------------------------------------------------------------------------------------- images
 
 
-def list_images(folder: str | os.PathLike, argument: str = "--images") -> list[str]:
-    """The image files of `folder` (not recursive), sorted by name.
+def list_images(folder: str | os.PathLike, argument: str = "folder") -> list[str]:
+    """The image files of `folder` (not recursive), sorted by name. `argument` is how errors name `folder` (a command
+    passes its flag).
 
     Raises:
         `FileNotFoundError` if the folder does not exist, `ValueError` if it holds no image.
@@ -80,16 +86,30 @@ def list_images(folder: str | os.PathLike, argument: str = "--images") -> list[s
 
 
 def iter_image_batches(
-    paths: Sequence[str], batch_size: int = 50, argument: str = "--images"
+    paths: Sequence[str], batch_size: int = 50, argument: str = "paths", desc: str | None = None
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """Yield `(paths, images)` batches, `images` a uint8 `(B, 3, H, W)` tensor (RGB).
 
     All images must have the size of the first one: metrics computed on images of mixed sizes are not comparable.
+    `argument` is how errors name the images (a command passes its flag); with `desc`, a progress bar (stderr) counts
+    the images.
     """
-    from PIL import Image
-
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if desc is None:
+        yield from _image_batches(paths, batch_size, argument)
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(paths), desc=desc, unit="image", dynamic_ncols=True) as bar:
+        for chunk, images in _image_batches(paths, batch_size, argument):
+            yield chunk, images
+            bar.update(len(chunk))
+
+
+def _image_batches(paths: Sequence[str], batch_size: int, argument: str) -> Iterator[tuple[list[str], torch.Tensor]]:
+    from PIL import Image
+
     expected = None
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start : start + batch_size])
@@ -124,11 +144,12 @@ class RealStatistics:
     num_samples: int
     feature_extractor: str | None = None
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the statistics to `path` (an `.npz`), through a temporary file renamed into place."""
+    def save(self, path: str | os.PathLike, argument: str = "path") -> None:
+        """Write the statistics to `path` (an `.npz`), through a temporary file renamed into place. `argument` is how
+        errors name `path` (a command passes its flag)."""
         path = os.fspath(path)
         if not path.endswith(".npz"):
-            raise ValueError(f"`--save_real_stats` must name an .npz file, got {path!r}.")
+            raise ValueError(f"`{argument}` must name an .npz file, got {path!r}.")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with atomic_write(path) as tmp:
             np.savez(
@@ -140,23 +161,24 @@ class RealStatistics:
             )
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> RealStatistics:
-        """Read statistics saved by :meth:`save` or by pytorch-fid (`--save-stats`)."""
+    def load(cls, path: str | os.PathLike, argument: str = "path") -> RealStatistics:
+        """Read statistics saved by :meth:`save` or by pytorch-fid (`--save-stats`). `argument` is how errors name
+        `path` (a command passes its flag)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"`--real_stats` {path!r} does not exist; compute it once with `bksdm eval --real_images DIR "
+                f"`{argument}` {path!r} does not exist; compute it once with `bksdm eval --real_images DIR "
                 f"--save_real_stats {path}`."
             )
         try:
             data = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as error:
-            raise ValueError(f"`--real_stats` {path!r} is not a readable .npz file ({error}).") from error
+            raise ValueError(f"`{argument}` {path!r} is not a readable .npz file ({error}).") from error
         with data:
             missing = [k for k in ("mu", "sigma") if k not in data.files]
             if missing:
                 raise ValueError(
-                    f"`--real_stats` {path!r} has no {missing} array; expected an .npz with `mu` (D,) and `sigma` "
+                    f"`{argument}` {path!r} has no {missing} array; expected an .npz with `mu` (D,) and `sigma` "
                     f"(D, D), as written by `bksdm eval --save_real_stats` or pytorch-fid. It has {data.files}."
                 )
             mu, sigma = np.asarray(data["mu"], dtype=np.float64), np.asarray(data["sigma"], dtype=np.float64)
@@ -164,7 +186,7 @@ class RealStatistics:
             extractor = str(data["feature_extractor"]) if "feature_extractor" in data.files else None
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise ValueError(
-                f"`--real_stats` {path!r}: `mu` has shape {mu.shape} and `sigma` {sigma.shape}; expected (D,) and "
+                f"`{argument}` {path!r}: `mu` has shape {mu.shape} and `sigma` {sigma.shape}; expected (D,) and "
                 "(D, D)."
             )
         return cls(mu=mu, sigma=sigma, num_samples=num, feature_extractor=extractor or None)
@@ -180,7 +202,7 @@ class RealStatistics:
         cov = (fid.real_features_cov_sum.double() - n * torch.outer(mu, mu)) / (n - 1)
         return cls(mu=mu.cpu().numpy(), sigma=cov.cpu().numpy(), num_samples=n, feature_extractor=feature_extractor)
 
-    def load_into(self, fid, source: str = "--real_stats") -> None:
+    def load_into(self, fid, source: str = "real_stats") -> None:
         """Set the real-image state of a torchmetrics `FrechetInceptionDistance` to these statistics."""
         dim = fid.real_features_sum.shape[0]
         if self.mu.shape[0] != dim:
@@ -197,10 +219,30 @@ class RealStatistics:
         fid.real_features_num_samples = torch.tensor(n, dtype=torch.long, device=device)
 
 
+def torch_fidelity_install_command() -> str:
+    """The commands that install torch-fidelity (the standard Inception v3 of FID and IS) and keep this torch.
+
+    torch-fidelity requires torchvision, and a bare `pip install torch-fidelity` takes the newest torchvision, whose
+    exact torch requirement replaces the installed torch (with a CUDA build by default). torchvision `0.(m + 15)` is
+    the release made for torch `2.m` (0.15 for 2.0, ... 0.28 for 2.13); the build comes from the PyTorch index of
+    this torch (CPU or its CUDA version); torch-fidelity itself then installs without dependencies.
+    """
+    version = torch.__version__.split("+")[0]
+    major, minor = (int(part) for part in version.split(".")[:2])
+    build = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    vision = f"0.{minor + 15}" if major == 2 else None
+    first = (
+        f'pip install "torchvision=={vision}.*" --index-url https://download.pytorch.org/whl/{build}'
+        if vision else "pip install torchvision  # the release made for your torch"
+    )  # fmt: skip
+    return f"{first} && pip install --no-deps torch-fidelity"
+
+
 def _needs_torch_fidelity(error: Exception) -> ImportError:
     return ImportError(
-        "FID and IS with the standard Inception v3 weights need torch-fidelity: `pip install torch-fidelity` (or "
-        f"`pip install diffusers-bksdm[eval]`), or pass your own feature extractor. ({error})"
+        "FID and IS with the standard Inception v3 weights need torch-fidelity, which needs the torchvision built for "
+        f"your torch ({torch.__version__}); to install both without replacing torch: `{torch_fidelity_install_command()}`"
+        f". Or pass your own feature extractor. ({type(error).__name__}: {error})"
     )
 
 
@@ -212,13 +254,15 @@ def build_fid(feature_extractor: torch.nn.Module | None = None, device: str | to
             default the 2048-d pool features of torch-fidelity's Inception v3 (the pytorch-fid weights).
         device (`str` or `torch.device`, *optional*, defaults to `"cpu"`).
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
         fid = FrechetInceptionDistance(
             feature=feature_extractor if feature_extractor is not None else 2048, reset_real_features=False
         )
-    except ModuleNotFoundError as error:
+    except (ModuleNotFoundError, RuntimeError) as error:  # RuntimeError: a torchvision built for another torch
+        if feature_extractor is not None:
+            raise
         raise _needs_torch_fidelity(error) from error
     return fid.to(device)
 
@@ -236,15 +280,17 @@ def build_inception_score(
     """
     import warnings
 
-    from torchmetrics.image.inception import InceptionScore
-
     try:
+        from torchmetrics.image.inception import InceptionScore
+
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
             metric = InceptionScore(
                 feature=feature_extractor if feature_extractor is not None else "logits_unbiased", splits=splits
             )
-    except ModuleNotFoundError as error:
+    except (ModuleNotFoundError, RuntimeError) as error:  # RuntimeError: a torchvision built for another torch
+        if feature_extractor is not None:
+            raise
         raise _needs_torch_fidelity(error) from error
     return metric.to(device)
 
@@ -261,12 +307,17 @@ def compute_real_statistics(
     feature_extractor: torch.nn.Module | None = None,
     batch_size: int = 50,
     device: str | torch.device = "cpu",
+    argument: str = "real_images",
+    progress_bar: bool = True,
 ) -> RealStatistics:
-    """Inception statistics of a folder of real images (all of one size, e.g. MS-COCO val2014 at 256x256)."""
+    """Inception statistics of a folder of real images (all of one size, e.g. MS-COCO val2014 at 256x256).
+    `argument` is how errors name `real_images` (a command passes its flag); `progress_bar` shows a bar over the
+    images (stderr)."""
+    paths = list_images(real_images, argument)
     fid = build_fid(feature_extractor, device)
-    paths = list_images(real_images, "--real_images")
     with torch.inference_mode():
-        for _, images in iter_image_batches(paths, batch_size, "--real_images"):
+        desc = "real-image features" if progress_bar else None
+        for _, images in iter_image_batches(paths, batch_size, argument, desc=desc):
             fid.update(images.to(device), real=True)
     logger.info("Computed real statistics from %d images in %s", len(paths), real_images)
     return RealStatistics.from_fid(fid, _extractor_name(feature_extractor))
@@ -306,8 +357,10 @@ class CLIPEmbedder:
         device: str | torch.device = "cpu",
         torch_dtype: torch.dtype | None = None,
         revision: str | None = None,
+        argument: str = "name_or_path",
     ) -> CLIPEmbedder:
-        """Load a CLIP model, its image processor and tokenizer (safetensors weights only)."""
+        """Load a CLIP model, its image processor and tokenizer (safetensors weights only). `argument` is how errors
+        name `name_or_path` (a command passes its flag)."""
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         try:
@@ -318,7 +371,7 @@ class CLIPEmbedder:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
         except OSError as error:
             raise OSError(
-                f"`--clip_model` {name_or_path!r} could not be loaded: expected a transformers CLIP model (folder or "
+                f"`{argument}` {name_or_path!r} could not be loaded: expected a transformers CLIP model (folder or "
                 f"hub repo id with safetensors weights). {error}"
             ) from error
         return cls(model, image_processor, tokenizer, device)
@@ -346,15 +399,15 @@ class CLIPEmbedder:
         return self._features(self.model.get_text_features(**tokens))
 
 
-def _prompt_indices(paths: Sequence[str], num_prompts: int) -> list[int]:
+def _prompt_indices(paths: Sequence[str], num_prompts: int, names=lambda key: key) -> list[int]:
     indices = []
     for path in paths:
         stem = os.path.splitext(os.path.basename(path))[0]
         if not stem.isdigit() or int(stem) >= num_prompts:
             raise ValueError(
-                f"`--images`: cannot pair {path!r} with a prompt: CLIP score needs images named by prompt index "
-                f"(000000.png .. {num_prompts - 1:06d}.png, as `bksdm generate` writes them) for the {num_prompts} "
-                "prompts of --prompts."
+                f"`{names('images')}`: cannot pair {path!r} with a prompt: CLIP score needs images named by prompt "
+                f"index (000000.png .. {num_prompts - 1:06d}.png, as `bksdm generate` writes them) for the "
+                f"{num_prompts} prompts of `{names('prompts')}`."
             )
         indices.append(int(stem))
     return indices
@@ -378,6 +431,8 @@ def evaluate_images(
     is_splits: int = 10,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    progress_bar: bool = True,
+    argument_names: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Compute FID, IS and/or CLIP score of a folder of generated images.
 
@@ -397,40 +452,50 @@ def evaluate_images(
         is_splits (`int`, *optional*, defaults to 10): IS splits.
         device (`str` or `torch.device`, *optional*, defaults to `"cpu"`).
         seed (`int`, *optional*, defaults to 0): seeds the shuffling torchmetrics does before splitting for IS.
+        progress_bar (`bool`, *optional*, defaults to `True`): progress bars (stderr) over the feature extraction.
+        argument_names (`Mapping[str, str]`, *optional*): how errors name the arguments (`images`, `prompts`,
+            `metrics`, `real_stats`, `real_images`, `clip_model`); a command passes its flags. By default the Python
+            names.
 
     Returns:
         `dict`: `fid`, `is`, `is_std`, `clip` (those asked for) and `num_images`.
     """
+    def names(key: str) -> str:
+        return (argument_names or {}).get(key, key)
+
     metrics = [m.strip().lower() for m in metrics]
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
-        raise ValueError(f"`--metrics` must be a non-empty subset of {list(METRICS)}, got {list(metrics)}.")
-    paths = list_images(images)
+        raise ValueError(f"`{names('metrics')}` must be a non-empty subset of {list(METRICS)}, got {list(metrics)}.")
+    paths = list_images(images, names("images"))
     results: dict[str, Any] = {"num_images": len(paths)}
 
     fid = inception_score = None
     if "fid" in metrics:
         if real_stats is None and real_images is None:
-            raise ValueError("FID needs the real images: pass --real_stats FILE.npz or --real_images DIR.")
+            raise ValueError(f"FID needs the real images: pass `{names('real_stats')}` (an .npz of their statistics) "
+                             f"or `{names('real_images')}` (a folder).")
         # check the inputs before building (and maybe downloading) the feature extractor
         stats = None
         if real_stats is not None:
-            stats = real_stats if isinstance(real_stats, RealStatistics) else RealStatistics.load(real_stats)
+            stats = (real_stats if isinstance(real_stats, RealStatistics)
+                     else RealStatistics.load(real_stats, names("real_stats")))
         else:
-            real_paths = list_images(real_images, "--real_images")
+            real_paths = list_images(real_images, names("real_images"))
         fid = build_fid(fid_extractor, device)
         if stats is not None:
             expected = _extractor_name(fid_extractor)
             if stats.feature_extractor and stats.feature_extractor != expected:
                 raise ValueError(
-                    f"`--real_stats` was computed with the feature extractor {stats.feature_extractor!r}, but FID is "
-                    f"computed with {expected!r}; recompute the statistics with the same extractor."
+                    f"`{names('real_stats')}` was computed with the feature extractor {stats.feature_extractor!r}, "
+                    f"but FID is computed with {expected!r}; recompute the statistics with the same extractor."
                 )
-            stats.load_into(fid)
+            stats.load_into(fid, names("real_stats"))
             results["real_num_samples"] = stats.num_samples or None
         else:
             with torch.inference_mode():
-                for _, batch in iter_image_batches(real_paths, batch_size, "--real_images"):
+                desc = "real-image features" if progress_bar else None
+                for _, batch in iter_image_batches(real_paths, batch_size, names("real_images"), desc=desc):
                     fid.update(batch.to(device), real=True)
             results["real_num_samples"] = len(real_paths)
     if "is" in metrics:
@@ -439,24 +504,26 @@ def evaluate_images(
     clip_sum, clip_count = 0.0, 0
     if want_clip:
         if prompts is None:
-            raise ValueError("CLIP score needs the prompts: pass --prompts FILE.")
-        _prompt_indices(paths, len(prompts))  # fail early, before loading CLIP
+            raise ValueError(f"CLIP score needs the prompts the images were made from: pass `{names('prompts')}`.")
+        _prompt_indices(paths, len(prompts), names)  # fail early, before loading CLIP
         if len(paths) < len(prompts):
             logger.warning("%d images for %d prompts: the run looks incomplete.", len(paths), len(prompts))
         if clip_embedder is None:
             clip_embedder = CLIPEmbedder.from_pretrained(
-                clip_model, device=device, torch_dtype=torch.float16 if torch.device(device).type == "cuda" else None
+                clip_model, device=device, torch_dtype=torch.float16 if torch.device(device).type == "cuda" else None,
+                argument=names("clip_model"),
             )
 
     with torch.inference_mode():
-        for batch_paths, batch in iter_image_batches(paths, batch_size):
+        desc = f"features ({', '.join(metrics)})" if progress_bar else None
+        for batch_paths, batch in iter_image_batches(paths, batch_size, names("images"), desc=desc):
             batch = batch.to(device)
             if fid is not None:
                 fid.update(batch, real=False)
             if inception_score is not None:
                 inception_score.update(batch)
             if want_clip:
-                batch_prompts = [prompts[i] for i in _prompt_indices(batch_paths, len(prompts))]
+                batch_prompts = [prompts[i] for i in _prompt_indices(batch_paths, len(prompts), names)]
                 image_embeddings = clip_embedder.embed_images(batch).float()
                 text_embeddings = clip_embedder.embed_texts(batch_prompts).float().to(image_embeddings.device)
                 clip_sum += float((image_embeddings * text_embeddings).sum(dim=-1).double().sum())
@@ -464,7 +531,7 @@ def evaluate_images(
 
     if fid is not None:
         if len(paths) < 2:
-            raise ValueError(f"FID needs at least 2 generated images; `--images` {os.fspath(images)!r} has 1.")
+            raise ValueError(f"FID needs at least 2 generated images; `{names('images')}` {os.fspath(images)!r} has 1.")
         results["fid"] = float(fid.compute())
     if inception_score is not None:
         if len(paths) < is_splits:
@@ -504,23 +571,78 @@ def results_markdown(results: Mapping[str, Any], name: str = "this model", famil
 _CARD_START, _CARD_END = "<!-- bksdm-eval:start -->", "<!-- bksdm-eval:end -->"
 
 
-def update_model_card(model_dir: str | os.PathLike, table: str, settings: Mapping[str, Any] | None = None) -> str:
+def evaluation_protocol(
+    generation: Mapping[str, Any],
+    results: Mapping[str, Any],
+    *,
+    real_source: str | None = None,
+    clip_model: str | None = None,
+    is_splits: int = 10,
+) -> str:
+    """One paragraph saying how scores were obtained: the prompts (file and count), the generation settings recorded
+    by `bksdm generate` (`generation.json`), the size the images were scored at, and what each metric compared
+    against. Local folders are named by their last component only."""
+
+    def shown(value: Any) -> str:
+        return os.path.basename(os.path.normpath(str(value))) if os.path.isabs(str(value)) else str(value)
+
+    count, total = results.get("num_images"), generation.get("num_prompts")
+    size, scored = generation.get("resolution"), generation.get("eval_resolution") or generation.get("resolution")
+    source = f"`{generation['prompt_file']}`" if generation.get("prompt_file") else "a prompt file"
+    model = generation.get("unet") or generation.get("model")
+    text = (
+        f"{count} images generated by `bksdm generate` from `{shown(model)}`, one per prompt of {source} "
+        f"({total} prompts{'' if count == total else f'; an incomplete run: {count} of them'}), at {size}x{size} "
+        f"({generation.get('scheduler') or 'the pipeline'} scheduler, {generation.get('num_inference_steps')} "
+        f"steps, guidance {generation.get('guidance_scale')}, seed {generation.get('seed')}), scored at "
+        f"{scored}x{scored}."
+    )
+    if results.get("fid") is not None:
+        real = f"`{shown(real_source)}`" if real_source else "real images"
+        counted = f", {results['real_num_samples']} images" if results.get("real_num_samples") else ""
+        text += f" FID: Inception v3 features against {real}{counted}."
+    if results.get("is") is not None:
+        text += f" IS: Inception v3, {is_splits} splits."
+    if results.get("clip") is not None:
+        text += f" CLIP score: mean cosine similarity of image and prompt under `{clip_model or DEFAULT_CLIP_MODEL}`."
+    return text
+
+
+def update_model_card(
+    model_dir: str | os.PathLike,
+    table: str,
+    settings: Mapping[str, Any] | None = None,
+    *,
+    protocol: str | None = None,
+    argument: str = "model_dir",
+) -> str:
     """Write (or replace) an "Evaluation" section in `model_dir/README.md`; returns the card's path.
 
     The section sits between two HTML comments, so running the evaluation again replaces it rather than adding one.
+
+    Args:
+        model_dir (`str` or `os.PathLike`): the model folder holding (or to hold) `README.md`.
+        table (`str`): the scores, a markdown table (:func:`results_markdown`).
+        settings (`Mapping`, *optional*): generation settings, listed as `key=value`.
+        protocol (`str`, *optional*): how the scores were obtained (:func:`evaluation_protocol`); say it, since
+            scores on other prompts or sizes are not comparable.
+        argument (`str`, *optional*, defaults to `"model_dir"`): how errors name `model_dir` (a command passes its
+            flag).
     """
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"`--model_card` {model_dir!r} is not a folder.")
+        raise FileNotFoundError(f"`{argument}` {model_dir!r} is not a folder.")
     path = os.path.join(model_dir, "README.md")
     text = ""
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    protocol = ""
+    lines = [_CARD_START, "## Evaluation", ""]
+    if protocol:
+        lines += [protocol, ""]
     if settings:
-        protocol = "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + ".\n\n"
-    section = f"{_CARD_START}\n## Evaluation (MS-COCO protocol of BK-SDM)\n\n{protocol}{table}{_CARD_END}"
+        lines += ["Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + ".", ""]
+    section = "\n".join(lines) + "\n" + table + ("" if table.endswith("\n") else "\n") + _CARD_END
     if _CARD_START in text and _CARD_END in text:
         head, rest = text.split(_CARD_START, 1)
         text = head + section + rest.split(_CARD_END, 1)[1]

@@ -189,22 +189,51 @@ def compress_pipeline(pipe: Any, variant: str | RemovalPlan = "small", *, copy_w
     return with_components(pipe, **components)
 
 
-def student_info(config_or_path: Any) -> dict[str, Any] | None:
-    """The provenance a student records (teacher, variant, plan), or `None` for a model that is not a student.
+def student_info(model: Any, argument: str = "model") -> dict[str, Any]:
+    """The provenance a BK-SDM student records (teacher, variant, plan, package version).
 
-    Accepts a model, a config mapping, or a path to a UNet folder / `config.json`.
+    Args:
+        model: a student UNet (any model with a `config`), a pipeline whose `unet` is a student, a config mapping, or
+            the path of a student UNet folder, of its `config.json`, or of a pipeline folder (`model_index.json` +
+            `unet/`).
+        argument (`str`, *optional*, defaults to `"model"`): how errors name `model` (a command passes its flag).
+
+    Returns:
+        `dict`: the provenance recorded under the config's `_bksdm` key.
+
+    Raises:
+        ValueError: `model` is not a BK-SDM student (its UNet config has no `_bksdm` record), or is none of the
+            accepted kinds. FileNotFoundError: a path that does not exist or holds no UNet config.
     """
     import json
     import os
+    from collections.abc import Mapping
 
-    if hasattr(config_or_path, "config"):
-        config = config_or_path.config
-    elif isinstance(config_or_path, (str, os.PathLike)):
-        path = os.fspath(config_or_path)
+    accepted = ("a student UNet or its folder / config.json, a pipeline or pipeline folder whose UNet is a student, "
+                "or a config mapping")
+    shown = repr(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
         if os.path.isdir(path):
+            if os.path.isfile(os.path.join(path, "model_index.json")):
+                path = os.path.join(path, "unet")
             path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"`{argument}` {shown} has no UNet config ({path} does not exist); accepted: "
+                                    f"{accepted}.")
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
+    elif isinstance(model, Mapping):
+        config = model
+    elif getattr(model, "unet", None) is not None and hasattr(model.unet, "config"):  # a pipeline
+        config = model.unet.config
+    elif hasattr(model, "config"):
+        config = model.config
     else:
-        config = config_or_path
-    return dict(config[METADATA_KEY]) if METADATA_KEY in config else None
+        raise ValueError(f"`{argument}` is a {shown}; accepted: {accepted}.")
+    if not isinstance(config, Mapping) or METADATA_KEY not in config:
+        what = type(model).__name__ if not isinstance(model, (str, os.PathLike)) else shown
+        raise ValueError(f"`{argument}` {what} is not a BK-SDM student: its UNet config has no {METADATA_KEY!r} "
+                         "record (written by compress_unet / compress_pipeline / bksdm distill); accepted: "
+                         f"{accepted}.")
+    return dict(config[METADATA_KEY])

@@ -1,14 +1,18 @@
 """Command-line arguments of the trainer (`bksdm distill`, `python -m diffusers_bksdm.train`).
 
-Flag names, meanings and error messages follow diffusers' `examples/text_to_image/train_text_to_image.py`; the
-defaults are the BK-SDM paper's recipe (AdamW, constant lr 5e-5, no warm-up, grad-norm clip 1, 512 px resize +
-center crop + random flip). This module imports nothing heavy, so `bksdm --help` stays fast.
+Flag names, meanings and error messages follow diffusers' `examples/text_to_image/train_text_to_image.py` and the
+vocabulary shared by every `bksdm` command (`diffusers_bksdm.commands._flags`: `--teacher` is an alias of
+`--pretrained_model_name_or_path`, no abbreviations); the defaults are the BK-SDM paper's recipe (AdamW, constant lr
+5e-5, no warm-up, grad-norm clip 1, resize + center crop + random flip at the teacher's native size: 512 px for SD
+v1). This module imports nothing heavy, so `bksdm --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import warnings
+
+from .commands._flags import HelpFormatter, add_hub_arguments, add_model_argument, add_output_dir_argument
 
 __all__ = [
     "add_train_arguments",
@@ -59,9 +63,10 @@ def resolve_variant_arguments(args: argparse.Namespace, default: str = "small") 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model = parser.add_argument_group("teacher and student")
-    model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                       help="Teacher pipeline: a local folder, a hub repo id, or builtin:tiny-sd (built locally).")
-    model.add_argument("--revision", type=str, default=None, help="Hub revision of the teacher.")
+    add_model_argument(model, help="The teacher pipeline: a local folder, a hub repo id, or a built-in teacher "
+                       "(builtin:tiny-sd, builtin:shapes-sd).")
+    model.add_argument("--revision", type=str, default=None,
+                       help="Hub revision of the teacher; default: the main branch.")
     add_variant_arguments(model)
     model.add_argument("--lambda_task", type=float, default=1.0, help="Weight of the task (denoising) loss.")
     model.add_argument("--lambda_out", type=float, default=1.0, help="Weight of the output-level KD loss.")
@@ -74,14 +79,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     model.add_argument("--normalize_features", action="store_true",
                        help="Divide each feature loss by the teacher feature's mean square (LAPTOP-Diff).")
     model.add_argument("--teacher_dtype", type=str, default=None, choices=["fp32", "fp16", "bf16"],
-                       help="dtype of the frozen teacher UNet. Defaults to the --mixed_precision dtype "
+                       help="dtype of the frozen teacher UNet; default: the --mixed_precision dtype "
                             "(fp32 without).")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", type=str, default=None,
                       help="A `datasets` dataset: hub name, a folder saved with save_to_disk, or a folder "
                            "load_dataset reads.")
-    data.add_argument("--dataset_config_name", type=str, default=None, help="The config of the dataset.")
+    data.add_argument("--dataset_config_name", type=str, default=None,
+                      help="The config of the dataset; default: its default config.")
     data.add_argument("--train_data_dir", type=str, default=None,
                       help="An image folder with metadata.csv or metadata.jsonl (file_name + caption column).")
     data.add_argument("--train_shards", type=str, default=None,
@@ -93,11 +99,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     data.add_argument("--caption_column", type=str, default="text",
                       help="Caption column (--dataset_name, --train_data_dir metadata, or the key in webdataset "
                            "samples: 'txt' is read when this one is missing).")
-    data.add_argument("--max_train_samples", type=int, default=None, help="Truncate the training set.")
+    data.add_argument("--max_train_samples", type=int, default=None,
+                      help="Truncate the training set to this many samples; default: all.")
     data.add_argument("--cache_dir", type=str, default=None,
-                      help="Where downloaded models and datasets are stored (the Hugging Face cache).")
+                      help="Where downloaded models and datasets are stored; default: the Hugging Face cache.")
     data.add_argument("--resolution", type=int, default=None,
-                      help="Training resolution. Defaults to the teacher UNet's sample_size x the VAE factor.")
+                      help="Training resolution; default: the teacher's native size (UNet sample_size x the VAE "
+                           "scale factor: 512 for SD v1, 32 for builtin:shapes-sd).")
     data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
                       help="Center crop (default, as in BK-SDM); --no-center_crop crops at random.")
     data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True,
@@ -107,18 +115,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     data.add_argument("--shuffle_buffer", type=int, default=1000, help="webdataset shuffle buffer (0: no shuffle).")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", type=str, default="bk-sdm-student",
-                       help="Where the checkpoints, logs and the final student pipeline are written. A folder that "
-                            "holds anything else is refused unless --overwrite_output_dir is given or "
+    add_output_dir_argument(train, required=False, default="bk-sdm-student", deprecated=(),
+                            help="Where the checkpoints, logs and the final student pipeline are written. A folder "
+                            "that holds anything else is refused unless --overwrite_output_dir is given or "
                             "--resume_from_checkpoint points into it.")
     train.add_argument("--overwrite_output_dir", action="store_true",
                        help="Train into a non-empty --output_dir: its old checkpoints, training log, validation "
                             "grids and model_index.json are removed first. The teacher's folder is never accepted.")
-    train.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    train.add_argument("--seed", type=int, default=None,
+                       help="A seed for reproducible training; default: a random one (recorded in checkpoints).")
     train.add_argument("--train_batch_size", type=_positive_int, default=16, help="Batch size per device.")
-    train.add_argument("--num_train_epochs", type=int, default=100)
+    train.add_argument("--num_train_epochs", type=int, default=100, help="Epochs, unless --max_train_steps is given.")
     train.add_argument("--max_train_steps", type=int, default=None,
-                       help="Total optimizer steps. If provided, overrides --num_train_epochs.")
+                       help="Total optimizer steps; overrides --num_train_epochs. Default: from --num_train_epochs.")
     train.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1,
                        help="Steps to accumulate before an update (BK-SDM: batch 64 x 4 accumulation = 256).")
     train.add_argument("--gradient_checkpointing", action="store_true",
@@ -134,13 +143,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 on Ampere GPUs.")
     train.add_argument("--use_ema", action="store_true", help="Keep an EMA of the student; the output uses it.")
     train.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay.")
-    train.add_argument("--adam_beta1", type=float, default=0.9)
-    train.add_argument("--adam_beta2", type=float, default=0.999)
-    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    train.add_argument("--adam_epsilon", type=float, default=1e-08)
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    train.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="Max gradient norm (BK-SDM: 1).")
     train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                       help="Defaults to the accelerate config or `--mixed_precision` of `accelerate launch`.")
+                       help="Mixed precision; default: the accelerate config or `--mixed_precision` of `accelerate "
+                            "launch`.")
     train.add_argument("--on_nonfinite", type=str, default="raise", choices=["raise", "skip"],
                        help="What a NaN/inf loss does: raise, or skip the optimizer step (no update of the weights, "
                             "the optimizer state, the learning-rate schedule or the EMA).")
@@ -153,26 +163,27 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                          help="TensorBoard log directory, relative to --output_dir.")
     logging.add_argument("--report_to", type=str, default="tensorboard",
                          help='"tensorboard", "wandb", "all" or "none". A CSV of every loss term is always written.')
-    logging.add_argument("--tracker_project_name", type=str, default="bksdm-distill")
+    logging.add_argument("--tracker_project_name", type=str, default="bksdm-distill",
+                         help="Project name of the trackers (TensorBoard, wandb).")
     logging.add_argument("--checkpointing_steps", type=int, default=500,
                          help="Save a checkpoint (accelerate state + unet/ folders) every X updates.")
-    logging.add_argument("--checkpoints_total_limit", type=int, default=None, help="Max checkpoints to keep.")
+    logging.add_argument("--checkpoints_total_limit", type=int, default=None,
+                         help="Max checkpoints to keep; default: all.")
     logging.add_argument("--resume_from_checkpoint", type=str, default=None,
-                         help='A checkpoint folder, or "latest" for the last complete one in --output_dir.')
+                         help='A checkpoint folder, or "latest" for the last complete one in --output_dir; default: '
+                              "a new run.")
     logging.add_argument("--validation_prompts", type=str, default=None, nargs="+",
-                         help="Prompts rendered by teacher and student every --validation_steps (a grid PNG).")
+                         help="Prompts rendered by teacher and student every --validation_steps (a grid PNG); "
+                              "default: no validation.")
     logging.add_argument("--validation_steps", type=int, default=500, help="Validate every X updates.")
     logging.add_argument("--validation_inference_steps", type=int, default=25,
                          help="Denoising steps of the validation images.")
-    logging.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    logging.add_argument("--validation_guidance_scale", type=float, default=7.5,
+                         help="Guidance scale of the validation images.")
 
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true", help="Push the final student pipeline to the hub.")
-    hub.add_argument("--hub_model_id", type=str, default=None,
-                     help="Repo to push to (defaults to the --output_dir folder name under your account).")
-    hub.add_argument("--hub_token", type=str, default=None,
-                     help="Hub token (prefer `hf auth login` or HF_TOKEN); never written or logged.")
-    hub.add_argument("--hub_private", action="store_true", help="Create the hub repo as private.")
+    add_hub_arguments(hub, model_id_help="Repo to push to; default: the --output_dir folder name under your account.")
     return parser
 
 
@@ -181,6 +192,8 @@ def build_train_parser(prog: str = "bksdm distill") -> argparse.ArgumentParser:
         prog=prog,
         description="Distill a BK-SDM student from a Stable Diffusion teacher (accelerate: multi-GPU, mixed "
         "precision, checkpoints that resume exactly).",
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
     return add_train_arguments(parser)
 

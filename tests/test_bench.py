@@ -64,7 +64,7 @@ def test_measure_latency_warms_up_and_rotates_the_order():
 def test_bench_cli_times_tiny_teacher_and_students_and_writes_reports(tmp_path, capsys):
     output = tmp_path / "report"
     argv = ["bench", "--teacher", "builtin:tiny-sd", "--resolution", "16", "--repeats", "2", "--steps", "1",
-            "--output", str(output)]  # fmt: skip
+            "--output_dir", str(output)]  # fmt: skip
     assert main(argv) == 0
     data = json.loads((output / "bench.json").read_text())
     names = [m["name"] for m in data["models"]]
@@ -103,7 +103,7 @@ def test_bench_a_saved_student(tmp_path):
 def test_bench_bad_input(tmp_path):
     with pytest.raises(
         ValueError,
-        match=r"`--teacher_config` 'sd-v9' is neither a JSON file nor a shipped config; "
+        match=r"`name_or_path` 'sd-v9' is neither a JSON file nor a shipped config; "
         r"shipped: \[.*'sd-v1-4'",
     ):
         load_config("sd-v9")
@@ -111,13 +111,33 @@ def test_bench_bad_input(tmp_path):
     broken.write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match=r"config\.json' is not valid JSON"):
         load_config(broken)
-    with pytest.raises(ValueError, match="exactly one of `--teacher`"):
+    with pytest.raises(ValueError, match="exactly one of `teacher` .* and `teacher_config`"):
         benchmark(teacher="builtin:tiny-sd", teacher_config="sd-v1-4")
-    with pytest.raises(ValueError, match="`--repeats` must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="`repeats` must be a positive integer, got 0"):
         BenchmarkSettings(repeats=0)
-    with pytest.raises(ValueError, match="`--resolution` must be a multiple of 8"):
+    with pytest.raises(ValueError, match="`resolution` must be a multiple of 8"):
         benchmark(teacher_config="sd-v1-4", settings=BenchmarkSettings(resolution=500), measure=False)
     assert main(["bench", "--teacher_config", "sd-v1-4", "--variants", "huge", "--counts_only"]) == 2
+
+
+def test_bench_cli_errors_name_the_flags(capsys):
+    assert main(["bench", "--teacher_config", "sd-v9", "--counts_only"]) == 2
+    assert "`--teacher_config` 'sd-v9' is neither a JSON file nor a shipped config" in capsys.readouterr().err
+    assert main(["bench", "--teacher_config", "sd-v1-4", "--counts_only", "--resolution", "500"]) == 2
+    assert "`--resolution` must be a multiple of 8 (the VAE factor), got 500" in capsys.readouterr().err
+
+
+def test_bench_uses_the_teachers_native_size_by_default(tmp_path):
+    # builtin:tiny-sd: UNet sample_size 8 x VAE factor 2 = 16 px (not 512: a 256x256 latent for this VAE)
+    assert main(["bench", "--teacher", "builtin:tiny-sd", "--counts_only", "--output_dir", str(tmp_path)]) == 0
+    settings = json.loads((tmp_path / "bench.json").read_text())["settings"]
+    assert (settings["resolution"], settings["latent_size"]) == (16, 8)
+    # a shipped SD v2.1 (768 px) config: 96 x 8
+    report = benchmark(teacher_config="sd-v2-1", measure=False)
+    assert (report.settings["resolution"], report.settings["latent_size"]) == (768, 96)
+    given = BenchmarkSettings(resolution=None)
+    benchmark(teacher_config="sd-v1-4", settings=given, measure=False)
+    assert given.resolution is None  # the caller's settings are not changed
 
 
 def test_latency_ratio_pairs_the_runs_of_each_round():

@@ -90,10 +90,10 @@ def test_mismatched_cache_is_refused(tiny_pipeline_dir, cached, tmp_path):
     _, cache_dir = cached
     other_teacher = tmp_path / "other"
     tiny_pipeline("sd-v1", seed=1).save_pretrained(other_teacher)  # different VAE / text-encoder weights
-    with pytest.raises(ValueError, match=r"--latent_cache_dir.*does not match this run: its VAE weights differ.*"
+    with pytest.raises(ValueError, match=r"does not match this run: its VAE weights differ.*"
                                          r"text encoder weights differ.*Rebuild it with `bksdm cache`"):
         run_train(base_args(other_teacher, tmp_path / "o1", "--latent_cache_dir", str(cache_dir)))
-    with pytest.raises(ValueError, match="built at --resolution 16, the run uses 32"):
+    with pytest.raises(ValueError, match="built at resolution 16, the run uses 32"):
         run_train(base_args(tiny_pipeline_dir, tmp_path / "o2", "--latent_cache_dir", str(cache_dir),
                             "--resolution", "32"))
     with pytest.raises(ValueError, match="random crops"):
@@ -109,4 +109,20 @@ def test_cache_refuses_to_overwrite(tiny_pipeline_dir, cached, capsys):
     code = main(["cache", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(images),
                  "--output_dir", str(cache_dir)])
     assert code == 2
-    assert "exists and is not empty" in capsys.readouterr().err
+    assert f"`--output_dir` {str(cache_dir)!r} exists and is not empty" in capsys.readouterr().err
+
+
+def test_latent_cache_errors_name_the_argument(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"`path` '.*' is not a latent cache"):
+        LatentCache(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"`--latent_cache_dir` '.*' is not a latent cache"):
+        LatentCache(str(tmp_path), argument="--latent_cache_dir")
+
+
+def test_cache_shows_progress_and_uses_the_native_size(tiny_pipeline_dir, tmp_path, capsys):
+    images = write_image_folder(tmp_path / "images", n=3)
+    assert main(["cache", "--teacher", str(tiny_pipeline_dir), "--train_data_dir", str(images),
+                 "--latent_cache_dir", str(tmp_path / "c")]) == 0
+    captured = capsys.readouterr()
+    assert "encoding" in captured.err and "3/3" in captured.err
+    assert "at 16px" in captured.out

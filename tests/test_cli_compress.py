@@ -13,7 +13,7 @@ from diffusers_bksdm.cli import main
 
 def test_compress_whole_pipeline(tiny_pipeline_dir, tmp_path, capsys):
     out = tmp_path / "student"
-    assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--variant", "tiny", "--output", str(out)]) == 0
+    assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--variant", "tiny", "--output_dir", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "3,222,692" in printed and "reduction" in printed
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
@@ -35,7 +35,7 @@ def test_compress_bare_unet_in_fp16(tiny_pipeline_dir, tmp_path):
         "unet",
         "--variant",
         "base",
-        "--output",
+        "--output_dir",
         str(out),
         "--dtype",
         "fp16",
@@ -52,7 +52,7 @@ def test_compress_bare_unet_in_fp16(tiny_pipeline_dir, tmp_path):
 
 def test_builtin_teacher(tmp_path):
     out = tmp_path / "demo"
-    assert main(["compress", "--teacher", "builtin:tiny-sd", "--variant", "small", "--output", str(out)]) == 0
+    assert main(["compress", "--teacher", "builtin:tiny-sd", "--variant", "small", "--output_dir", str(out)]) == 0
     assert UNet2DConditionModel.from_pretrained(out / "unet").config.mid_block_type is None
 
 
@@ -60,30 +60,30 @@ def test_errors_name_the_argument(tiny_pipeline_dir, tmp_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--output", str(out)]) == 2
-    assert "`--output`" in capsys.readouterr().err
+    assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--output_dir", str(out)]) == 2
+    assert "`--output_dir`" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "user data"
 
     assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--student_variant", "huge",
-                 "--output", str(tmp_path / "x")]) == 2
+                 "--output_dir", str(tmp_path / "x")]) == 2
     assert "Unknown variant 'huge'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     # `--variant` is diffusers' weight file variant: a teacher without such files says so, and nothing is written
     assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--variant", "huge",
-                 "--output", str(tmp_path / "x")]) == 2
+                 "--output_dir", str(tmp_path / "x")]) == 2
     assert "variant=huge" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
-    assert main(["compress", "--teacher", str(tmp_path), "--output", str(tmp_path / "y")]) == 2
+    assert main(["compress", "--teacher", str(tmp_path), "--output_dir", str(tmp_path / "y")]) == 2
     assert "neither model_index.json" in capsys.readouterr().err
 
     with pytest.raises(SystemExit):
-        main(["compress", "--output", str(tmp_path / "z")])  # --teacher is required
+        main(["compress", "--output_dir", str(tmp_path / "z")])  # --teacher is required
 
 
 def test_overwrite_replaces_complete_output(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "student"
-    base = ["compress", "--teacher", str(tiny_pipeline_dir), "--output", str(out)]
+    base = ["compress", "--teacher", str(tiny_pipeline_dir), "--output_dir", str(out)]
     assert main(base + ["--variant", "base"]) == 0
     assert main(base + ["--variant", "tiny", "--overwrite"]) == 0
     assert json.loads((out / "unet" / "config.json").read_text())["_bksdm"]["variant"] == "tiny"
@@ -110,11 +110,11 @@ def test_overwrite_never_replaces_the_teacher_or_the_current_directory(tiny_pipe
         (str(teacher), "the teacher"),  # the teacher's own folder
         (str(models), "the teacher"),  # a folder holding it
         (str(teacher / "unet"), "the teacher"),  # a folder inside it
-        ("", "current directory"),  # `--output ""` is the current directory
+        ("", "current directory"),  # `--output_dir ""` is the current directory
         (".", "current directory"),
         ("..", "current directory"),  # a parent of the current directory
     ):
-        argv = ["compress", "--teacher", str(teacher), "--variant", "tiny", "--output", output, "--overwrite"]
+        argv = ["compress", "--teacher", str(teacher), "--variant", "tiny", "--output_dir", output, "--overwrite"]
         assert main(argv) == 2, output
         assert refused in capsys.readouterr().err, output
     assert snapshot() == before
@@ -126,3 +126,15 @@ def test_overwrite_never_replaces_the_teacher_or_the_current_directory(tiny_pipe
         with atomic_directory(str(tmp_path), overwrite=True):
             pass
     assert snapshot() == before
+
+
+def test_old_spellings_still_work_with_a_warning(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "old"
+    assert main(["compress", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "bksdm compress: warning: `--output` is deprecated and will be removed in the next release: use " \
+        "`--output_dir`." in err
+    assert (out / "model_index.json").is_file()
+    # errors name the spelling that was typed
+    assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--output", str(out)]) == 2
+    assert "`--output` " in capsys.readouterr().err

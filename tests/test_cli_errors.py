@@ -12,7 +12,7 @@ from diffusers_bksdm.cli import main
 
 def test_a_missing_local_teacher_says_no_such_folder(tmp_path, capsys):
     for teacher in (str(tmp_path / "no" / "such" / "teacher"), "./models/teacher/"):
-        assert main(["compress", "--teacher", teacher, "--output", str(tmp_path / "out")]) == 2
+        assert main(["compress", "--teacher", teacher, "--output_dir", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert f"`--teacher` {teacher!r}: no such folder" in err
         assert "Repo id must be in the form" not in err
@@ -25,8 +25,10 @@ def test_an_unreachable_hub_gives_one_line_naming_the_id(tmp_path, monkeypatch, 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     for argv, flag in (
-        (["compress", "--teacher", "someone/some-sd", "--output", str(tmp_path / "out")], "--teacher"),
-        (["generate", "--model", "someone/some-sd", "--prompts", str(tmp_path / "p.txt"), "--output",
+        (["compress", "--teacher", "someone/some-sd", "--output_dir", str(tmp_path / "out")], "--teacher"),
+        (["compress", "--pretrained_model_name_or_path", "someone/some-sd", "--output_dir", str(tmp_path / "out")],
+         "--pretrained_model_name_or_path"),
+        (["generate", "--model", "someone/some-sd", "--prompts", str(tmp_path / "p.txt"), "--output_dir",
           str(tmp_path / "gen")], "--model"),
     ):
         if argv[0] == "generate":
@@ -42,7 +44,7 @@ def test_push_refuses_a_folder_that_is_not_a_pipeline(tmp_path, capsys):
     folder = tmp_path / "not a model"
     folder.mkdir()
     (folder / "README.md").write_text("notes")
-    assert main(["push", str(folder), "--repo_id", "me/x"]) == 2
+    assert main(["push", str(folder), "--hub_model_id", "me/x"]) == 2
     assert "is not a pipeline (no model_index.json) nor a model (no config.json)" in capsys.readouterr().err
 
 
@@ -58,14 +60,14 @@ def test_the_retry_command_is_shell_quoted(tmp_path):
     with pytest.raises(RuntimeError) as error:
         push_folder(str(folder), "me/x", api=FailingApi())
     command = str(error.value).split("retry with: ", 1)[1]
-    assert shlex.split(command) == ["bksdm", "push", str(folder), "--repo_id", "me/x"]
+    assert shlex.split(command) == ["bksdm", "push", str(folder), "--hub_model_id", "me/x"]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_generate_refuses_a_non_finite_guidance_scale(tmp_path, capsys, value):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
-    argv = ["generate", "--model", "builtin:tiny-sd", "--prompts", str(prompts), "--output", str(tmp_path / "out"),
+    argv = ["generate", "--model", "builtin:tiny-sd", "--prompts", str(prompts), "--output_dir", str(tmp_path / "out"),
             "--guidance_scale", value]
     assert main(argv) == 2
     assert f"`guidance_scale` must be a finite number >= 0, got {float(value)!r}" in capsys.readouterr().err

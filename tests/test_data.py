@@ -57,13 +57,16 @@ def test_image_folder_metadata_formats(tmp_path, fmt):
 
 
 def test_image_folder_errors_name_the_argument(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--train_data_dir"):
+    with pytest.raises(FileNotFoundError, match="`train_data_dir` '.*missing' is not a folder"):
         ImageFolderSource(str(tmp_path / "missing"), ImageTransform(16))
+    with pytest.raises(FileNotFoundError, match="`--train_data_dir` '.*missing' is not a folder"):
+        ImageFolderSource(str(tmp_path / "missing"), ImageTransform(16),
+                          argument_names={"train_data_dir": "--train_data_dir"})
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no metadata.csv or metadata.jsonl"):
         ImageFolderSource(str(tmp_path / "empty"), ImageTransform(16))
     folder = write_image_folder(tmp_path / "images", n=2)
-    message = "`--caption_column` value 'caption' is not a column; columns: file_name, text"
+    message = "`caption_column` value 'caption' is not a column; columns: file_name, text"
     with pytest.raises(ValueError, match=message):
         ImageFolderSource(str(folder), ImageTransform(16), caption_column="caption")
     with pytest.raises(ValueError, match="`resolution` must be an integer >= 8, got 4"):
@@ -143,7 +146,7 @@ def test_datasets_source_from_a_saved_dataset(tmp_path):
     assert source[0]["caption"] == "one" and source[0]["pixel_values"].shape == (3, 16, 16)
     sample = source[2]  # no caption -> skipped, wraps around to sample 0
     assert sample["index"] == 0 and sample["skipped"][0][0] == "2"
-    with pytest.raises(ValueError, match="`--image_column` value 'image' needs to be one of: img, caption"):
+    with pytest.raises(ValueError, match="`image_column` value 'image' needs to be one of: img, caption"):
         HFDatasetSource.from_name(str(tmp_path / "ds"), ImageTransform(16), image_column="image",
                                   caption_column="caption")
 
@@ -158,7 +161,9 @@ def test_training_from_a_datasets_dataset(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "out"
     result = run_train(base_args(tiny_pipeline_dir, out, "--dataset_name", str(tmp_path / "ds"), steps=2))
     assert result["global_step"] == 2 and [int(r["samples"]) for r in read_log(out)] == [2, 4]
-    assert '| data | {"type": "datasets", "dataset_name": "' in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "| data | `datasets` dataset `ds` (images: column `image`, captions: column `text`) |" in card
+    assert str(tmp_path) not in card
 
 
 def _write_shard(path, samples):
@@ -195,8 +200,10 @@ def test_webdataset_source_streams_and_reports_bad_samples(shards):
     assert skipped == ["000000002", "000000005"]
     batch = CaptionCollator()(samples)
     assert batch["pixel_values"].shape == (6, 3, 16, 16) and len(batch["skipped"]) == 2
-    with pytest.raises(FileNotFoundError, match="--train_shards"):
+    with pytest.raises(FileNotFoundError, match=r"`urls`: \d+ shard\(s\) not found"):
         webdataset_source(shards.replace("00001", "00009"), ImageTransform(16))
+    with pytest.raises(FileNotFoundError, match=r"`--train_shards`: \d+ shard\(s\) not found"):
+        webdataset_source(shards.replace("00001", "00009"), ImageTransform(16), argument="--train_shards")
 
 
 def test_training_from_webdataset_shards(tiny_pipeline_dir, shards, tmp_path):

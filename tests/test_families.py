@@ -109,10 +109,10 @@ def test_compress_reads_both_spellings(tmp_path):
     from diffusers_bksdm.student import student_info
 
     assert main(["compress", "--teacher", "builtin:tiny-sd", "--student_variant", "tiny",
-                 "--output", str(tmp_path / "new")]) == 0
+                 "--output_dir", str(tmp_path / "new")]) == 0
     with pytest.warns(FutureWarning):
         assert main(["compress", "--teacher", "builtin:tiny-sd", "--variant", "tiny",
-                     "--output", str(tmp_path / "old")]) == 0
+                     "--output_dir", str(tmp_path / "old")]) == 0
     for name in ("new", "old"):
         assert student_info(tmp_path / name / "unet")["variant"] == "tiny"
 

@@ -163,8 +163,10 @@ def test_prompt_file_errors(tmp_path):
     no_caption.write_text("file_name,id\na.jpg,1\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad\.csv.*no caption column.*\['file_name', 'id'\].*'caption'"):
         read_prompts(no_caption)
-    with pytest.raises(ValueError, match=r"bad\.csv.*no column 'title'"):
+    with pytest.raises(ValueError, match=r"`caption_column` 'title' is not a column of the prompt file .*bad\.csv"):
         read_prompts(no_caption, caption_column="title")
+    with pytest.raises(ValueError, match=r"`--caption_column` 'title' is not a column"):
+        read_prompts(no_caption, caption_column="title", argument="--prompts", caption_argument="--caption_column")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"empty\.txt.*no prompts"):
@@ -188,7 +190,7 @@ def test_two_processes_shard_prompts_and_match_one_process(reference, tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "diffusers_bksdm.cli", "generate", "--model", "builtin:tiny-sd", "--prompts", str(prompts),
-        "--output", str(output), "--num_inference_steps", "3", "--resolution", "16", "--eval_resolution", "8",
+        "--output_dir", str(output), "--num_inference_steps", "3", "--resolution", "16", "--eval_resolution", "8",
         "--batch_size", "2",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -200,3 +202,25 @@ def test_two_processes_shard_prompts_and_match_one_process(reference, tmp_path):
         assert sorted(got) == sorted(expected)
         for name in expected:
             np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_generate_uses_the_models_native_size_by_default(tmp_path, capsys):
+    """builtin:tiny-sd makes 16 px images (UNet sample_size 8 x VAE factor 2), not 512 px (a 256x256 latent)."""
+    from diffusers_bksdm.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n", encoding="utf-8")
+    output = tmp_path / "gen"
+    argv = ["generate", "--model", "builtin:tiny-sd", "--prompts", str(prompts), "--output_dir", str(output),
+            "--num_inference_steps", "2"]
+    assert main(argv) == 0
+    manifest = json.loads((output / "generation.json").read_text())
+    assert manifest["resolution"] == 16 and manifest["eval_resolution"] is None  # no 256 px upsampled copies
+    assert sorted(p.name for p in output.iterdir()) == ["generation.json", "im16"]
+    for name in ("000000.png", "000001.png"):
+        with Image.open(output / "im16" / name) as image:
+            assert image.size == (16, 16)
+    assert "2/2" in capsys.readouterr().err  # the progress bar over the images
+    # what the images were made from, for `bksdm eval --model_card`
+    assert manifest["model"] == "builtin:tiny-sd" and manifest["prompt_file"] == "prompts.txt"
+    assert manifest["generated_by"].startswith("bksdm generate") and manifest["model_dir"] is None

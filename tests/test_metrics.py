@@ -178,10 +178,12 @@ def test_bad_image_folders(tmp_path, image_sets):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
-    with pytest.raises(ValueError, match=r"`--images` '.*empty' holds no image; expected files ending in"):
+    with pytest.raises(ValueError, match=r"`images` '.*empty' holds no image; expected files ending in"):
         evaluate_images(empty, metrics=["is"], is_extractor=SmallFeatures(10))
-    with pytest.raises(FileNotFoundError, match=r"`--images` '.*nowhere' is not a folder"):
+    with pytest.raises(FileNotFoundError, match=r"`images` '.*nowhere' is not a folder"):
         evaluate_images(tmp_path / "nowhere", metrics=["is"], is_extractor=SmallFeatures(10))
+    with pytest.raises(FileNotFoundError, match=r"`--images` '.*nowhere' is not a folder"):
+        evaluate_images(tmp_path / "nowhere", metrics=["is"], argument_names={"images": "--images"})
 
     mixed = tmp_path / "mixed"
     _write(mixed, _random_images(3, seed=5))
@@ -191,7 +193,7 @@ def test_bad_image_folders(tmp_path, image_sets):
 
     with pytest.raises(ValueError, match=r"cannot pair '.*000003\.png' with a prompt"):
         evaluate_images(image_sets / "real", ["only", "three", "prompts"], metrics=["clip"], clip_embedder=object())
-    with pytest.raises(ValueError, match=r"`--metrics` must be a non-empty subset of \['fid', 'is', 'clip'\]"):
+    with pytest.raises(ValueError, match=r"`metrics` must be a non-empty subset of \['fid', 'is', 'clip'\]"):
         evaluate_images(image_sets / "real", metrics=["fid", "lpips"])
     with pytest.raises(ValueError, match="FID needs the real images"):
         evaluate_images(image_sets / "real", metrics=["fid"], fid_extractor=SmallFeatures(8))
@@ -199,7 +201,7 @@ def test_bad_image_folders(tmp_path, image_sets):
 
 def test_bad_real_statistics(tmp_path, image_sets):
     missing = tmp_path / "val2014.npz"
-    with pytest.raises(FileNotFoundError, match=r"`--real_stats` '.*val2014\.npz' does not exist; compute it once"):
+    with pytest.raises(FileNotFoundError, match=r"`path` '.*val2014\.npz' does not exist; compute it once"):
         RealStatistics.load(missing)
     no_mu = tmp_path / "no_mu.npz"
     np.savez(no_mu, sigma=np.eye(8))
@@ -232,7 +234,15 @@ def test_standard_extractor_needs_torch_fidelity(image_sets, capsys):
         pytest.skip("torch-fidelity is installed: the standard extractor loads (and would download weights)")
     code = main(["eval", "--images", str(image_sets / "real"), "--metrics", "is"])
     assert code == 2
-    assert "need torch-fidelity: `pip install torch-fidelity`" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "need torch-fidelity, which needs the torchvision built for your torch" in err
+    # the advice keeps the installed torch: torchvision of the matching release from torch's own index, then
+    # torch-fidelity without dependencies
+    import torch
+
+    minor = int(torch.__version__.split(".")[1])
+    assert f'pip install "torchvision==0.{minor + 15}.*" --index-url https://download.pytorch.org/whl/' in err
+    assert "pip install --no-deps torch-fidelity" in err
 
 
 def test_model_card_section_is_replaced_not_appended(tmp_path):
@@ -247,5 +257,5 @@ def test_model_card_section_is_replaced_not_appended(tmp_path):
 
 
 def test_clip_model_that_cannot_be_loaded(tmp_path):
-    with pytest.raises(OSError, match=r"`--clip_model` '.*no-clip' could not be loaded: expected a transformers CLIP"):
+    with pytest.raises(OSError, match=r"`name_or_path` '.*no-clip' could not be loaded: expected a transformers CLIP"):
         CLIPEmbedder.from_pretrained(str(tmp_path / "no-clip"))

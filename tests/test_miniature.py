@@ -186,7 +186,8 @@ def test_builtin_shapes_teacher_is_accepted_as_a_teacher(tmp_path):
     from diffusers_bksdm.cli import main
 
     out = tmp_path / "small"
-    assert main(["compress", "--teacher", "builtin:shapes-sd", "--variant", "small", "--output", str(out)]) == 0
+    assert main(["compress", "--teacher", "builtin:shapes-sd", "--student_variant", "small", "--output_dir",
+                 str(out)]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(out)
     assert pipe.unet.config.mid_block_type is None and pipe.unet.config.sample_size == 8
 
@@ -226,7 +227,7 @@ def test_bksdm_eval_scores_the_miniature_world_with_the_judge(tmp_path, capsys):
     real = shapes.write_shapes_dataset(tmp_path / "real", num_images=60, seed=9, split="heldout")
     (tmp_path / "prompts.txt").write_text("\n".join(s.caption for s in samples) + "\n")
     argv = ["eval", "--images", images, "--prompts", str(tmp_path / "prompts.txt"), "--judge", "builtin:shapes-judge"]
-    assert main([*argv, "--real_images", real, "--output", str(tmp_path / "scores.json")]) == 0
+    assert main([*argv, "--real_images", real, "--output_file", str(tmp_path / "scores.json")]) == 0
     assert "colour + shape" in capsys.readouterr().out
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["accuracy"] >= 0.97 and scores["num_images"] == 40

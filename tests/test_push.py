@@ -54,7 +54,8 @@ def fake_hub(monkeypatch):
 @pytest.fixture
 def student_dir(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "student"
-    assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--variant", "small", "--output", str(out)]) == 0
+    assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--student_variant", "small", "--output_dir",
+                 str(out)]) == 0
     return out
 
 
@@ -67,7 +68,8 @@ def test_push_creates_repo_and_uploads_exactly_the_folder(fake_hub, student_dir)
     (student_dir / "checkpoint-2").mkdir()
     (student_dir / "checkpoint-2" / "optimizer.bin").write_bytes(b"x")
     (student_dir / ".half-written.tmp").write_bytes(b"x")
-    assert main(["push", str(student_dir), "--repo_id", "me/bk-sdm-small", "--hub_token", TOKEN, "--private"]) == 0
+    assert main(["push", str(student_dir), "--hub_model_id", "me/bk-sdm-small", "--hub_token", TOKEN,
+                 "--hub_private"]) == 0
     (api,) = fake_hub.instances
     assert api.token == TOKEN
     assert api.created == [{"repo_id": "me/bk-sdm-small", "private": True, "exist_ok": True, "repo_type": "model"}]
@@ -81,9 +83,9 @@ def test_push_creates_repo_and_uploads_exactly_the_folder(fake_hub, student_dir)
 def test_failed_upload_keeps_the_folder_and_says_how_to_retry(fake_hub, student_dir, capsys):
     before = {f: (student_dir / f).read_bytes() for f in _files(student_dir)}
     fake_hub.fail_with = ConnectionError(f"503 from hub (token {TOKEN})")
-    assert main(["push", str(student_dir), "--repo_id", "me/x", "--hub_token", TOKEN]) == 1
+    assert main(["push", str(student_dir), "--hub_model_id", "me/x", "--hub_token", TOKEN]) == 1
     err = capsys.readouterr().err
-    assert f"retry with: bksdm push {student_dir} --repo_id me/x" in err and "local folder is intact" in err
+    assert f"retry with: bksdm push {student_dir} --hub_model_id me/x" in err and "local folder is intact" in err
     assert TOKEN not in err
     after = {f: (student_dir / f).read_bytes() for f in _files(student_dir) if f != "README.md"}
     assert after == before

@@ -12,20 +12,21 @@ GRID_PROMPTS = 8
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
+    from ._flags import add_command_parser, add_model_argument, add_output_dir_argument
+
+    parser = add_command_parser(
+        subparsers,
         "demo",
         help="Compress and distill the shipped miniature teacher (builtin:shapes-sd) and judge the student.",
         description="Compress the trained miniature teacher builtin:shapes-sd to a BK-SDM student, distill it with "
         "`bksdm distill` (task + output KD + feature KD) on the generated shapes dataset, save the student pipeline, "
         "and compare teacher, student before and student after distillation on held-out prompts: a picture grid, a "
         "loss curve, parameters, UNet latency, the judge's accuracy and FD. CPU only, no download.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
     )
-    parser.add_argument("--output_dir", default="bksdm-demo", help="Folder for the data, images and the student.")
-    parser.add_argument(
-        "--pretrained_model_name_or_path", default="builtin:shapes-sd", help="The teacher pipeline (32 px shapes)."
-    )
+    add_output_dir_argument(parser, required=False, default="bksdm-demo", deprecated=(),
+                            help="Folder for the data, images and the student.")
+    add_model_argument(parser, required=False, default="builtin:shapes-sd",
+                       help="The teacher pipeline (32 px shapes); images are made and judged at its native size.")
     parser.add_argument("--student_variant", default=None, help="BK-SDM variant: base, small (default) or tiny.")
     parser.add_argument("--variant", default=None, help="Deprecated spelling of --student_variant.")
     parser.add_argument("--max_train_steps", type=int, default=300, help="Distillation steps.")

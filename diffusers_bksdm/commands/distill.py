@@ -7,8 +7,10 @@ import argparse
 
 def add_parser(subparsers) -> None:
     from ..train_args import add_train_arguments
+    from ._flags import add_command_parser
 
-    parser = subparsers.add_parser(
+    parser = add_command_parser(
+        subparsers,
         "distill",
         help="Distill a BK-SDM student from a teacher pipeline (multi-GPU through accelerate).",
         description="Build the student from the teacher, train it with task + output KD + feature KD losses, and "

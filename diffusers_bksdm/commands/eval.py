@@ -9,41 +9,50 @@ import sys
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
+    from ._flags import add_command_parser, add_output_file_argument
+
+    parser = add_command_parser(
+        subparsers,
         "eval",
         help="FID / IS / CLIP score of a folder of generated images.",
         description="Compute FID (against real-image statistics), IS and CLIP score (mean raw cosine similarity "
         "under ViT-g-14 laion2b_s34b_b88k) of images written by `bksdm generate`, and print them next to the "
         "paper's numbers. Compute the real statistics once with `--real_images DIR --save_real_stats FILE.npz`.",
     )
-    parser.add_argument("--images", default=None, help="Folder of generated images (e.g. OUTPUT/im256).")
+    parser.add_argument("--images", default=None, help="Folder of generated images (e.g. OUTPUT_DIR/im256).")
     parser.add_argument("--prompts", default=None, help="The prompt file given to `bksdm generate` (for CLIP).")
     parser.add_argument(
-        "--caption_column", default=None, help="CSV column of the prompts (default: caption/text/prompt)."
+        "--caption_column", default=None, help="CSV column of the prompts; default: caption, text or prompt."
     )
     parser.add_argument("--real_stats", default=None, help="An .npz of real-image statistics (mu, sigma).")
     parser.add_argument("--real_images", default=None, help="Folder of real images, all of one size (e.g. 256x256).")
     parser.add_argument("--save_real_stats", default=None, help="Save the statistics of --real_images to this .npz.")
     parser.add_argument("--metrics", default="fid,is,clip", help="Comma-separated subset of fid,is,clip.")
-    parser.add_argument(
-        "--clip_model", default=None, help="CLIP weights (default: laion/CLIP-ViT-g-14-laion2B-s34B-b88K)."
-    )
+    parser.add_argument("--clip_model", default=None,
+                        help="CLIP weights for the CLIP score; default: laion/CLIP-ViT-g-14-laion2B-s34B-b88K.")
     parser.add_argument("--batch_size", type=int, default=50, help="Images per batch.")
     parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
-    parser.add_argument("--output", default=None, help="JSON file for the scores (a .md table is written beside it).")
-    parser.add_argument("--name", default=None, help="Name of the evaluated model in the table.")
+    add_output_file_argument(
+        parser, help="JSON file for the scores (a .md table is written beside it); default: "
+        "eval_<images folder>.json beside the images folder.",
+    )  # fmt: skip
+    parser.add_argument("--name", default=None, help="Name of the evaluated model in the table; default: the model.")
     parser.add_argument(
         "--paper_family",
         default="auto",
         choices=["auto", "sd-v1", "sd-v2", "none"],
         help="Show the paper's rows of this teacher family (auto: from the generation settings).",
     )
-    parser.add_argument("--model_card", default=None, help="A model folder whose README.md gets the scores.")
+    parser.add_argument("--model_card", default=None,
+                        help="The model folder whose README.md gets the scores. Only for images that `bksdm "
+                        "generate` made from that model (its generation.json says so); the section states the "
+                        "prompts, sizes and settings. Default: no card is written.")
     parser.add_argument(
         "--judge",
         default=None,
         help="Score the miniature world instead (e.g. builtin:shapes-judge): the judge's accuracy (colour and shape, "
-        "position) against --prompts and its FD against --real_images, in place of CLIP score and FID.",
+        "position) against --prompts and its FD against --real_images, in place of CLIP score and FID. Default: "
+        "FID / IS / CLIP score.",
     )
     parser.set_defaults(func=run)
 
@@ -57,32 +66,58 @@ def _generation_settings(images: str) -> dict:
     return {}
 
 
+def _check_card_source(model_card: str, images: str, settings: dict) -> None:
+    """Refuse to write scores into the card of a model the images were not generated from."""
+    if not os.path.isdir(model_card):
+        raise FileNotFoundError(f"`--model_card` {model_card!r} is not a folder.")
+    if not settings.get("generated_by"):
+        raise ValueError(
+            f"`--model_card` {model_card!r}: the images in {images!r} have no record of the model they were made from "
+            "(the generation.json that `bksdm generate` writes); only scores of images that `bksdm generate` made "
+            "from this model go into its card."
+        )
+    made_from = [settings.get("model_dir"), settings.get("unet_dir")]
+    if settings.get("unet_dir"):  # a student UNet inside its pipeline folder: the pipeline's card
+        made_from.append(os.path.dirname(settings["unet_dir"]))
+    if os.path.realpath(model_card) not in made_from:
+        unet = f" with the UNet {settings['unet']!r}" if settings.get("unet") else ""
+        raise ValueError(
+            f"`--model_card` {model_card!r}: the images in {images!r} were generated from {settings.get('model')!r}"
+            f"{unet}, not from this folder; only scores of images generated from a model go into its card."
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..io import parse_device
     from ..metrics import (
         DEFAULT_CLIP_MODEL,
         compute_real_statistics,
         evaluate_images,
+        evaluation_protocol,
         results_markdown,
         update_model_card,
         write_results,
     )
 
-    from ..io import parse_device
-
     parse_device(args.device)  # before anything is loaded
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    names = {k: f"--{k}" for k in ("images", "prompts", "metrics", "real_stats", "real_images", "clip_model")}
     if args.save_real_stats and not args.real_images:
         raise ValueError("`--save_real_stats` needs `--real_images DIR` (the images to compute statistics from).")
     if args.real_stats and args.real_images:
         raise ValueError("Pass either `--real_stats` or `--real_images`, not both.")
+    if args.model_card and args.judge:
+        raise ValueError("`--model_card` takes FID / IS / CLIP scores; the judge's scores (`--judge`) are not "
+                         "written into model cards.")
     try:
         real_stats = args.real_stats
         if args.save_real_stats:
-            stats = compute_real_statistics(args.real_images, batch_size=args.batch_size, device=device)
-            stats.save(args.save_real_stats)
+            stats = compute_real_statistics(args.real_images, batch_size=args.batch_size, device=device,
+                                            argument="--real_images")
+            stats.save(args.save_real_stats, argument="--save_real_stats")
             print(f"saved statistics of {stats.num_samples} real images to {args.save_real_stats}")
             real_stats = stats
         if args.images is None:
@@ -91,11 +126,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("`--images` is required (or use --real_images with --save_real_stats only).")
 
         images = os.path.normpath(args.images)
+        settings = _generation_settings(images)
+        if args.model_card:  # before anything is computed
+            _check_card_source(args.model_card, images, settings)
         prompts = None
         if args.prompts:
             from ..generate import read_prompts
 
-            prompts = read_prompts(args.prompts, args.caption_column)
+            prompts = read_prompts(args.prompts, args.caption_column, argument="--prompts",
+                                   caption_argument="--caption_column")
         if args.judge:
             if prompts is None:
                 raise ValueError("`--judge` needs the prompts the images were generated from: pass --prompts FILE.")
@@ -109,23 +148,26 @@ def run(args: argparse.Namespace) -> int:
             clip_model=args.clip_model or DEFAULT_CLIP_MODEL,
             batch_size=args.batch_size,
             device=device,
+            argument_names=names,
         )
     except (ImportError, OSError) as error:
         print(f"bksdm eval: error: {error}", file=sys.stderr)
         return 2
 
-    settings = _generation_settings(images)
     family = settings.get("family") if args.paper_family == "auto" else args.paper_family
     name = args.name or settings.get("unet") or settings.get("model") or os.path.basename(images)
     table = results_markdown(results, name=name, family=None if family == "none" else family)
     record = {**results, "name": name, "images": images, "generation": settings or None}
-    output = args.output or os.path.join(os.path.dirname(images) or ".", f"eval_{os.path.basename(images)}.json")
+    output = args.output_file or os.path.join(os.path.dirname(images) or ".", f"eval_{os.path.basename(images)}.json")
     json_path, md_path = write_results(record, output, table)
     print(table)
     print(f"wrote {json_path} and {md_path}")
     if args.model_card:
-        keep = ("num_inference_steps", "guidance_scale", "scheduler", "seed", "resolution", "eval_resolution", "dtype")
-        card = update_model_card(args.model_card, table, {k: settings[k] for k in keep if k in settings})
+        # the card gets this model's row only: the paper's rows were measured on MS-COCO 30K, whatever these were
+        protocol = evaluation_protocol(settings, results, real_source=args.real_stats or args.real_images,
+                                       clip_model=args.clip_model or DEFAULT_CLIP_MODEL)
+        card = update_model_card(args.model_card, results_markdown(results, name=name), protocol=protocol,
+                                 argument="--model_card")
         print(f"updated {card}")
     return 0
 
@@ -139,7 +181,7 @@ def _run_judge(args: argparse.Namespace, images: str, prompts: list[str]) -> int
     name = args.name or settings.get("unet") or settings.get("model") or os.path.basename(images)
     table = judge_markdown(results, name)
     record = {**results, "name": name, "images": images, "judge": args.judge, "generation": settings or None}
-    output = args.output or os.path.join(os.path.dirname(images) or ".", f"eval_{os.path.basename(images)}.json")
+    output = args.output_file or os.path.join(os.path.dirname(images) or ".", f"eval_{os.path.basename(images)}.json")
     json_path, md_path = write_results(record, output, table)
     print(table)
     print(f"wrote {json_path} and {md_path}")

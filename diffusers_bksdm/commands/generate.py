@@ -3,44 +3,49 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
+    from ._flags import add_command_parser, add_model_argument, add_output_dir_argument
+
+    parser = add_command_parser(
+        subparsers,
         "generate",
         help="Generate one image per prompt (for FID / IS / CLIP score).",
         description="Generate one image per prompt with the BK-SDM paper's protocol (PNDM, 25 steps, guidance 7.5, "
-        "seed 1234, 512x512 images downsampled to 256x256). Every prompt has its own seed, so images do not depend "
-        "on --batch_size or on the number of processes; prompts whose images exist are skipped, so an interrupted "
-        "run resumes. Several processes: `accelerate launch -m diffusers_bksdm.cli generate ...`.",
+        "seed 1234, images downsampled to 256x256 for evaluation) at the model's native size. Every prompt has its "
+        "own seed, so images do not depend on --batch_size or on the number of processes; prompts whose images "
+        "exist are skipped, so an interrupted run resumes. Several processes: `accelerate launch -m "
+        "diffusers_bksdm.cli generate ...`.",
     )
+    add_model_argument(
+        parser, aliases=("--model",),
+        help="The model: a pipeline folder or hub repo id, or a built-in teacher (builtin:tiny-sd, builtin:shapes-sd).",
+    )  # fmt: skip
     parser.add_argument(
-        "--model",
-        "--pretrained_model_name_or_path",
-        dest="model",
-        required=True,
-        help="Pipeline folder or hub repo id, or builtin:tiny-sd (a tiny random pipeline built locally).",
+        "--unet", default=None, help="A UNet folder (e.g. a student saved alone) replacing the model's; default: none."
     )
-    parser.add_argument(
-        "--unet", default=None, help="A UNet folder (e.g. a student saved alone) replacing the model's."
-    )
-    parser.add_argument("--revision", default=None, help="Hub revision of --model.")
+    parser.add_argument("--revision", default=None, help="Hub revision of the model; default: the main branch.")
     parser.add_argument("--prompts", required=True, help="A .csv with a caption column, or a text file (one a line).")
     parser.add_argument(
-        "--caption_column", default=None, help="CSV column of the prompts (default: caption/text/prompt)."
+        "--caption_column", default=None, help="CSV column of the prompts; default: caption, text or prompt."
     )
-    parser.add_argument("--output", "--output_dir", dest="output", required=True, help="Folder for the images.")
-    parser.add_argument("--num_inference_steps", type=int, default=25)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--scheduler", default="pndm", help="pndm, ddim, dpm, euler, euler_a, lms, or `model` (keep).")
+    add_output_dir_argument(parser, help="Folder for the images (im<size>/000000.png, ...) and generation.json.")
+    parser.add_argument("--num_inference_steps", type=int, default=25, help="Denoising steps.")
+    parser.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
+    parser.add_argument("--scheduler", default="pndm",
+                        help="pndm, ddim, dpm, euler, euler_a, lms, or `model` (keep the pipeline's).")
     parser.add_argument("--seed", type=int, default=1234, help="Base seed; each prompt's seed derives from it.")
-    parser.add_argument("--resolution", type=int, default=512, help="Height and width of the generated images.")
-    parser.add_argument("--eval_resolution", type=int, default=256, help="Size of the downsampled copies (0: none).")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="Height and width of the generated images; default: the model's native size (UNet "
+                        "sample_size x the VAE scale factor: 512 for SD v1, 16 for builtin:tiny-sd).")
+    parser.add_argument("--eval_resolution", type=int, default=256,
+                        help="Size of the downsampled copies for evaluation, made only when smaller than the images "
+                        "(0: none).")
     parser.add_argument(
         "--batch_size", type=int, default=1, help="Prompts per pipeline call (does not change images)."
     )
-    parser.add_argument("--num_prompts", type=int, default=None, help="Use only the first N prompts.")
+    parser.add_argument("--num_prompts", type=int, default=None, help="Use only the first N prompts; default: all.")
     parser.add_argument(
         "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="Default: fp16 on GPU, fp32 on CPU."
     )
@@ -48,13 +53,25 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _folder(path: str | None) -> str | None:
+    """The resolved path of a local folder, else `None` (a hub id, a built-in teacher)."""
+    import os
+
+    return os.path.realpath(path) if path and os.path.isdir(path) else None
+
+
 def run(args: argparse.Namespace) -> int:
+    import os
+
     import torch
     from accelerate import PartialState
 
+    from .. import __version__
     from ..generate import GenerationConfig, generate_images, load_pipeline, read_prompts
     from ..io import parse_dtype
+    from ._flags import flag_name
 
+    model_flag, output_flag = flag_name(args, "pretrained_model_name_or_path"), flag_name(args, "output_dir")
     config = GenerationConfig(
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
@@ -64,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         eval_resolution=args.eval_resolution or None,
         batch_size=args.batch_size,
     )
-    prompts = read_prompts(args.prompts, args.caption_column)
+    prompts = read_prompts(args.prompts, args.caption_column, argument="--prompts",
+                           caption_argument="--caption_column")
     if args.num_prompts is not None:
         if args.num_prompts < 1:
             raise ValueError(f"`--num_prompts` must be a positive integer, got {args.num_prompts}.")
@@ -73,21 +91,22 @@ def run(args: argparse.Namespace) -> int:
     state = PartialState(cpu=not torch.cuda.is_available())
     dtype = parse_dtype(args.dtype) or (torch.float16 if state.device.type == "cuda" else torch.float32)
     pipe = load_pipeline(
-        args.model, unet=args.unet, torch_dtype=dtype, revision=args.revision,
-        disable_safety_checker=args.disable_safety_checker,
+        args.pretrained_model_name_or_path, unet=args.unet, torch_dtype=dtype, revision=args.revision,
+        disable_safety_checker=args.disable_safety_checker, argument=model_flag,
     )  # fmt: skip
     pipe.to(state.device)
-    description = {"model": args.model, "unet": args.unet, "dtype": str(dtype).replace("torch.", "")}
-
-    def progress(done: int, total: int) -> None:
-        print(f"[process {state.process_index}] {done}/{total} prompts", file=sys.stderr, flush=True)
-
+    # what the images were made from and with, for `bksdm eval` and its --model_card check
+    description = {
+        "model": args.pretrained_model_name_or_path, "unet": args.unet, "dtype": str(dtype).replace("torch.", ""),
+        "model_dir": _folder(args.pretrained_model_name_or_path), "unet_dir": _folder(args.unet),
+        "prompt_file": os.path.basename(args.prompts), "generated_by": f"bksdm generate (diffusers-bksdm {__version__})",
+    }  # fmt: skip
     try:
         generated = generate_images(
-            pipe, prompts, args.output, config, state=state, description=description, progress=progress
+            pipe, prompts, args.output_dir, config, state=state, description=description, argument=output_flag
         )
         state.wait_for_everyone()
-        print(f"[process {state.process_index}] generated {len(generated)} images into {args.output}")
+        print(f"[process {state.process_index}] generated {len(generated)} images into {args.output_dir}")
     finally:
         if state.num_processes > 1:
             state.destroy_process_group()
