@@ -604,7 +604,8 @@ def evaluation_protocol(
     if results.get("is") is not None:
         text += f" IS: Inception v3, {is_splits} splits."
     if results.get("clip") is not None:
-        text += f" CLIP score: mean cosine similarity of image and prompt under `{clip_model or DEFAULT_CLIP_MODEL}`."
+        text += (f" CLIP score: mean cosine similarity of image and prompt under "
+                 f"`{shown(clip_model or DEFAULT_CLIP_MODEL)}`.")
     return text
 
 

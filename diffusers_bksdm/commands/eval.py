@@ -66,6 +66,17 @@ def _generation_settings(images: str) -> dict:
     return {}
 
 
+def _model_name(args: argparse.Namespace, settings: dict, images: str) -> str:
+    """The evaluated model as tables name it: `--name`, else what the images were made from (a local folder by its
+    last component)."""
+    if args.name:
+        return args.name
+    made_from = settings.get("unet") or settings.get("model")
+    if not made_from:
+        return os.path.basename(images)
+    return os.path.basename(os.path.normpath(made_from)) if os.path.isdir(made_from) else made_from
+
+
 def _check_card_source(model_card: str, images: str, settings: dict) -> None:
     """Refuse to write scores into the card of a model the images were not generated from."""
     if not os.path.isdir(model_card):
@@ -155,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     family = settings.get("family") if args.paper_family == "auto" else args.paper_family
-    name = args.name or settings.get("unet") or settings.get("model") or os.path.basename(images)
+    name = _model_name(args, settings, images)
     table = results_markdown(results, name=name, family=None if family == "none" else family)
     record = {**results, "name": name, "images": images, "generation": settings or None}
     output = args.output_file or os.path.join(os.path.dirname(images) or ".", f"eval_{os.path.basename(images)}.json")
@@ -178,7 +189,7 @@ def _run_judge(args: argparse.Namespace, images: str, prompts: list[str]) -> int
 
     results = score_images(images, prompts, real_images=args.real_images, judge=args.judge, batch_size=args.batch_size)
     settings = _generation_settings(images)
-    name = args.name or settings.get("unet") or settings.get("model") or os.path.basename(images)
+    name = _model_name(args, settings, images)
     table = judge_markdown(results, name)
     record = {**results, "name": name, "images": images, "judge": args.judge, "generation": settings or None}
     output = args.output_file or os.path.join(os.path.dirname(images) or ".", f"eval_{os.path.basename(images)}.json")
