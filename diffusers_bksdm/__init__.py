@@ -11,6 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from ._quiet import silence_library_noise  # noqa: E402
+
+# two notices that diffusers and transformers print when this package uses them and that say nothing to its users
+# (an empty float32 module list, a torchvision backend it never needs); everything else they log passes
+silence_library_noise()
+
 from .plan import (  # noqa: E402
     BlockMap,
     RemovalPlan,
