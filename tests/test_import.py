@@ -22,6 +22,7 @@ def test_import_is_cheap():
     report = json.loads(run_python(CODE).stdout.strip().splitlines()[-1])
     assert set(report["modules"]) <= {
         "diffusers_bksdm",
+        "diffusers_bksdm._quiet",
         "diffusers_bksdm.plan",
         "diffusers_bksdm.student",
     }, report["modules"]
@@ -37,3 +38,13 @@ def test_lazy_names_resolve_and_unknown_names_raise():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         diffusers_bksdm.nope  # noqa: B018
     assert "compress_unet" in dir(diffusers_bksdm)
+
+
+def test_the_bare_import_loads_neither_torch_nor_diffusers():
+    code = (
+        "import json, sys\n"
+        "import diffusers_bksdm\n"
+        "from diffusers_bksdm import list_variants, RemovalPlan\n"
+        "print(json.dumps(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)))\n"
+    )
+    assert json.loads(run_python(code).stdout.strip().splitlines()[-1]) == []
