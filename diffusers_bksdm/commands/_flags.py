@@ -184,7 +184,8 @@ def add_hub_arguments(
     add_argument(parser, "--hub_model_id", deprecated=deprecated_model_id, dest="hub_model_id",
                  required=model_id_required, default=None, metavar="REPO_ID", help=model_id_help)
     parser.add_argument("--hub_token", type=str, default=None,
-                        help="Hub token (prefer `hf auth login` or HF_TOKEN); never written or logged.")
+                        help="Hub token; default: the one of `hf auth login` or HF_TOKEN (preferred). Never written "
+                        "or logged.")
     add_argument(parser, "--hub_private", deprecated=deprecated_private, action="store_true", dest="hub_private",
                  help="Create the hub repo as private.")
 
