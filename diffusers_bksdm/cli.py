@@ -7,15 +7,17 @@ A subcommand imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
 
 from .commands import command_modules
 from .commands._flags import HelpFormatter
 
-__all__ = ["build_parser", "main", "setup_logging"]
+__all__ = ["build_parser", "main", "setup_logging", "command_logging"]
 
 #: loggers whose INFO lines are noise at the command line (accelerate logs every checkpoint it saves or loads)
 QUIET_LOGGERS = ("accelerate",)
@@ -47,20 +49,50 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+def _console_handler() -> logging.Handler:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    """INFO lines of this package written above progress bars, accelerate's per-checkpoint INFO lines hidden, and the
-    library notices that are noise for us silenced (:func:`diffusers_bksdm._quiet.silence_library_noise`)."""
+    """For a whole process (e.g. a launcher's entry point): INFO lines written above the progress bars, accelerate's
+    per-checkpoint INFO lines hidden, and the library notices that are noise for us silenced
+    (:func:`diffusers_bksdm._quiet.silence_library_noise`). `main` does the same for the time of one command."""
     from ._quiet import silence_library_noise
 
     root = logging.getLogger()
     if not any(isinstance(h, _TqdmHandler) for h in root.handlers):
-        handler = _TqdmHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(_console_handler())
+    root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    silence_library_noise()
+
+
+@contextlib.contextmanager
+def command_logging(level: int = logging.INFO) -> Iterator[None]:
+    """:func:`setup_logging` for the time of one command; the logging configuration is restored afterwards (a
+    program or a test that calls `main` several times gets no extra handler)."""
+    from ._quiet import silence_library_noise
+
+    root = logging.getLogger()
+    saved = root.level, {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    handler = None if any(isinstance(h, _TqdmHandler) for h in root.handlers) else _console_handler()
+    if handler is not None:
         root.addHandler(handler)
     root.setLevel(level)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     silence_library_noise()
+    try:
+        yield
+    finally:
+        if handler is not None:
+            root.removeHandler(handler)
+        root.setLevel(saved[0])
+        for name, quiet_level in saved[1].items():
+            logging.getLogger(name).setLevel(quiet_level)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -83,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    setup_logging()
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"bksdm {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    with command_logging():
+        try:
+            return int(args.func(args) or 0)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"bksdm {args.command}: error: {error}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -172,3 +172,36 @@ def test_lora_writes_a_folder_or_a_file(tmp_path, capsys):
     assert f"`--output_file`: {str(tmp_path / 'one.safetensors')!r} exists" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one or the other
         main([*args, "--output_dir", str(tmp_path / "a"), "--output_file", str(tmp_path / "b.safetensors")])
+
+
+def test_log_lines_go_above_progress_bars_and_accelerate_info_is_hidden(capsys):
+    import logging
+
+    from tqdm import tqdm
+
+    from diffusers_bksdm.cli import command_logging
+
+    with command_logging():
+        bar = tqdm(total=2, desc="Steps")
+        bar.update(1)
+        logging.getLogger("diffusers_bksdm.example").info("saved a checkpoint")
+        logging.getLogger("accelerate.checkpointing").info("Model weights saved in a temporary folder")
+        bar.update(1)
+        bar.close()
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.split("\n") if "saved a checkpoint" in line]
+    assert line.split("\r")[-1] == "INFO diffusers_bksdm.example: saved a checkpoint"  # not glued to the bar
+    assert "Model weights saved" not in err
+
+
+def test_a_command_leaves_the_logging_configuration_as_it_found_it(tmp_path):
+    import logging
+
+    root = logging.getLogger()
+
+    def state():
+        return list(root.handlers), root.level, logging.getLogger("accelerate").level
+
+    before = state()
+    assert main(["compress", "--teacher", "builtin:tiny-sd", "--output_dir", str(tmp_path / "student")]) == 0
+    assert state() == before
