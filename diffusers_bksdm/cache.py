@@ -6,7 +6,10 @@ Layout of a cache folder (written to a temporary folder and renamed into place w
 - `index.json`: format version, sample count, shard list, sample keys, skipped samples, and the fingerprint the cache
   must match (VAE and text-encoder weights, tokenizer, resolution, crop);
 - `shard-00000.safetensors`, ...: per sample `latent_mean` / `latent_std` (the VAE's posterior, unscaled) of the
-  image **and** of its horizontal flip (`latent_mean_flip` / `latent_std_flip`), and `encoder_hidden_states`.
+  image **and** of its horizontal flip (`latent_mean_flip` / `latent_std_flip`), `encoder_hidden_states`, the source
+  image's `original_size` and the crop's `crop_top_left` (`crop_top_left_flip` for the flip), and for SDXL the pooled
+  `text_embeds` of the second text encoder. `index.json` records which conditioning the cache holds (`"sd"` or
+  `"sdxl"`), so a cache is never used for a teacher conditioned the other way.
 
 Keeping the posterior rather than one sample means training still draws a fresh latent every step, from the trainer's
 seeded generator, exactly as it does from images; keeping both flips means `--random_flip` still works. Random crops
@@ -25,7 +28,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .data import SkippedSamples, sample_rng, tokenize
+from .data import SkippedSamples, sample_rng
 
 __all__ = ["CACHE_FORMAT", "module_fingerprint", "tokenizer_fingerprint", "build_cache", "LatentCache",
            "CachedSource", "CachedCollator"]
@@ -35,6 +38,13 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 INDEX_FILE = "index.json"
 TENSOR_NAMES = ("latent_mean", "latent_std", "latent_mean_flip", "latent_std_flip", "encoder_hidden_states")
+#: integer tensors stored as int64 whatever the cache dtype
+SIZE_NAMES = ("original_size", "crop_top_left", "crop_top_left_flip")
+#: what each kind of conditioning needs beyond the latents, and how the messages describe it
+CONDITIONING = {
+    "sd": "a Stable Diffusion pipeline with one text encoder",
+    "sdxl": "an SDXL pipeline (two text encoders, pooled text embeddings, size and crop conditioning)",
+}
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
@@ -64,12 +74,6 @@ def _encode_images(vae, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch
     return dist.mean, dist.std
 
 
-@torch.no_grad()
-def _encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
-    device = next(text_encoder.parameters()).device
-    return text_encoder(input_ids.to(device), return_dict=False)[0]
-
-
 def build_cache(
     source,
     vae,
@@ -85,6 +89,8 @@ def build_cache(
     fingerprints: dict[str, str] | None = None,
     argument: str = "output",
     progress_bar: bool = True,
+    text_encoder_2=None,
+    tokenizer_2=None,
 ) -> dict[str, Any]:
     """Encode every sample of a map-style source (:class:`~diffusers_bksdm.data.ImageFolderSource` or
     :class:`~diffusers_bksdm.data.HFDatasetSource`) into a cache folder.
@@ -93,13 +99,15 @@ def build_cache(
         source: the images and captions; its transform must center-crop (random crops cannot be cached). Flips in
             the transform are ignored: both orientations are stored.
         vae (`AutoencoderKL`), text_encoder (`CLIPTextModel`), tokenizer (`CLIPTokenizer`): the teacher's.
+        text_encoder_2, tokenizer_2 (*optional*): an SDXL teacher's second text encoder (with projection) and
+            tokenizer; with them the cache holds SDXL's conditioning (see the module docstring).
         output (`str`): the cache folder (must not exist or be empty unless `overwrite`).
         batch_size (`int`, *optional*, defaults to 8): images per VAE / text-encoder call.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): storage dtype (fp16 halves the size).
         shard_size (`int`, *optional*, defaults to 1024): samples per safetensors shard.
         teacher (`str`, *optional*): the teacher's name, recorded for the error messages.
-        fingerprints (`dict`, *optional*): precomputed `{"vae", "text_encoder"}` fingerprints of the weights as
-            loaded (pass them when the models were cast after loading).
+        fingerprints (`dict`, *optional*): precomputed `{"vae", "text_encoder"}` (and `"text_encoder_2"`)
+            fingerprints of the weights as loaded (pass them when the models were cast after loading).
         argument (`str`, *optional*, defaults to `"output"`): how errors name `output` (a command passes its flag).
         progress_bar (`bool`, *optional*, defaults to `True`): a progress bar over the samples (stderr).
 
@@ -108,6 +116,7 @@ def build_cache(
     """
     from safetensors.torch import save_file
 
+    from .conditioning import TextConditioning
     from .io import atomic_directory
 
     if not source.transform.center_crop:
@@ -116,9 +125,17 @@ def build_cache(
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+    if (text_encoder_2 is None) != (tokenizer_2 is None):
+        raise ValueError("Pass both `text_encoder_2` and `tokenizer_2` (an SDXL teacher's) or neither.")
+    sdxl = text_encoder_2 is not None
+    conditioning = TextConditioning([tokenizer, tokenizer_2] if sdxl else [tokenizer],
+                                    [text_encoder, text_encoder_2] if sdxl else [text_encoder], sdxl=sdxl)
     fingerprints = dict(fingerprints or {})
     fingerprints.setdefault("vae", module_fingerprint(vae))
     fingerprints.setdefault("text_encoder", module_fingerprint(text_encoder))
+    if sdxl:
+        fingerprints.setdefault("text_encoder_2", module_fingerprint(text_encoder_2))
+    names = TENSOR_NAMES + (("text_embeds",) if sdxl else ()) + SIZE_NAMES
     skipped = SkippedSamples()
     keys: list[str] = []
     shards: list[dict[str, Any]] = []
@@ -128,31 +145,38 @@ def build_cache(
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(source), desc="encoding", unit="sample", dynamic_ncols=True)
-        buffer: dict[str, list[torch.Tensor]] = {name: [] for name in TENSOR_NAMES}
+        buffer: dict[str, list[torch.Tensor]] = {name: [] for name in names}
 
         def flush_shard():
             count = sum(t.shape[0] for t in buffer["latent_mean"])
             if not count:
                 return
             name = f"shard-{len(shards):05d}.safetensors"
-            tensors = {k: torch.cat(v).to("cpu", dtype).contiguous() for k, v in buffer.items()}
+            tensors = {k: torch.cat(v).to("cpu", torch.int64 if k in SIZE_NAMES else dtype).contiguous()
+                       for k, v in buffer.items()}
             save_file(tensors, os.path.join(tmp, name), metadata={"format": str(CACHE_FORMAT)})
             shards.append({"file": name, "num_samples": count})
             for v in buffer.values():
                 v.clear()
 
-        def encode(batch: list[tuple[str, torch.Tensor, str]]):
-            pixels = torch.stack([p for _, p, _ in batch])
-            mean, std = _encode_images(vae, pixels)
-            mean_flip, std_flip = _encode_images(vae, torch.flip(pixels, dims=[3]))
-            hidden = _encode_text(text_encoder, tokenize(tokenizer, [c for _, _, c in batch]))
-            for name, value in zip(TENSOR_NAMES, (mean, std, mean_flip, std_flip, hidden), strict=True):
-                buffer[name].append(value.float().cpu())
-            keys.extend(k for k, _, _ in batch)
+        def encode(batch: list[tuple[str, dict[str, Any], dict[str, Any], str]]):
+            mean, std = _encode_images(vae, torch.stack([s["pixel_values"] for _, s, _, _ in batch]))
+            mean_flip, std_flip = _encode_images(vae, torch.stack([s["pixel_values"] for _, _, s, _ in batch]))
+            with torch.no_grad():
+                hidden, pooled = conditioning.encode_captions([c for _, _, _, c in batch])
+            values = {"latent_mean": mean, "latent_std": std, "latent_mean_flip": mean_flip,
+                      "latent_std_flip": std_flip, "encoder_hidden_states": hidden, "text_embeds": pooled,
+                      "original_size": torch.tensor([s["original_size"] for _, s, _, _ in batch]),
+                      "crop_top_left": torch.tensor([s["crop_top_left"] for _, s, _, _ in batch]),
+                      "crop_top_left_flip": torch.tensor([s["crop_top_left"] for _, _, s, _ in batch])}
+            for name in names:
+                value = values[name].cpu()
+                buffer[name].append(value if name in SIZE_NAMES else value.float())
+            keys.extend(k for k, _, _, _ in batch)
             if bar is not None:
                 bar.update(len(batch))
 
-        pending: list[tuple[str, torch.Tensor, str]] = []
+        pending: list[tuple[str, dict[str, Any], dict[str, Any], str]] = []
         in_shard = 0
         for index in range(len(source)):
             key = source.sample_key(index)
@@ -163,8 +187,8 @@ def build_cache(
                 if bar is not None:
                     bar.update(1)
                 continue
-            pixels, _ = source.transform(image, None)
-            pending.append((key, pixels, caption))
+            pending.append((key, source.transform.apply(image, None, flip=False),
+                            source.transform.apply(image, None, flip=True), caption))
             if len(pending) == batch_size or in_shard + len(pending) == shard_size:
                 encode(pending)
                 in_shard += len(pending)
@@ -185,10 +209,13 @@ def build_cache(
             "shards": shards,
             "keys": keys,
             "dtype": str(dtype).replace("torch.", ""),
+            "conditioning": "sdxl" if sdxl else "sd",
             "fingerprint": {
                 "vae": fingerprints["vae"],
                 "text_encoder": fingerprints["text_encoder"],
                 "tokenizer": tokenizer_fingerprint(tokenizer),
+                **({"text_encoder_2": fingerprints["text_encoder_2"], "tokenizer_2": tokenizer_fingerprint(tokenizer_2)}
+                   if sdxl else {}),
                 "resolution": int(source.transform.resolution),
                 "center_crop": True,
                 "latent_shape": list(buffer_shape(tmp, shards)),
@@ -253,6 +280,11 @@ class LatentCache:
     def fingerprint(self) -> dict[str, Any]:
         return self.index["fingerprint"]
 
+    @property
+    def conditioning(self) -> str:
+        """`"sd"` or `"sdxl"`: the conditioning the cache holds (caches written before SDXL support are `"sd"`)."""
+        return self.index.get("conditioning", "sd")
+
     def check(
         self,
         *,
@@ -262,8 +294,19 @@ class LatentCache:
         text_encoder_fingerprint: str | None = None,
         tokenizer_fingerprint: str | None = None,
         teacher: str | None = None,
+        conditioning: str | None = None,
+        text_encoder_2_fingerprint: str | None = None,
     ) -> None:
-        """Raise a ValueError naming every way the cache differs from the run it is used for."""
+        """Raise a ValueError naming every way the cache differs from the run it is used for. `conditioning`
+        (`"sd"` or `"sdxl"`) is checked first: a cache of the other kind lacks what the run needs."""
+        if conditioning is not None and conditioning != self.conditioning:
+            what = {"sd": "has no pooled text embeddings and no sizes, which SDXL needs",
+                    "sdxl": "holds SDXL's two-encoder text states, which this teacher does not read"}[self.conditioning]
+            raise ValueError(
+                f"`{self.argument}` {self.path!r} was built for {CONDITIONING[self.conditioning]}, but this run "
+                f"distils {CONDITIONING[conditioning]}{' (' + repr(teacher) + ')' if teacher else ''}: the cache "
+                f"{what}. Build a cache for this teacher with `bksdm cache`."
+            )
         fp = self.fingerprint
         problems = []
         if int(resolution) != fp["resolution"]:
@@ -272,8 +315,9 @@ class LatentCache:
             problems.append("the run asks for random crops (`center_crop` False), a cache holds center crops only")
         built_with = f" (built with teacher {self.index.get('teacher')!r})" if self.index.get("teacher") else ""
         for what, expected in (("VAE", vae_fingerprint), ("text encoder", text_encoder_fingerprint),
-                               ("tokenizer", tokenizer_fingerprint)):
-            key = {"VAE": "vae", "text encoder": "text_encoder", "tokenizer": "tokenizer"}[what]
+                               ("tokenizer", tokenizer_fingerprint), ("second text encoder", text_encoder_2_fingerprint)):
+            key = {"VAE": "vae", "text encoder": "text_encoder", "tokenizer": "tokenizer",
+                   "second text encoder": "text_encoder_2"}[what]
             if expected is not None and fp.get(key) != expected:
                 problems.append(f"its {what} weights differ from those of the teacher"
                                 f"{' ' + repr(teacher) if teacher else ''}{built_with}")
@@ -293,13 +337,18 @@ class LatentCache:
         return handle
 
     def get(self, index: int, flip: bool = False) -> dict[str, torch.Tensor]:
-        """`latent_mean`, `latent_std` (of the flipped image when `flip`) and `encoder_hidden_states` of a sample."""
+        """`latent_mean`, `latent_std` and `crop_top_left` (of the flipped image when `flip`),
+        `encoder_hidden_states` and `original_size` of a sample, and `text_embeds` for SDXL."""
         shard = bisect.bisect_right(self.offsets, index) - 1
         row = index - self.offsets[shard]
         handle = self._handle(shard)
+        stored = set(handle.keys())
         suffix = "_flip" if flip else ""
-        out = {name: handle.get_slice(name + suffix)[row : row + 1][0] for name in ("latent_mean", "latent_std")}
-        out["encoder_hidden_states"] = handle.get_slice("encoder_hidden_states")[row : row + 1][0]
+        out = {name: handle.get_slice(name + suffix)[row : row + 1][0]
+               for name in ("latent_mean", "latent_std", "crop_top_left") if name + suffix in stored}
+        for name in ("encoder_hidden_states", "text_embeds", "original_size"):
+            if name in stored:
+                out[name] = handle.get_slice(name)[row : row + 1][0]
         return out
 
     def __getstate__(self):  # safetensors handles do not cross into worker processes
@@ -330,14 +379,18 @@ class CachedSource(torch.utils.data.Dataset):
 
 
 class CachedCollator:
-    """Stacks cached samples into a batch (`latent_mean`, `latent_std`, `encoder_hidden_states`)."""
+    """Stacks cached samples into a batch (`latent_mean`, `latent_std`, `encoder_hidden_states`, and what the cache
+    holds of `text_embeds`, `original_sizes` and `crops_top_left`)."""
 
     def __call__(self, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
         samples = list(samples)
         batch: dict[str, Any] = {
             name: torch.stack([s[name] for s in samples]).float()
-            for name in ("latent_mean", "latent_std", "encoder_hidden_states")
+            for name in ("latent_mean", "latent_std", "encoder_hidden_states", "text_embeds") if name in samples[0]
         }
+        for name, key in (("original_sizes", "original_size"), ("crops_top_left", "crop_top_left")):
+            if key in samples[0]:
+                batch[name] = torch.stack([s[key] for s in samples]).long()
         batch.update(skipped=[], keys=[s["key"] for s in samples],
                      flip=torch.tensor([s["flip"] for s in samples], dtype=torch.bool),
                      index=torch.tensor([s["index"] for s in samples], dtype=torch.long))

@@ -111,17 +111,20 @@ class ImageTransform:
         sample = self.apply(image, rng)
         return sample["pixel_values"], sample["flip"]
 
-    def apply(self, image: Image.Image, rng: random.Random | None = None) -> dict[str, Any]:
+    def apply(self, image: Image.Image, rng: random.Random | None = None, flip: bool | None = None) -> dict[str, Any]:
         """The transformed sample with what SDXL's size conditioning needs: `pixel_values`, `flip`,
         `original_size` (height, width of the source image) and `crop_top_left` (top, left of the crop in the resized
         image, as the model sees it: mirrored when the crop is flipped). Draws from `rng` in the same order as
-        :meth:`__call__`."""
+        :meth:`__call__`; `flip` forces the flip instead of drawing it (the latent cache stores both)."""
         original_size = (image.size[1], image.size[0])
         image = self.resize(image)
         resized_width = image.size[0]
         box = self.crop_box(image, rng)
         image = image.crop(box)
-        flipped = bool(self.random_flip and rng is not None and rng.random() < 0.5)
+        if flip is None:
+            flipped = bool(self.random_flip and rng is not None and rng.random() < 0.5)
+        else:
+            flipped = bool(flip)
         return {
             "pixel_values": to_tensor(image, flip=flipped),
             "flip": flipped,

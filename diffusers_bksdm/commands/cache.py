@@ -75,11 +75,16 @@ def run(args: argparse.Namespace) -> int:
                                            image_column=args.image_column, caption_column=args.caption_column,
                                            cache_dir=args.cache_dir, max_train_samples=args.max_train_samples,
                                            argument_names=names)
-    fingerprints = {"vae": module_fingerprint(pipe.vae), "text_encoder": module_fingerprint(pipe.text_encoder)}
+    text_encoder_2, tokenizer_2 = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
+    encoders = {"text_encoder": pipe.text_encoder, "text_encoder_2": text_encoder_2}
+    fingerprints = {"vae": module_fingerprint(pipe.vae)}
+    fingerprints.update({name: module_fingerprint(module) for name, module in encoders.items() if module is not None})
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe.vae.to(device)
-    pipe.text_encoder.to(device)
+    for module in (pipe.vae, pipe.text_encoder, text_encoder_2):
+        if module is not None:
+            module.to(device)
     index = build_cache(source, pipe.vae, pipe.text_encoder, pipe.tokenizer, args.output_dir,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
                         batch_size=args.batch_size, shard_size=args.shard_size,
                         dtype=parse_dtype(args.cache_dtype, "--cache_dtype"),
                         teacher=args.pretrained_model_name_or_path, overwrite=args.overwrite,
