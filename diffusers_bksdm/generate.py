@@ -281,7 +281,12 @@ def set_scheduler(pipe, name: str | None) -> None:
     import diffusers
 
     scheduler_class = getattr(diffusers, SCHEDULERS[name])
-    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    extra = {}
+    if name == "pndm" and "skip_prk_steps" not in pipe.scheduler.config:
+        # built from another scheduler's config (SDXL ships Euler): take PNDM as every SD pipeline configures it,
+        # PLMS steps only (the Runge-Kutta warm-up needs more steps than a short run has)
+        extra["skip_prk_steps"] = True
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **extra)
 
 
 def _family(unet_config: Any) -> str | None:

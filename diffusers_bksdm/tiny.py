@@ -60,7 +60,7 @@ def tiny_unet_config(family: str = "sd-v1") -> dict[str, Any]:
             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
             "mid_block_type": "UNetMidBlock2DCrossAttn",
             "attention_head_dim": [2, 4, 4],
-            "transformer_layers_per_block": [1, 2, 3],
+            "transformer_layers_per_block": [1, 2, 10],  # SDXL's depths, so the KOALA variants apply
             "use_linear_projection": True,
             "cross_attention_dim": 64,
             "addition_embed_type": "text_time",

@@ -108,7 +108,7 @@ def test_student_keeps_teacher_dtype(dtype):
 
 
 def test_custom_plan_and_sdxl_structure():
-    teacher = tiny_unet("sdxl", seed=3)  # transformer depth [1, 2, 3]
+    teacher = tiny_unet("sdxl", seed=3)  # transformer depth [1, 2, 10]
     plan = RemovalPlan(down_layers=(0,), up_layers=(0, -1), transformer_layers_per_block=(1, 1, 2))
     student = compress_unet(teacher, plan)
     assert student.config.transformer_layers_per_block == [1, 1, 2]

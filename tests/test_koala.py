@@ -14,7 +14,7 @@ from diffusers_bksdm.tiny import builtin_teacher, tiny_unet
 
 from conftest import load_shipped_config
 
-# A KOALA-700M-shaped plan for the tiny SDXL UNet (depth [1, 2, 3]): one layer per down stage, no mid block, and a
+# A KOALA-700M-shaped plan for the tiny SDXL UNet (depth [1, 2, 10]): one layer per down stage, no mid block, and a
 # shallower innermost stack.
 TINY_KOALA = RemovalPlan(
     down_layers=(0,), up_layers=(0, -1), remove_mid_block=True, transformer_layers_per_block=(1, 2, 2)

@@ -81,3 +81,25 @@ def test_text_conditioning_of_the_saved_pipeline(sdxl_dir):
 
     conditioning = TextConditioning.from_pipeline(StableDiffusionXLPipeline.from_pretrained(sdxl_dir))
     assert conditioning.sdxl and conditioning.hidden_size == 64 and conditioning.pooled_size == 32
+
+
+def test_generate_and_bench_run_the_sdxl_teacher_and_its_koala_students(tmp_path):
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "images"
+    assert main(["generate", "--pretrained_model_name_or_path", "builtin:tiny-sdxl", "--prompts", str(prompts),
+                 "--output_dir", str(out), "--num_inference_steps", "2"]) == 0
+    files = sorted((out / "im16").iterdir())
+    assert [f.name for f in files] == ["000000.png", "000001.png"]
+    assert Image.open(files[0]).size == (16, 16)  # the native size, with no size flag
+
+    bench = tmp_path / "bench"
+    assert main(["bench", "--pretrained_model_name_or_path", "builtin:tiny-sdxl", "--steps", "1", "--repeats", "1",
+                 "--warmup", "0", "--pipeline_repeats", "1", "--no_chart", "--output_dir", str(bench)]) == 0
+    report = json.loads((bench / "bench.json").read_text())
+    models = {m["name"]: m for m in report["models"]}
+    assert set(models) == {"teacher", "bk-koala-1b", "bk-koala-700m"}
+    for model in models.values():
+        assert model["pipeline_latency_s"] and model["unet_latency_s"]
