@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,7 @@ __all__ = [
     "list_variants",
     "get_variant",
     "resolve_plan",
+    "load_plan_file",
 ]
 
 PLAN_FORMAT_VERSION = 1
@@ -231,6 +234,33 @@ def get_variant(name: str) -> RemovalPlan:
         return _VARIANTS[name]
     except (KeyError, TypeError):
         raise ValueError(f"Unknown variant {name!r}; known variants: {list_variants()}.") from None
+
+
+def load_plan_file(path: str | os.PathLike, argument: str = "path") -> str:
+    """Read a removal plan from a JSON file (:meth:`RemovalPlan.to_json`), register it and return its variant name.
+
+    The name is the file's stem (lower-cased, other characters replaced by `-`) and the first 8 hex digits of the
+    SHA-256 of the plan, so an edited plan gets a new name (a resumed run then refuses it) and loading the same plan
+    twice is harmless. Errors name `argument` (a command passes its flag, `--plan`).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as error:
+        raise ValueError(f"`{argument}` {path!r} cannot be read: {error.strerror or error}.") from None
+    try:
+        plan = RemovalPlan.from_json(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"`{argument}` {path!r} is not valid JSON: {error}.") from None
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"`{argument}` {path!r} is not a valid removal plan: {error}") from None
+    stem = re.sub(r"[^a-z0-9_.\-]+", "-", os.path.splitext(os.path.basename(path))[0].lower()).strip("-.") or "plan"
+    digest = hashlib.sha256(plan.to_json().encode("utf-8")).hexdigest()[:8]
+    name = f"{stem}-{digest}"
+    if _VARIANTS.get(name) != plan:
+        register_variant(name, plan)
+    return name
 
 
 def resolve_plan(variant: str | RemovalPlan) -> tuple[str | None, RemovalPlan]:

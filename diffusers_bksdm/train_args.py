@@ -38,7 +38,11 @@ def _positive_int(value: str) -> int:
 def add_variant_arguments(group) -> None:
     """`--student_variant` (the BK-SDM variant) and `--variant` (the teacher's weight files, as in diffusers)."""
     group.add_argument("--student_variant", type=str, default=None,
-                       help="BK-SDM variant of the student: base, small (default), tiny or a registered name.")
+                       help="BK-SDM variant of the student: base, small (default), tiny, koala-1b, koala-700m or a "
+                            "registered name.")
+    group.add_argument("--plan", type=str, default=None,
+                       help="A removal plan JSON file (RemovalPlan.to_json; see docs/families.md) instead of "
+                            "--student_variant; the student's metadata records it.")
     group.add_argument("--variant", type=str, default=None,
                        help="Variant of the teacher's weight files, e.g. fp16 (as in diffusers' scripts). A BK-SDM "
                             "variant name here still selects the student (deprecated: use --student_variant).")
@@ -47,8 +51,13 @@ def add_variant_arguments(group) -> None:
 def resolve_variant_arguments(args: argparse.Namespace, default: str = "small") -> None:
     """Read the old spelling `--variant small` as `--student_variant small` (with a `FutureWarning`); any other
     `--variant` value stays the teacher's weight file variant. Sets `args.student_variant` (default `default`)."""
-    from .plan import list_variants
+    from .plan import list_variants, load_plan_file
 
+    if getattr(args, "plan", None) is not None:
+        if args.student_variant is not None:
+            raise ValueError(f"Pass either `--plan` or `--student_variant`, not both; got --plan {args.plan!r} and "
+                             f"--student_variant {args.student_variant!r}.")
+        args.student_variant = load_plan_file(args.plan, argument="--plan")
     if args.variant is not None and args.variant in list_variants():
         if args.student_variant not in (None, args.variant):
             raise ValueError(f"`--variant` {args.variant!r} is a BK-SDM variant and `--student_variant` is "

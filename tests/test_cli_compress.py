@@ -138,3 +138,50 @@ def test_old_spellings_still_work_with_a_warning(tiny_pipeline_dir, tmp_path, ca
     # errors name the spelling that was typed
     assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--output", str(out)]) == 2
     assert "`--output` " in capsys.readouterr().err
+
+
+def test_compress_with_a_plan_file(tiny_pipeline_dir, tmp_path, capsys):
+    from diffusers_bksdm import RemovalPlan, student_info
+    from diffusers_bksdm.plan import build_block_map, get_variant
+
+    # tiny's layout with the mid block kept
+    plan = RemovalPlan(down_layers=(0,), up_layers=(0, -1), remove_innermost_stages=1, description="tiny + mid")
+    plan_file = tmp_path / "Tiny Mid.json"
+    plan_file.write_text(plan.to_json())
+    out = tmp_path / "student"
+    assert main(["compress", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--plan", str(plan_file),
+                 "--output_dir", str(out)]) == 0
+    teacher = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet")
+    student = UNet2DConditionModel.from_pretrained(out / "unet")
+    expected = build_block_map(teacher.config, plan).student_config()
+    assert {k: v for k, v in student.config.items() if not k.startswith("_")} == {
+        k: v for k, v in expected.items() if not k.startswith("_") and k in student.config
+    }
+    assert student.mid_block is not None and len(student.down_blocks) == 3
+    info = student_info(out)
+    assert RemovalPlan.from_dict(info["plan"]) == plan
+    assert info["variant"].startswith("tiny-mid-") and get_variant(info["variant"]) == plan
+    printed = capsys.readouterr().out
+    assert f"student UNet ({info['variant']})" in printed
+
+
+def test_plan_file_errors_name_the_flag(tiny_pipeline_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    for text, message in (
+        ("{not json", "is not valid JSON"),
+        ('{"down_layers": [0], "up_layers": [0]}', "is not a valid removal plan: `up_layers` must keep one more"),
+        ('{"keep": 1}', "Unknown removal plan fields ['keep']"),
+    ):
+        bad.write_text(text)
+        assert main(["compress", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--plan", str(bad),
+                     "--output_dir", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "`--plan`" in err and message in err, err
+    assert main(["compress", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--plan",
+                 str(tmp_path / "missing.json"), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    bad.write_text('{"remove_mid_block": true}')
+    assert main(["compress", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--plan", str(bad),
+                 "--student_variant", "small", "--output_dir", str(tmp_path / "out")]) == 2
+    assert "either `--plan` or `--student_variant`" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
