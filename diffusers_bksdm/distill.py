@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .plan import FEATURE_PAIR_SETS, BlockMap, RemovalPlan, config_differences, match_block_map
 
-__all__ = ["BKDistiller", "DistillationOutput", "training_target", "unwrap_model"]
+__all__ = ["BKDistiller", "DistillationOutput", "NoisyBatch", "noisy_batch", "training_target", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,53 @@ def training_target(
         f"`scheduler.config.prediction_type` is {prediction_type!r} ({type(scheduler).__name__}); accepted: "
         "'epsilon', 'v_prediction', 'sample'."
     )
+
+
+class NoisyBatch(NamedTuple):
+    """One batch prepared for the loss by :func:`noisy_batch`."""
+
+    noisy_latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+def noisy_batch(
+    noise_scheduler: Any,
+    latents: torch.Tensor,
+    generator: torch.Generator | None = None,
+    timesteps: torch.Tensor | None = None,
+) -> NoisyBatch:
+    """Noise a batch of clean latents for training: the noise, the timesteps, the noisy latents and the target.
+
+    The trainer and :meth:`BKDistillationMixin.distillation_loss` both call it, so that they draw the same numbers
+    from the same generator state.
+
+    Args:
+        noise_scheduler: a diffusers training scheduler (`add_noise`, `config.num_train_timesteps`,
+            `config.prediction_type`), e.g. `DDPMScheduler.from_config(pipe.scheduler.config)`.
+        latents (`torch.Tensor`): the clean latents `x0`, `(batch, C, h, w)`.
+        generator (`torch.Generator`, *optional*): draws the noise, then the timesteps; the global generator when
+            `None`.
+        timesteps (`torch.Tensor`, *optional*): fixed timesteps instead of uniform ones over
+            `[0, num_train_timesteps)` (then only the noise is drawn).
+
+    Returns:
+        :class:`NoisyBatch`: `noisy_latents`, `noise` (both shaped and typed like `latents`), `timesteps` (long, on
+        the latents' device) and `target` (see :func:`training_target`).
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if timesteps is None:
+        sample_device = generator.device if generator is not None else latents.device
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+            device=sample_device
+        )
+    timesteps = timesteps.to(device=latents.device, dtype=torch.long)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    return NoisyBatch(noisy_latents, noise, timesteps, training_target(noise_scheduler, latents, noise, timesteps))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -174,11 +174,46 @@ def transfer_lora(
     >>> student_pipe.load_lora_weights("student_lora.safetensors")
     ```
     """
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-
     if not isinstance(block_map, BlockMap):
         raise TypeError(f"`block_map` must be a BlockMap (see build_block_map), got {type(block_map).__name__}.")
     loader = _loader(block_map)
+    state_dict, network_alphas, metadata = _read_lora(lora, block_map, loader, weight_name)
+    teacher_modules = _teacher_modules(block_map)
+    unet_sd, others = _split_components(state_dict, teacher_modules)
+    by_module = _unet_layers(unet_sd, teacher_modules)
+
+    report = LoraTransferReport(loader=loader.__name__)
+    student_unet = {}
+    for module_name, tensors in by_module.items():
+        student_name = block_map.student_name(module_name)
+        if student_name is None:
+            report.dropped.append(module_name)
+            continue
+        report.kept[module_name] = student_name
+        for suffix, tensor in tensors.items():
+            student_unet[f"{student_name}.{suffix}"] = tensor
+    for key in others:
+        prefix = key.split(".")[0]
+        report.passed_through[prefix] = report.passed_through.get(prefix, 0) + 1
+    if metadata or network_alphas:
+        components = ([UNET_PREFIX] if student_unet else []) + sorted(report.passed_through)
+        report.metadata = _adapter_metadata(components, metadata, network_alphas, unet_sd, others, block_map)
+
+    out = {f"{UNET_PREFIX}.{k}": v for k, v in student_unet.items()}
+    out.update(others)
+    if report.dropped:
+        logger.warning(
+            "LoRA transfer dropped the LoRA weights of %d teacher layers the student does not have: %s%s",
+            len(report.dropped),
+            ", ".join(report.dropped[:5]),
+            " ..." if len(report.dropped) > 5 else "",
+        )
+    logger.info("LoRA transfer: %s", report.summary())
+    return out, report
+
+
+def _read_lora(lora: Any, block_map: BlockMap, loader: type, weight_name: str | None):
+    """`(state_dict, network_alphas, metadata)` as diffusers' `lora_state_dict` reads `lora`; only LoRA keys."""
     if isinstance(lora, Mapping):
         lora = dict(lora)
     elif not isinstance(lora, (str, os.PathLike)):
@@ -195,9 +230,18 @@ def transfer_lora(
             f"`lora` is not a LoRA checkpoint: every key must contain 'lora' (as `load_lora_weights` requires), got "
             f"{not_lora[:3]}."
         )
+    return state_dict, network_alphas, metadata
 
-    # split by component; bare peft UNet keys (`get_peft_model_state_dict(unet)`) belong to the UNet
-    teacher_modules = _teacher_modules(block_map)
+
+def _split_components(
+    state_dict: Mapping[str, torch.Tensor], teacher_modules: Mapping[str, torch.nn.Module]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """`(unet, others)`: the UNet tensors in peft format without their `unet.` prefix, and the text encoders'.
+
+    Bare peft UNet keys (`get_peft_model_state_dict(unet)`) belong to the UNet.
+    """
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
     top_level = {name.split(".")[0] for name in teacher_modules if name}
     unet_sd, others = {}, {}
     for key, tensor in state_dict.items():
@@ -215,9 +259,14 @@ def transfer_lora(
             )
     # diffusers converts only when the first key is not in peft format; converting every key (peft keys are left
     # as they are) also reads checkpoints that mix both, as `convert_state_dict_to_diffusers` writes them
-    unet_sd = convert_unet_state_dict_to_peft(unet_sd)
+    return convert_unet_state_dict_to_peft(unet_sd), others
 
-    # group the UNet tensors by module and check each module against the teacher
+
+def _unet_layers(
+    unet_sd: Mapping[str, torch.Tensor], teacher_modules: Mapping[str, torch.nn.Module]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The UNet LoRA tensors grouped by module (`{module: {suffix: tensor}}`), each module checked against the
+    teacher's layer; a `ValueError` lists the layers that do not fit."""
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in unet_sd.items():
         match = _LORA_KEY.match(key)
@@ -240,64 +289,44 @@ def transfer_lora(
             f"`lora` does not fit the block map's teacher ({len(problems)} layers); it was made for another "
             f"architecture:\n  {shown}{more}"
         )
+    return by_module
 
-    report = LoraTransferReport(loader=loader.__name__)
-    student_unet = {}
-    for module_name, tensors in by_module.items():
-        student_name = block_map.student_name(module_name)
-        if student_name is None:
-            report.dropped.append(module_name)
-            continue
-        report.kept[module_name] = student_name
-        for suffix, tensor in tensors.items():
-            student_unet[f"{student_name}.{suffix}"] = tensor
-    for key in others:
-        prefix = key.split(".")[0]
-        report.passed_through[prefix] = report.passed_through.get(prefix, 0) + 1
 
-    # adapter metadata: the teacher's (as given, or as diffusers derives it from the network alphas when it loads
-    # the teacher's LoRA), with its module names carried over, so that every kept layer gets the teacher's rank and
-    # alpha whatever layers were dropped
-    if metadata or network_alphas:
-        metadata = dict(metadata or {})
-        alphas = dict(network_alphas or {})
-        report.metadata = {}
-        components = ([UNET_PREFIX] if student_unet else []) + sorted(report.passed_through)
-        for component in components:
-            own = {k[len(component) + 1 :]: v for k, v in metadata.items() if k.split(".")[0] == component}
-            if component == UNET_PREFIX:
-                if not own:
-                    unet_alphas = {k[len(UNET_PREFIX) + 1 :]: v for k, v in alphas.items() if k.startswith("unet.")}
-                    own = _peft_kwargs(unet_sd, unet_alphas, is_unet=True)
-                own = {
-                    key: _rename_module_names(value, block_map.student_name)
-                    if key in _MODULE_LIST_FIELDS + _MODULE_PATTERN_FIELDS
-                    else value
-                    for key, value in own.items()
-                }
-            elif not own:
-                from diffusers.utils.state_dict_utils import (
-                    convert_state_dict_to_diffusers,
-                    convert_state_dict_to_peft,
-                )
+def _adapter_metadata(
+    components: list[str],
+    metadata: Mapping[str, Any] | None,
+    network_alphas: Mapping[str, float] | None,
+    unet_sd: Mapping[str, torch.Tensor],
+    others: Mapping[str, torch.Tensor],
+    block_map: BlockMap,
+) -> dict[str, dict[str, Any]]:
+    """The student's adapter metadata per component: the teacher's (as given, or as diffusers derives it from the
+    network alphas when it loads the teacher's LoRA), with the UNet's module names carried over, so that every kept
+    layer gets the teacher's rank and alpha whatever layers were dropped."""
+    metadata = dict(metadata or {})
+    alphas = dict(network_alphas or {})
+    found = {}
+    for component in components:
+        own = {k[len(component) + 1 :]: v for k, v in metadata.items() if k.split(".")[0] == component}
+        if component == UNET_PREFIX:
+            if not own:
+                unet_alphas = {k[len(UNET_PREFIX) + 1 :]: v for k, v in alphas.items() if k.startswith("unet.")}
+                own = _peft_kwargs(unet_sd, unet_alphas, is_unet=True)
+            own = {
+                key: _rename_module_names(value, block_map.student_name)
+                if key in _MODULE_LIST_FIELDS + _MODULE_PATTERN_FIELDS
+                else value
+                for key, value in own.items()
+            }
+        elif not own:
+            from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
 
-                te = {k[len(component) + 1 :]: v for k, v in others.items() if k.split(".")[0] == component}
-                te = convert_state_dict_to_peft(convert_state_dict_to_diffusers(te))
-                te_alphas = {k[len(component) + 1 :]: v for k, v in alphas.items() if k.split(".")[0] == component}
-                own = _peft_kwargs(te, te_alphas, is_unet=False)
-            report.metadata[component] = own
-
-    out = {f"{UNET_PREFIX}.{k}": v for k, v in student_unet.items()}
-    out.update(others)
-    if report.dropped:
-        logger.warning(
-            "LoRA transfer dropped the LoRA weights of %d teacher layers the student does not have: %s%s",
-            len(report.dropped),
-            ", ".join(report.dropped[:5]),
-            " ..." if len(report.dropped) > 5 else "",
-        )
-    logger.info("LoRA transfer: %s", report.summary())
-    return out, report
+            te = {k[len(component) + 1 :]: v for k, v in others.items() if k.split(".")[0] == component}
+            te = convert_state_dict_to_peft(convert_state_dict_to_diffusers(te))
+            te_alphas = {k[len(component) + 1 :]: v for k, v in alphas.items() if k.split(".")[0] == component}
+            own = _peft_kwargs(te, te_alphas, is_unet=False)
+        found[component] = own
+    return found
 
 
 def save_lora(

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .distill import BKDistiller, DistillationOutput, training_target, unwrap_model
+from .distill import BKDistiller, DistillationOutput, noisy_batch, unwrap_model
 from .io import update_folder, with_components
 from .plan import RemovalPlan
 from .student import compress_unet
@@ -260,8 +260,6 @@ class BKDistillationMixin:
         Returns:
             :class:`~diffusers_bksdm.DistillationOutput`; call `.loss.backward()`.
         """
-        from diffusers.utils.torch_utils import randn_tensor
-
         distiller = self.distiller
         unet_config = unwrap_model(self.unet).config
         parameter = self._student_parameter()
@@ -297,18 +295,9 @@ class BKDistillationMixin:
             )
         embeddings = embeddings.to(device=device, dtype=dtype)
 
-        scheduler = self.noise_scheduler
-        batch = latents.shape[0]
-        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        if timesteps is None:
-            sample_device = generator.device if generator is not None else latents.device
-            timesteps = torch.randint(
-                0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=sample_device
-            )
-        timesteps = timesteps.to(device=latents.device, dtype=torch.long)
-        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-        target = training_target(scheduler, latents, noise, timesteps)
-        return distiller(noisy_latents, timesteps, embeddings, target, added_cond_kwargs=added_cond_kwargs)
+        noisy = noisy_batch(self.noise_scheduler, latents, generator, timesteps)
+        return distiller(noisy.noisy_latents, noisy.timesteps, embeddings, noisy.target,
+                         added_cond_kwargs=added_cond_kwargs)
 
     # ---- saving ----------------------------------------------------------------------------------------------------
     def stock_pipeline(self) -> Any:

@@ -9,35 +9,57 @@ One run: load the teacher pipeline, build the student with :func:`~diffusers_bks
 Exact resumption: the data order comes from :class:`~diffusers_bksdm.data.EpochShuffleSampler` (seeded by seed and
 epoch), augmentations from `(seed, epoch, sample)`, and the latents / noise / timesteps from a dedicated generator
 whose state is saved in every checkpoint (one file per process); `accelerator.skip_first_batches` skips what an epoch
-already consumed. A checkpoint is written to `.checkpoint-N.tmp` and renamed to `checkpoint-N` when every process is
-done, so `--resume_from_checkpoint latest` never picks a half-written one.
+already consumed. Checkpoints are written, restored and pruned by
+:class:`~diffusers_bksdm.checkpoints.CheckpointManager`: a checkpoint is written to `.checkpoint-N.tmp` and renamed
+to `checkpoint-N` when every process is done, so `--resume_from_checkpoint latest` never picks a half-written one.
+
+The pieces of a run, in order: :func:`load_models`, the data (`_training_data`, `_data_loader`), the schedule
+(:func:`training_schedule`), the loop in `_train` (:func:`~diffusers_bksdm.distill.noisy_batch`,
+:class:`StepStatistics`, checkpoints, :func:`log_validation`), then :func:`save_model_card` and
+:func:`save_final_pipeline`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
-import json
+import functools
+import itertools
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .io import STAGING_PREFIX, atomic_write, replace_path, update_folder, with_components
+from .checkpoints import CHECKPOINT_PATTERN, latest_checkpoint
+from .io import STAGING_PREFIX, atomic_write, update_folder, with_components
 from .train_args import SECRET_ARGS, check_train_args, parse_train_args
 
-__all__ = ["train", "main", "latest_checkpoint", "TrainLog", "CHECKPOINT_PATTERN"]
+__all__ = [
+    "train",
+    "main",
+    "latest_checkpoint",
+    "TrainLog",
+    "CHECKPOINT_PATTERN",
+    "FinalSaveError",
+    "TrainingModels",
+    "load_models",
+    "TrainingSchedule",
+    "training_schedule",
+    "StepStatistics",
+    "log_validation",
+    "save_model_card",
+    "save_final_pipeline",
+]
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "trainer_state.json"
 LOG_FILE = "train_log.csv"
 LOSS_TERMS = ("loss", "task_loss", "output_kd_loss", "feature_kd_loss")
 
@@ -49,32 +71,7 @@ def _logger():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The complete checkpoint with the highest step in `output_dir` (`checkpoint-N` holding a trainer state)."""
-    if not os.path.isdir(output_dir):
-        return None
-    found = []
-    for name in os.listdir(output_dir):
-        match = CHECKPOINT_PATTERN.match(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
-            found.append((int(match.group(1)), name))
-    return os.path.join(output_dir, max(found)[1]) if found else None
-
-
-def _resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    if not resume:
-        return None
-    if resume == "latest":
-        return latest_checkpoint(output_dir)
-    if not os.path.isfile(os.path.join(resume, STATE_FILE)):
-        raise ValueError(
-            f"`--resume_from_checkpoint` {resume!r} is not a complete checkpoint (no {STATE_FILE}); pass a "
-            "checkpoint-N folder or 'latest'."
-        )
-    return resume
+# The output folder and the resume point
 
 
 def _public_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,83 +80,6 @@ def _public_args(args: argparse.Namespace) -> dict[str, Any]:
 
 class FinalSaveError(RuntimeError):
     """Writing the final pipeline failed after training; the message names the checkpoint that holds the run."""
-
-
-def _read_state(checkpoint: str) -> dict[str, Any]:
-    path = os.path.join(checkpoint, STATE_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"`--resume_from_checkpoint`: {path} cannot be read ({error}); resume from another "
-                         "checkpoint-N folder.") from error
-    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
-        raise ValueError(f"`--resume_from_checkpoint`: {path} is not a trainer state (no integer `global_step`); "
-                         "resume from another checkpoint-N folder.")
-    return state
-
-
-#: settings a resumed run must share with the checkpoint: changing any of them would silently change the run
-#: (the data position, the batch, the schedule or the model). Keys are `--` flags; values derive from `args`.
-RESUME_SETTINGS = ("pretrained_model_name_or_path", "student_variant",
-                   "train_batch_size", "gradient_accumulation_steps",
-                   "dataset_name", "dataset_config_name", "train_data_dir", "train_shards", "latent_cache_dir",
-                   "max_train_samples", "caption_column", "image_column", "resolution", "center_crop",
-                   "random_flip", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "use_ema",
-                   "ema_decay", "use_8bit_adam", "adam_weight_decay", "feature_pairs", "lambda_task", "lambda_out",
-                   "lambda_feat")
-
-
-def _resume_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The values of `RESUME_SETTINGS` as given on the command line (before `--scale_lr` changes the rate)."""
-    settings = {k: getattr(args, k, None) for k in RESUME_SETTINGS}
-    for key in ("train_data_dir", "latent_cache_dir", "pretrained_model_name_or_path"):
-        if settings[key] and os.path.isdir(settings[key]):  # the same folder, however it is spelled
-            settings[key] = os.path.abspath(settings[key])
-    return settings
-
-
-def _data_fingerprint(dataset) -> dict[str, Any]:
-    """What identifies the training data beyond its path: the number of samples and a hash of the records."""
-    import hashlib
-
-    found: dict[str, Any] = {}
-    try:
-        found["num_samples"] = len(dataset)
-    except TypeError:  # streamed
-        pass
-    records = getattr(dataset, "records", None)
-    if isinstance(records, list):
-        found["records_sha256"] = hashlib.sha256(json.dumps(records, default=str).encode()).hexdigest()
-    fingerprint = getattr(getattr(dataset, "dataset", None), "_fingerprint", None)
-    if isinstance(fingerprint, str):
-        found["datasets_fingerprint"] = fingerprint
-    return found
-
-
-def _check_resume_settings(state: dict[str, Any], settings: dict[str, Any], checkpoint: str,
-                           keys: tuple[str, ...] = RESUME_SETTINGS) -> None:
-    saved = state.get("settings")
-    if not isinstance(saved, dict):  # a checkpoint of an older version: compare what it recorded of the arguments
-        recorded = state.get("args") if isinstance(state.get("args"), dict) else {}
-        saved = {k: recorded[k] for k in ("variant", "train_batch_size", "gradient_accumulation_steps",
-                                          "lr_scheduler", "lr_warmup_steps", "resolution", "use_ema")
-                 if k in recorded}
-    if "variant" in saved and "student_variant" not in saved:  # written when --variant named the student's variant
-        saved = {("student_variant" if k == "variant" else k): v for k, v in saved.items()}
-    changed = [(k, saved[k], settings.get(k)) for k in keys if k in saved and saved[k] != settings.get(k)]
-    if not changed:
-        return
-    shown = "; ".join(f"{'the training data' if k == 'data' else '--' + k}: {old!r} in the checkpoint, {new!r} now"
-                      for k, old, new in changed)
-    hint = ""
-    if any(k == "use_ema" for k, *_ in changed):
-        hint = (" (--use_ema can only be chosen when a run starts: the checkpoint has no EMA weights to continue"
-                " from)" if settings.get("use_ema") else " (the checkpoint keeps an EMA that this run would drop)")
-    raise ValueError(
-        f"`--resume_from_checkpoint` {checkpoint!r} was written with other settings: {shown}{hint}. Resume with the "
-        "checkpoint's settings, or start a new run in another --output_dir."
-    )
 
 
 def _check_output_dir(args: argparse.Namespace, output_dir: str, resume_path: str | None) -> None:
@@ -195,9 +115,87 @@ def _clear_previous_run(output_dir: str, logger) -> None:
             os.remove(path)
 
 
-def _nonfinite_tensors(module) -> list[str]:
-    return [name for name, tensor in module.state_dict().items()
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+def _claim_output_dir(args: argparse.Namespace, accelerator, output_dir: str, resume_path: str | None, locks: list,
+                      logger) -> None:
+    """Make `output_dir` this run's own: never the teacher's folder nor another run's, under the one-run lock (added
+    to `locks`), an overwritten run cleared and the leftovers of a killed run removed. The main process checks; every
+    process raises its refusal."""
+    from accelerate.utils import broadcast_object_list
+
+    refusal: list[Any] = [None]
+    if accelerator.is_main_process:
+        from .output_dir import OutputFolderBusy, OutputLock, check_not_protected
+
+        try:
+            check_not_protected(output_dir, argument="--output_dir", protect_cwd=False,
+                                protected=[("the teacher (--pretrained_model_name_or_path)",
+                                            args.pretrained_model_name_or_path)])
+            if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+                raise ValueError(f"`--output_dir` {output_dir!r} exists and is not a folder.")
+            lock = OutputLock(output_dir)
+            lock.acquire()
+            locks.append(lock)
+            _check_output_dir(args, output_dir, resume_path)
+            if args.overwrite_output_dir and resume_path is None:
+                _clear_previous_run(output_dir, logger)
+            for name in os.listdir(output_dir):  # leftovers of a run killed while writing a checkpoint or the output
+                if name.startswith((".checkpoint-", STAGING_PREFIX)):
+                    shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        except (ValueError, OutputFolderBusy) as error:
+            refusal[0] = error
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise refusal[0]
+    accelerator.wait_for_everyone()
+
+
+def _resume_state(args: argparse.Namespace, settings: dict[str, Any], resume_path: str | None,
+                  logger) -> dict[str, Any]:
+    """The trainer state of the checkpoint to resume from, checked against this run's settings; `{}` for a new run."""
+    from .checkpoints import check_resume_settings, read_state
+
+    if args.resume_from_checkpoint and resume_path is None:
+        logger.info(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
+    if resume_path is None:
+        return {}
+    state = read_state(resume_path)
+    check_resume_settings(state, settings, resume_path)
+    if args.use_ema and not os.path.isdir(os.path.join(resume_path, "unet_ema")):
+        raise ValueError(f"`--use_ema` is set but the checkpoint {resume_path!r} has no unet_ema folder (it was "
+                         "written without --use_ema); resume without --use_ema.")
+    return state
+
+
+def _choose_seed(args: argparse.Namespace, resume_state: dict[str, Any], logger) -> int:
+    """`--seed`, else the checkpoint's seed, else a random seed that every process shares."""
+    from accelerate.utils import broadcast_object_list
+
+    seed = args.seed if args.seed is not None else resume_state.get("seed")
+    if seed is None:
+        drawn = [int.from_bytes(os.urandom(4), "little") % (2**31)]
+        broadcast_object_list(drawn)
+        return drawn[0]
+    if resume_state.get("seed") not in (None, seed):
+        logger.warning(f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: "
+                       "not an exact resume.")
+    return seed
+
+
+def _resume_position(state: dict[str, Any], schedule: TrainingSchedule,
+                     gradient_accumulation_steps: int) -> tuple[int, int, int]:
+    """`(global_step, first_epoch, batches of that epoch already consumed)` for a trainer state; zeros for `{}`."""
+    if not state:
+        return 0, 0, 0
+    global_step = int(state["global_step"])
+    per_epoch = schedule.update_steps_per_epoch
+    if per_epoch is None:  # streamed: the position the checkpoint recorded
+        return global_step, int(state.get("epoch", 0)), int(state.get("batches_in_epoch", 0))
+    return global_step, global_step // per_epoch, (global_step % per_epoch) * gradient_accumulation_steps
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Logs, signals
 
 
 class TrainLog:
@@ -253,9 +251,193 @@ class _StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def requested(self, accelerator) -> int | None:
+        """The signal received by any process (a collective call with several processes), or `None`."""
+        if accelerator.num_processes == 1:
+            return self.signal
+        flag = torch.tensor([float(self.signal or 0)], device=accelerator.device)
+        return int(accelerator.reduce(flag, reduction="max").item()) or None
+
+
+class StepStatistics:
+    """The loss terms of each optimizer step, averaged over its micro-batches and processes, and the run's counters.
+
+    :meth:`add` takes each micro-batch's :class:`~diffusers_bksdm.DistillationOutput`; :meth:`end_step` closes an
+    optimizer step and returns its log row (every loss term, each feature pair, learning rate, gradient norm, ...).
+
+    Args:
+        pair_names (`list[str]`): the feature pairs, `"teacher->student"`; one `feat/<pair>` column each.
+        device (`torch.device`): the accelerator's device (the sums are gathered across processes).
+        samples (`int`, *optional*, defaults to 0): samples seen by all processes (a resumed run's count).
+        skipped_steps (`int`, *optional*, defaults to 0): micro-batches whose loss was non-finite and skipped.
+        nonfinite_in_a_row (`int`, *optional*, defaults to 0): optimizer steps skipped in a row for a non-finite
+            loss or gradient (`--on_nonfinite skip`).
+    """
+
+    def __init__(self, pair_names: list[str], device: torch.device, *, samples: int = 0, skipped_steps: int = 0,
+                 nonfinite_in_a_row: int = 0):
+        self.pair_names = list(pair_names)
+        self.device = device
+        self.samples, self.skipped_steps, self.nonfinite_in_a_row = samples, skipped_steps, nonfinite_in_a_row
+        self.window_nonfinite = False  # a micro-batch of this accumulation window (on any process) was non-finite
+        self.last_row: dict[str, Any] = {}
+        self.step_times: list[float] = []  # wall seconds of each optimizer step of this run
+        self.step_cpu_times: list[float] = []  # process CPU seconds of each optimizer step of this run
+        self._sums = torch.zeros(len(LOSS_TERMS) + len(self.pair_names), device=device, dtype=torch.float64)
+        self._micro = 0
+        self.start()
+
+    def start(self) -> None:
+        """Start the clocks: the run's (`started`) and the first step's."""
+        self.started = self._step_started = time.perf_counter()
+        self._step_cpu_started = time.process_time()
+
+    @property
+    def fields(self) -> list[str]:
+        """The columns of a log row."""
+        return ["step", "epoch", *LOSS_TERMS, "lr", "grad_norm", "samples", "skipped_steps", "update_skipped",
+                *[f"feat/{p}" for p in self.pair_names]]
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken in this run."""
+        return len(self.step_times)
+
+    def add(self, accelerator, output, batch_size: int) -> None:
+        """Add one micro-batch's loss terms (the mean over processes) and count its samples (a collective call)."""
+        terms = [output.loss, output.task_loss, output.output_kd_loss, output.feature_kd_loss,
+                 *[output.feature_losses[p] for p in self.pair_names]]
+        terms = torch.cat([torch.stack([t.detach().to(torch.float64) for t in terms]),
+                           torch.tensor([float(output.skipped), float(batch_size)], dtype=torch.float64,
+                                        device=self.device)])
+        gathered = accelerator.gather(terms[None])
+        self._sums += gathered[:, :-2].mean(0)
+        self.samples += int(gathered[:, -1].sum().item())
+        self.window_nonfinite = self.window_nonfinite or bool(gathered[:, -2].max().item() > 0)
+        self._micro += 1
+        self.skipped_steps += int(output.skipped)
+
+    def end_step(self, *, step: int, epoch: int, lr: float, grad_norm: Any, update_skipped: bool) -> dict[str, Any]:
+        """Close an optimizer step: time it, average its micro-batches and return its log row."""
+        now, now_cpu = time.perf_counter(), time.process_time()
+        self.step_times.append(now - self._step_started)
+        self.step_cpu_times.append(now_cpu - self._step_cpu_started)
+        self._step_started, self._step_cpu_started = now, now_cpu
+        self.window_nonfinite = False
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if update_skipped else 0
+        means = (self._sums / max(self._micro, 1)).tolist()
+        self._sums.zero_()
+        self._micro = 0
+        self.last_row = {"step": step, "epoch": epoch, **dict(zip(LOSS_TERMS, means[: len(LOSS_TERMS)], strict=True)),
+                         "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                         "samples": self.samples, "skipped_steps": self.skipped_steps,
+                         "update_skipped": int(update_skipped),
+                         **{f"feat/{p}": v for p, v in zip(self.pair_names, means[len(LOSS_TERMS):], strict=True)}}
+        return self.last_row
+
 
 # --------------------------------------------------------------------------------------------------------------------
-# Helpers
+# Models, data, schedule
+
+
+@dataclass
+class TrainingModels:
+    """What :func:`load_models` returns: the teacher pipeline (its VAE and text encoder frozen, cast and moved to the
+    device), the frozen teacher UNet, the student, their block map and the training noise scheduler."""
+
+    pipe: Any
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    block_map: Any
+    noise_scheduler: Any
+    resolution: int
+    weight_dtype: torch.dtype
+    parameters: tuple[int, int]  # (teacher, student)
+    fingerprints: dict[str, str] | None  # of the VAE / text encoder / tokenizer as loaded, for --latent_cache_dir
+
+
+def load_models(args: argparse.Namespace, accelerator, teacher_pipeline=None, logger=None) -> TrainingModels:
+    """Load the teacher pipeline (or take `teacher_pipeline`), build the student from its UNet through the block map
+    of `--student_variant` (`--student_init`), freeze and cast the teacher's parts and move them to the device."""
+    from diffusers import DDPMScheduler
+
+    from .cache import module_fingerprint, tokenizer_fingerprint
+    from .families import check_trainer_support, default_resolution
+    from .io import count_parameters, load_teacher, parse_dtype
+    from .plan import build_block_map
+    from .student import compress_unet
+
+    logger = logger or _logger()
+    if teacher_pipeline is not None:
+        pipe = teacher_pipeline
+    else:
+        pipe, _ = load_teacher(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                               argument="--pretrained_model_name_or_path")
+        if pipe is None:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} is a bare UNet; "
+                "distillation needs a whole pipeline (VAE, text encoder, tokenizer, scheduler)."
+            )
+    check_trainer_support(pipe, "--pretrained_model_name_or_path", args.pretrained_model_name_or_path)
+    teacher, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    resolution = args.resolution or default_resolution(teacher.config, vae.config)
+    fingerprints = None
+    if args.latent_cache_dir:  # before any cast: the cache records the weights as loaded
+        fingerprints = {"vae": module_fingerprint(vae), "text_encoder": module_fingerprint(text_encoder),
+                        "tokenizer": tokenizer_fingerprint(tokenizer)}
+
+    # BK-SDM initialises the student from the teacher; `--student_init random` is the paper's ablation
+    block_map = build_block_map(teacher.config, args.student_variant)  # one map: the student and the feature pairs
+    student = compress_unet(teacher, block_map, copy_weights=args.student_init == "teacher")
+    student.train()
+    parameters = count_parameters(teacher), count_parameters(student)
+    logger.info(f"teacher UNet {parameters[0]:,} parameters -> student ({args.student_variant}) {parameters[1]:,}")
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    teacher_dtype = parse_dtype(args.teacher_dtype, "--teacher_dtype") or weight_dtype
+    for module in (teacher, vae, text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    teacher.to(accelerator.device, dtype=teacher_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return TrainingModels(pipe=pipe, teacher=teacher, student=student, block_map=block_map,
+                          noise_scheduler=noise_scheduler, resolution=resolution, weight_dtype=weight_dtype,
+                          parameters=parameters, fingerprints=fingerprints)
+
+
+def _ema(args: argparse.Namespace, student: torch.nn.Module, device: torch.device):
+    """The student's EMA (`--use_ema`), or `None`."""
+    if not args.use_ema:
+        return None
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(student.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
+                   model_config=student.config)
+    ema.to(device)
+    return ema
+
+
+def _optimizer(args: argparse.Namespace, student: torch.nn.Module, num_processes: int) -> torch.optim.Optimizer:
+    """AdamW (8-bit with `--use_8bit_adam`) over the student; `--scale_lr` scales `args.learning_rate` first."""
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.") from error
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    return optimizer_cls(student.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
 def _grid(rows: list[list[Any]]):
@@ -311,6 +493,142 @@ def _data_loader(args: argparse.Namespace, dataset, collate, seed: int):
     return torch.utils.data.DataLoader(dataset, sampler=sampler, **loader_kwargs)
 
 
+@dataclass
+class TrainingSchedule:
+    """How long a run is: its optimizer steps, its epochs and the optimizer steps of one epoch (`None`: streamed)."""
+
+    max_train_steps: int
+    num_train_epochs: int
+    update_steps_per_epoch: int | None
+
+
+def training_schedule(max_train_steps: int | None, num_train_epochs: int, batches_per_epoch: int | None,
+                      gradient_accumulation_steps: int) -> TrainingSchedule:
+    """The schedule of a run with `batches_per_epoch` batches per process in an epoch (`None` for streamed data: as
+    many epochs as `max_train_steps` take); without `max_train_steps`, `num_train_epochs` whole epochs."""
+    if batches_per_epoch is None:
+        return TrainingSchedule(max_train_steps, sys.maxsize, None)
+    per_epoch = math.ceil(batches_per_epoch / gradient_accumulation_steps)
+    steps = max_train_steps or num_train_epochs * per_epoch
+    return TrainingSchedule(steps, math.ceil(steps / per_epoch), per_epoch)
+
+
+def _prepare(args: argparse.Namespace, accelerator, student, optimizer, train_dataloader, streamed: bool):
+    """The learning-rate schedule and accelerate's wrappers; returns `(student, optimizer, train_dataloader,
+    lr_scheduler, schedule)` with the schedule counted on the prepared (per-process) loader."""
+    from diffusers.optimization import get_scheduler
+
+    processes, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
+    batches = None if streamed else math.ceil(len(train_dataloader) / processes)
+    schedule = training_schedule(args.max_train_steps, args.num_train_epochs, batches, accumulation)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * processes,
+                                 num_training_steps=schedule.max_train_steps * processes)
+    if streamed:
+        student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    else:
+        student, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            student, optimizer, train_dataloader, lr_scheduler)
+        schedule = training_schedule(schedule.max_train_steps, args.num_train_epochs, len(train_dataloader),
+                                     accumulation)
+    return student, optimizer, train_dataloader, lr_scheduler, schedule
+
+
+def _epoch_batches(accelerator, dataset, train_dataloader, epoch: int, skip: int, streamed: bool):
+    """The batches of `epoch`, without the first `skip` (consumed before the checkpoint a run resumed from)."""
+    if streamed:
+        dataset.set_epoch(epoch)
+        return itertools.islice(train_dataloader, skip, None)  # the stream is replayed up to its position
+    train_dataloader.set_epoch(epoch)
+    return accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One step
+
+
+def _latents_and_embeddings(batch: dict[str, Any], vae, text_encoder, generator: torch.Generator, *,
+                            device: torch.device, weight_dtype: torch.dtype, from_cache: bool):
+    """The float32 latents of a batch, drawn from the VAE posterior (stored in the latent cache, or computed) with
+    `generator`, shifted and scaled as the UNet expects, and its text embeddings. Call under `torch.no_grad()`."""
+    if from_cache:
+        mean = batch["latent_mean"].to(device, torch.float32)
+        std = batch["latent_std"].to(device, torch.float32)
+        hidden = batch["encoder_hidden_states"].to(device, torch.float32)
+    else:
+        pixels = batch["pixel_values"].to(device, weight_dtype)
+        dist = vae.encode(pixels).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+        hidden = text_encoder(batch["input_ids"].to(device), return_dict=False)[0].float()
+    sample = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    latents = mean + std * sample
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        latents = latents - shift
+    return latents * float(getattr(vae.config, "scaling_factor", 0.18215)), hidden
+
+
+def _apply_gradients(args: argparse.Namespace, accelerator, student, optimizer, lr_scheduler, *, skip: bool,
+                     step: int) -> tuple[bool, Any]:
+    """After `backward`: at the end of an accumulation window clip the gradients and step the optimizer and the
+    schedule, unless the window had a non-finite loss (`skip`) or the gradient norm is not finite (then
+    `--on_nonfinite raise` raises). Returns `(updated, grad_norm)`."""
+    update, grad_norm = True, None
+    if accelerator.sync_gradients:
+        if skip:  # --on_nonfinite skip: no update at all, on every process
+            update = False
+        else:
+            grad_norm = accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+            if (grad_norm is not None and accelerator.scaler is None
+                    and not math.isfinite(float(grad_norm))):  # fp16's scaler skips on its own
+                if args.on_nonfinite == "raise":
+                    raise FloatingPointError(
+                        f"Non-finite gradient norm ({float(grad_norm)}) at step {step} with a finite loss. Lower "
+                        "--learning_rate, or pass --on_nonfinite skip to skip such steps.")
+                update = False
+    if update:
+        optimizer.step()
+        lr_scheduler.step()
+    optimizer.zero_grad()
+    return update, grad_norm
+
+
+def _check_nonfinite_streak(stats: StepStatistics, step: int, max_skips: int, output_dir: str) -> None:
+    if stats.nonfinite_in_a_row >= max_skips:
+        raise FloatingPointError(
+            f"{stats.nonfinite_in_a_row} optimizer steps in a row (steps {step - stats.nonfinite_in_a_row + 1} to "
+            f"{step}) had a non-finite loss or gradient and were skipped (--max_nonfinite_skips {max_skips}); "
+            f"stopping without a final model. The weights are those of step {step - stats.nonfinite_in_a_row}; the "
+            f"last checkpoint is {latest_checkpoint(output_dir)}. Lower --learning_rate or check the data.")
+
+
+def _all_skipped(skipped):
+    """The unreadable samples skipped by every process (a collective call)."""
+    from accelerate.utils import gather_object
+
+    from .data import SkippedSamples
+
+    total = SkippedSamples()
+    for state in gather_object([skipped.state_dict()]):
+        total.merge(state)
+    return total
+
+
+def _trainer_state(accelerator, args: argparse.Namespace, *, settings: dict[str, Any], seed: int,
+                   stats: StepStatistics, skipped, step: int, epoch: int, batches_in_epoch: int) -> dict[str, Any]:
+    """What a checkpoint records of the run (`trainer_state.json`); a collective call (skipped samples)."""
+    merged = _all_skipped(skipped)
+    return {"global_step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "seed": seed,
+            "samples": stats.samples, "skipped_steps": stats.skipped_steps,
+            "num_processes": accelerator.num_processes, "skipped": skipped.state_dict(),
+            "skipped_all_processes": merged.state_dict(), "args": _public_args(args),
+            "settings": settings, "nonfinite_in_a_row": stats.nonfinite_in_a_row}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation, model card, final save
+
+
 def log_validation(pipe, teacher, student, ema, accelerator, args: argparse.Namespace, *, seed: int,
                    resolution: int, output_dir: str, step: int) -> str:
     """Render `--validation_prompts` with the teacher and the (unwrapped) student, the same seed per prompt, and
@@ -355,6 +673,30 @@ def log_validation(pipe, teacher, student, ema, accelerator, args: argparse.Name
             tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(prompts))]}, step=step)
     _logger().info(f"validation grid (teacher | student) written to {path}")
     return path
+
+
+class _Validation:
+    """Runs :func:`log_validation` (main process) for `--validation_prompts` and remembers the last step and grid."""
+
+    def __init__(self, args: argparse.Namespace, accelerator, pipe, teacher, student, ema, *, seed: int,
+                 resolution: int, output_dir: str):
+        self.args, self.accelerator, self.pipe, self.teacher, self.student, self.ema = (
+            args, accelerator, pipe, teacher, student, ema)
+        self.seed, self.resolution, self.output_dir = seed, resolution, output_dir
+        self.last_step = -1
+        self.grid: str | None = None
+
+    def __call__(self, step: int) -> None:
+        from .distill import unwrap_model
+
+        if not self.args.validation_prompts:
+            return
+        self.last_step = step
+        if self.accelerator.is_main_process:
+            self.grid = log_validation(self.pipe, self.teacher, unwrap_model(self.student), self.ema,
+                                       self.accelerator, self.args, seed=self.seed, resolution=self.resolution,
+                                       output_dir=self.output_dir, step=step)
+        self.accelerator.wait_for_everyone()
 
 
 def save_model_card(args: argparse.Namespace, accelerator, dataset, teacher, parameters: tuple[int, int], *,
@@ -405,6 +747,63 @@ def _reload_components(args: argparse.Namespace, student_unet, fallback):
                                              use_safetensors=True)
 
 
+def _check_final_weights(student, ema, output_dir: str) -> None:
+    """Refuse to write non-finite final weights (the EMA's with `--use_ema`)."""
+    from .distill import unwrap_model
+
+    final_weights = ema.shadow_params if ema is not None else list(unwrap_model(student).parameters())
+    bad = sum(not bool(torch.isfinite(t).all()) for t in final_weights)
+    if bad:
+        raise FloatingPointError(
+            f"The final student weights{' (EMA)' if ema is not None else ''} hold NaN/inf in {bad} tensors; no final "
+            f"pipeline is written. The last checkpoint is {latest_checkpoint(output_dir)}.")
+
+
+def save_final_pipeline(args: argparse.Namespace, student, ema, components, card, *, output_dir: str,
+                        training_saved_in: str | None) -> str | None:
+    """Write the student pipeline of a finished run (main process only) and push it with `--push_to_hub`.
+
+    Args:
+        args (`argparse.Namespace`): the run's arguments.
+        student: the trained student UNet (wrapped or not); with an `ema` its weights are replaced by the EMA's.
+        ema (`EMAModel`, *optional*): the student's EMA.
+        components (`DiffusionPipeline`, *optional*): a pipeline whose other components (full precision) go with the
+            student; `None` reloads them from `--pretrained_model_name_or_path`.
+        card: the model card (:func:`save_model_card`).
+        output_dir (`str`): the run's folder; each component folder is replaced whole, `model_index.json` last.
+        training_saved_in (`str`, *optional*): the checkpoint that holds the run, named when writing fails.
+
+    Returns:
+        `str` or `None`: the Hub URL when pushed.
+
+    Raises:
+        FinalSaveError: writing failed (a full disk); the message says how to write it again without training.
+    """
+    from .distill import unwrap_model
+    from .hub import push_folder, write_model_card
+
+    unwrapped = unwrap_model(student)
+    if ema is not None:
+        ema.copy_to(unwrapped.parameters())
+    if unwrapped.dtype != torch.float32:
+        unwrapped = unwrapped.to(torch.float32)
+    final_pipe = _reload_components(args, unwrapped, components)
+    try:
+        with update_folder(output_dir, argument="--output_dir") as tmp:  # the model index goes last
+            final_pipe.save_pretrained(tmp, safe_serialization=True)
+            write_model_card(tmp, card)
+    except OSError as error:
+        raise FinalSaveError(
+            f"Writing the final pipeline to {output_dir} failed ({error}). The training is saved in "
+            f"{training_saved_in}: free some space and run the same command with --resume_from_checkpoint latest, "
+            "which writes the final pipeline without training further.") from error
+    _logger().info(f"student pipeline written to {output_dir}")
+    if not args.push_to_hub:
+        return None
+    repo_id = args.hub_model_id or os.path.basename(output_dir.rstrip(os.sep))
+    return push_folder(output_dir, repo_id, token=args.hub_token, private=args.hub_private, argument="--hub_model_id")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The trainer
 
@@ -441,305 +840,26 @@ def train(args: argparse.Namespace, *, teacher_pipeline=None, save_final: bool =
             lock.release()
 
 
-def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: list) -> dict[str, Any]:
+def _accelerator(args: argparse.Namespace, output_dir: str):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-    from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
+    from accelerate.utils import ProjectConfiguration
 
-    from .cache import module_fingerprint, tokenizer_fingerprint
-    from .data import SkippedSamples
-    from .distill import BKDistiller, training_target, unwrap_model
-    from .io import count_parameters, load_teacher, parse_dtype
-    from .families import check_trainer_support, default_resolution
-    from .plan import build_block_map, get_variant
-    from .student import compress_unet
-
-    check_train_args(args)
-    get_variant(args.student_variant)  # a bad name fails before anything is loaded
-    logger = _logger()
-    output_dir = os.path.abspath(args.output_dir)
     project_config = ProjectConfiguration(project_dir=output_dir,
                                           logging_dir=os.path.join(output_dir, args.logging_dir))
     # torchrun on a machine without GPUs: accelerate needs `cpu=True` to form a gloo process group (MULTI_CPU);
     # without it every process would believe it is alone and all of them would write the same files.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=multi_cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=project_config,
     )
-    main_process = accelerator.is_main_process
-    settings = _resume_settings(args)  # before --scale_lr changes args.learning_rate
 
-    # ---- the output folder: this run's alone (lock), never the teacher's nor another run's ----
-    resume_path = _resolve_resume(args.resume_from_checkpoint, output_dir)
-    refusal: list[Any] = [None]
-    if main_process:
-        from .output_dir import OutputFolderBusy, OutputLock, check_not_protected
 
-        try:
-            check_not_protected(output_dir, argument="--output_dir", protect_cwd=False,
-                                protected=[("the teacher (--pretrained_model_name_or_path)",
-                                            args.pretrained_model_name_or_path)])
-            if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-                raise ValueError(f"`--output_dir` {output_dir!r} exists and is not a folder.")
-            lock = OutputLock(output_dir)
-            lock.acquire()
-            locks.append(lock)
-            _check_output_dir(args, output_dir, resume_path)
-            if args.overwrite_output_dir and resume_path is None:
-                _clear_previous_run(output_dir, logger)
-            for name in os.listdir(output_dir):  # leftovers of a run killed while writing a checkpoint or the output
-                if name.startswith((".checkpoint-", STAGING_PREFIX)):
-                    shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-        except (ValueError, OutputFolderBusy) as error:
-            refusal[0] = error
-    if accelerator.num_processes > 1:
-        broadcast_object_list(refusal)
-    if refusal[0] is not None:
-        raise refusal[0]
-    accelerator.wait_for_everyone()
-
-    # ---- resume point and seed (needed before the data is built) ----
-    if args.resume_from_checkpoint and resume_path is None:
-        logger.info(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
-    resume_state: dict[str, Any] = {}
-    if resume_path is not None:
-        resume_state = _read_state(resume_path)
-        _check_resume_settings(resume_state, settings, resume_path)
-        if args.use_ema and not os.path.isdir(os.path.join(resume_path, "unet_ema")):
-            raise ValueError(f"`--use_ema` is set but the checkpoint {resume_path!r} has no unet_ema folder (it was "
-                             "written without --use_ema); resume without --use_ema.")
-    seed = args.seed if args.seed is not None else resume_state.get("seed")
-    if seed is None:
-        seed = [int.from_bytes(os.urandom(4), "little") % (2**31)]
-        broadcast_object_list(seed)
-        seed = seed[0]
-    elif resume_state.get("seed") not in (None, seed):
-        logger.warning(f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: "
-                       "not an exact resume.")
-    set_seed(seed)
-
-    # ---- models ----
-    if teacher_pipeline is not None:
-        pipe = teacher_pipeline
-    else:
-        pipe, _ = load_teacher(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                               argument="--pretrained_model_name_or_path")
-        if pipe is None:
-            raise ValueError(
-                f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} is a bare UNet; "
-                "distillation needs a whole pipeline (VAE, text encoder, tokenizer, scheduler)."
-            )
-    check_trainer_support(pipe, "--pretrained_model_name_or_path", args.pretrained_model_name_or_path)
-    teacher, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    resolution = args.resolution or default_resolution(teacher.config, vae.config)
-    fingerprints = None
-    if args.latent_cache_dir:  # before any cast: the cache records the weights as loaded
-        fingerprints = {"vae": module_fingerprint(vae), "text_encoder": module_fingerprint(text_encoder),
-                        "tokenizer": tokenizer_fingerprint(tokenizer)}
-
-    # BK-SDM initialises the student from the teacher; `--student_init random` is the paper's ablation
-    block_map = build_block_map(teacher.config, args.student_variant)  # one map: the student and the feature pairs
-    student = compress_unet(teacher, block_map, copy_weights=args.student_init == "teacher")
-    student.train()
-    teacher_params, student_params = count_parameters(teacher), count_parameters(student)
-    logger.info(f"teacher UNet {teacher_params:,} parameters -> student ({args.student_variant}) {student_params:,}")
-
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    teacher_dtype = parse_dtype(args.teacher_dtype, "--teacher_dtype") or weight_dtype
-    for module in (teacher, vae, text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-    teacher.to(accelerator.device, dtype=teacher_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-    if args.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(student.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
-                       model_config=student.config)
-        ema.to(accelerator.device)
-
-    def save_model_hook(models, weights, hook_dir):
-        if accelerator.is_main_process:
-            if ema is not None:
-                ema.save_pretrained(os.path.join(hook_dir, "unet_ema"))
-            for model in models:
-                unwrap_model(model).save_pretrained(os.path.join(hook_dir, "unet"))
-        while weights:  # the unet/ folder replaces accelerate's own copy of the weights
-            weights.pop()
-
-    def load_model_hook(models, hook_dir):
-        if ema is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(hook_dir, "unet_ema"), UNet2DConditionModel)
-            ema.load_state_dict(loaded.state_dict())
-            ema.to(accelerator.device)
-            del loaded
-        while models:
-            model = unwrap_model(models.pop())
-            loaded = UNet2DConditionModel.from_pretrained(hook_dir, subfolder="unet", use_safetensors=True)
-            model.register_to_config(**loaded.config)
-            model.load_state_dict(loaded.state_dict())
-            del loaded
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:
-            raise ImportError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.") from error
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
-    optimizer = optimizer_cls(student.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-
-    # ---- data ----
-    streamed = bool(args.train_shards)
-    use_cache = bool(args.latent_cache_dir)
-    dataset, collate = _training_data(args, accelerator, resolution, seed, tokenizer, fingerprints)
-    settings["data"] = _data_fingerprint(dataset)
-    if resume_path is not None:
-        _check_resume_settings(resume_state, settings, resume_path, keys=("data",))
-    train_dataloader = _data_loader(args, dataset, collate, seed)
-
-    # ---- schedule ----
+def _log_run(args: argparse.Namespace, accelerator, dataset, max_train_steps: int, logger) -> None:
     ga = args.gradient_accumulation_steps
-    if streamed:
-        num_update_steps_per_epoch = None
-        max_train_steps = args.max_train_steps
-        num_train_epochs = sys.maxsize
-        scheduler_steps = max_train_steps * accelerator.num_processes
-    else:
-        batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
-        num_update_steps_per_epoch = math.ceil(batches_per_process / ga)
-        max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
-        num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
-        scheduler_steps = max_train_steps * accelerator.num_processes
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=scheduler_steps)
-    if streamed:
-        student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    else:
-        student, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-            student, optimizer, train_dataloader, lr_scheduler)
-        num_update_steps_per_epoch = math.ceil(len(train_dataloader) / ga)
-        num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
-
-    kd = BKDistiller(teacher, student, block_map=block_map, lambda_task=args.lambda_task,
-                     lambda_out=args.lambda_out, lambda_feat=args.lambda_feat, feature_pairs=args.feature_pairs,
-                     normalize_features=args.normalize_features, on_nonfinite=args.on_nonfinite)
-    pair_names = [f"{t}->{s}" for t, s in kd.feature_pairs]
-
-    if main_process:
-        config = {k: v for k, v in _public_args(args).items() if isinstance(v, (int, float, str, bool))}
-        config.update(seed=seed, resolution=resolution)
-        accelerator.init_trackers(args.tracker_project_name, config=config)
-
-    generator = torch.Generator(device=accelerator.device).manual_seed(seed + accelerator.process_index)
-    skipped = SkippedSamples()
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    samples_seen, skipped_steps = 0, 0
-    nonfinite_in_a_row = 0  # optimizer steps skipped in a row for a non-finite loss (--on_nonfinite skip)
-    if resume_path is not None:
-        logger.info(f"Resuming from checkpoint {resume_path}")
-        accelerator.load_state(resume_path)
-        generator_file = os.path.join(resume_path, f"rng_state_{accelerator.process_index}.safetensors")
-        if os.path.isfile(generator_file):
-            generator.set_state(load_file(generator_file)["state"])
-        else:
-            logger.warning(f"{generator_file} is missing (a different process count?): the noise will not match.",
-                           main_process_only=False)
-        global_step = int(resume_state["global_step"])
-        samples_seen = int(resume_state.get("samples", 0))
-        skipped_steps = int(resume_state.get("skipped_steps", 0))
-        nonfinite_in_a_row = int(resume_state.get("nonfinite_in_a_row", 0))
-        if main_process:  # rank 0 carries every rank's count up to the checkpoint
-            skipped.merge(resume_state.get("skipped_all_processes", resume_state.get("skipped", {})))
-        if not streamed:
-            first_epoch = global_step // num_update_steps_per_epoch
-            resume_batches = (global_step % num_update_steps_per_epoch) * ga
-        else:
-            first_epoch = int(resume_state.get("epoch", 0))
-            resume_batches = int(resume_state.get("batches_in_epoch", 0))
-
-    log_file = None
-    if main_process:
-        fields = ["step", "epoch", *LOSS_TERMS, "lr", "grad_norm", "samples", "skipped_steps", "update_skipped",
-                  *[f"feat/{p}" for p in pair_names]]
-        log_file = TrainLog(os.path.join(output_dir, LOG_FILE), fields,
-                            resume_step=global_step if resume_path is not None else 0)
-
-    # ---- validation ----
-    prompts = list(args.validation_prompts or [])
-    last_grid: list[str | None] = [None]
-    last_validation = [-1]
-
-    def validate(step: int) -> None:
-        if not prompts:
-            return
-        last_validation[0] = step
-        if accelerator.is_main_process:
-            last_grid[0] = log_validation(pipe, teacher, unwrap_model(student), ema, accelerator, args,
-                                          seed=seed, resolution=resolution, output_dir=output_dir, step=step)
-        accelerator.wait_for_everyone()
-
-    # ---- checkpoints ----
-    counters = {"samples": 0, "skipped_steps": 0, "nonfinite_in_a_row": nonfinite_in_a_row}
-
-    def save_checkpoint(step: int, epoch: int, batches_in_epoch: int) -> str:
-        final = os.path.join(output_dir, f"checkpoint-{step}")
-        tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
-        if accelerator.is_main_process and os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(tmp)
-        save_file({"state": generator.get_state()},
-                  os.path.join(tmp, f"rng_state_{accelerator.process_index}.safetensors"))
-        gathered = gather_object([skipped.state_dict()])
-        if accelerator.is_main_process:
-            merged = SkippedSamples()
-            for state in gathered:
-                merged.merge(state)
-            state = {"global_step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "seed": seed,
-                     "samples": counters["samples"], "skipped_steps": counters["skipped_steps"],
-                     "num_processes": accelerator.num_processes, "skipped": skipped.state_dict(),
-                     "skipped_all_processes": merged.state_dict(), "args": _public_args(args),
-                     "settings": settings, "nonfinite_in_a_row": counters["nonfinite_in_a_row"]}
-            with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-                json.dump(state, f, indent=1, default=str)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            replace_path(tmp, final)
-            if args.checkpoints_total_limit is not None:
-                complete = sorted(
-                    (int(m.group(1)), n) for n in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(n)))
-                for _, name in complete[: max(0, len(complete) - args.checkpoints_total_limit)]:
-                    logger.info(f"removing checkpoint {name} "
-                                f"(--checkpoints_total_limit {args.checkpoints_total_limit})")
-                    shutil.rmtree(os.path.join(output_dir, name))
-            logger.info(f"Saved state to {final}")
-        accelerator.wait_for_everyone()
-        return final
-
-    # ---- the loop ----
     logger.info("***** Running distillation *****")
     logger.info(f"  Teacher = {args.pretrained_model_name_or_path}, variant = {args.student_variant}")
     logger.info(f"  Data = {getattr(dataset, 'description', {})}")
@@ -747,155 +867,146 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
     logger.info(f"  Total batch size = {args.train_batch_size * accelerator.num_processes * ga}")
     logger.info(f"  Gradient accumulation steps = {ga}; total optimization steps = {max_train_steps}")
 
+
+def _logs_above_progress_bar(tqdm_class) -> contextlib.AbstractContextManager:
+    """While the progress bar shows: when the root logger prints to the console, its lines go through
+    `tqdm_class.write` (above the bar) instead of breaking the bar; otherwise nothing changes."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    console = any(isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr)
+                  for handler in logging.root.handlers)
+    return logging_redirect_tqdm(tqdm_class=tqdm_class) if console else contextlib.nullcontext()
+
+
+def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: list) -> dict[str, Any]:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from .checkpoints import CheckpointManager, check_resume_settings, data_fingerprint, resolve_resume, resume_settings
+    from .data import SkippedSamples
+    from .distill import BKDistiller, noisy_batch, unwrap_model
+    from .plan import get_variant
+
+    check_train_args(args)
+    get_variant(args.student_variant)  # a bad name fails before anything is loaded
+    logger = _logger()
+    output_dir = os.path.abspath(args.output_dir)
+    accelerator = _accelerator(args, output_dir)
+    main_process = accelerator.is_main_process
+    settings = resume_settings(args)  # before --scale_lr changes args.learning_rate
+
+    # ---- the output folder (this run's alone), the resume point and the seed (needed before the data is built) ----
+    resume_path = resolve_resume(args.resume_from_checkpoint, output_dir)
+    _claim_output_dir(args, accelerator, output_dir, resume_path, locks, logger)
+    resume_state = _resume_state(args, settings, resume_path, logger)
+    seed = _choose_seed(args, resume_state, logger)
+    set_seed(seed)
+
+    # ---- models, data, schedule ----
+    models = load_models(args, accelerator, teacher_pipeline, logger)
+    pipe, teacher, vae, text_encoder = models.pipe, models.teacher, models.pipe.vae, models.pipe.text_encoder
+    ema = _ema(args, models.student, accelerator.device)
+    optimizer = _optimizer(args, models.student, accelerator.num_processes)
+    streamed, from_cache = bool(args.train_shards), bool(args.latent_cache_dir)
+    dataset, collate = _training_data(args, accelerator, models.resolution, seed, pipe.tokenizer, models.fingerprints)
+    settings["data"] = data_fingerprint(dataset)
+    if resume_path is not None:
+        check_resume_settings(resume_state, settings, resume_path, keys=("data",))
+    student, optimizer, train_dataloader, lr_scheduler, schedule = _prepare(
+        args, accelerator, models.student, optimizer, _data_loader(args, dataset, collate, seed), streamed)
+    max_train_steps = schedule.max_train_steps
+    kd = BKDistiller(teacher, student, block_map=models.block_map, lambda_task=args.lambda_task,
+                     lambda_out=args.lambda_out, lambda_feat=args.lambda_feat, feature_pairs=args.feature_pairs,
+                     normalize_features=args.normalize_features, on_nonfinite=args.on_nonfinite)
+    if main_process:
+        config = {k: v for k, v in _public_args(args).items() if isinstance(v, (int, float, str, bool))}
+        config.update(seed=seed, resolution=models.resolution)
+        accelerator.init_trackers(args.tracker_project_name, config=config)
+
+    # ---- resumption ----
+    generator = torch.Generator(device=accelerator.device).manual_seed(seed + accelerator.process_index)
+    checkpoints = CheckpointManager(accelerator, output_dir, generator=generator, ema=ema,
+                                    total_limit=args.checkpoints_total_limit, logger=logger)
+    skipped = SkippedSamples()
+    if resume_path is not None:
+        checkpoints.restore(resume_path)
+        if main_process:  # rank 0 carries every rank's count up to the checkpoint
+            skipped.merge(resume_state.get("skipped_all_processes", resume_state.get("skipped", {})))
+    global_step, first_epoch, resume_batches = _resume_position(resume_state, schedule,
+                                                                args.gradient_accumulation_steps)
+    stats = StepStatistics([f"{t}->{s}" for t, s in kd.feature_pairs], accelerator.device,
+                           samples=int(resume_state.get("samples", 0)),
+                           skipped_steps=int(resume_state.get("skipped_steps", 0)),
+                           nonfinite_in_a_row=int(resume_state.get("nonfinite_in_a_row", 0)))
+    log_file = None
+    if main_process:
+        log_file = TrainLog(os.path.join(output_dir, LOG_FILE), stats.fields,
+                            resume_step=global_step if resume_path is not None else 0)
+    validate = _Validation(args, accelerator, pipe, teacher, student, ema, seed=seed, resolution=models.resolution,
+                           output_dir=output_dir)
+    trainer_state = functools.partial(_trainer_state, accelerator, args, settings=settings, seed=seed, stats=stats,
+                                      skipped=skipped)
+
+    # ---- the loop ----
+    _log_run(args, accelerator, dataset, max_train_steps, logger)
     stop = _StopRequest()
     stop.install()
-    scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
-    shift = getattr(vae.config, "shift_factor", None)
     progress = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
-    sums = torch.zeros(len(LOSS_TERMS) + len(pair_names), device=accelerator.device, dtype=torch.float64)
-    micro = 0
-    grad_norm = None
-    window_nonfinite = False  # a micro-batch of this accumulation window (on any process) had a non-finite loss
-    update = True
-    started = step_started = time.perf_counter()
-    step_cpu_started = time.process_time()
-    step_times: list[float] = []
-    step_cpu_times: list[float] = []
-    steps_this_run = 0
-    last_row: dict[str, Any] = {}
+    stats.start()
     interrupted: int | None = None
-    epoch = first_epoch
-    try:
-        for epoch in range(first_epoch, num_train_epochs):
+    epoch, batches_in_epoch = first_epoch, resume_batches
+    with contextlib.ExitStack() as cleanup:  # on the way out: signal handlers, progress bar, log file
+        cleanup.enter_context(_logs_above_progress_bar(tqdm))
+        if log_file is not None:
+            cleanup.callback(log_file.close)
+        cleanup.callback(progress.close)
+        cleanup.callback(stop.restore)
+        for epoch in range(first_epoch, schedule.num_train_epochs):
             if global_step >= max_train_steps:
                 break
-            if streamed:
-                dataset.set_epoch(epoch)
-                loader = train_dataloader
-                skip = resume_batches if epoch == first_epoch else 0
-            else:
-                train_dataloader.set_epoch(epoch)
-                loader = train_dataloader
-                skip = 0
-                if epoch == first_epoch and resume_batches:
-                    loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
-            batches_in_epoch = resume_batches if epoch == first_epoch else 0
-            for batch in loader:
-                if skip:
-                    skip -= 1
-                    continue
+            skip = resume_batches if epoch == first_epoch else 0
+            batches_in_epoch = skip
+            for batch in _epoch_batches(accelerator, dataset, train_dataloader, epoch, skip, streamed):
                 batches_in_epoch += 1
                 skipped.update(batch["skipped"])
                 n = len(batch["keys"])
                 if n == 0:
                     continue
                 with accelerator.accumulate(student):
-                    with torch.no_grad():
-                        if use_cache:
-                            mean = batch["latent_mean"].to(accelerator.device, torch.float32)
-                            std = batch["latent_std"].to(accelerator.device, torch.float32)
-                            hidden = batch["encoder_hidden_states"].to(accelerator.device, torch.float32)
-                        else:
-                            pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
-                            dist = vae.encode(pixels).latent_dist
-                            mean, std = dist.mean.float(), dist.std.float()
-                            ids = batch["input_ids"].to(accelerator.device)
-                            hidden = text_encoder(ids, return_dict=False)[0].float()
-                        sample = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-                        latents = mean + std * sample
-                        if shift is not None:
-                            latents = latents - shift
-                        latents = latents * scaling
-                        noise = torch.randn(latents.shape, generator=generator, device=latents.device,
-                                            dtype=latents.dtype)
-                        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                                  generator=generator, device=latents.device).long()
-                        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                        target = training_target(noise_scheduler, latents, noise, timesteps)
-                    out = kd(noisy, timesteps, hidden, target)
-                    terms = [out.loss, out.task_loss, out.output_kd_loss, out.feature_kd_loss,
-                             *[out.feature_losses[p] for p in pair_names]]
-                    terms = torch.cat([torch.stack([t.detach().to(torch.float64) for t in terms]),
-                                       torch.tensor([float(out.skipped), float(n)], dtype=torch.float64,
-                                                    device=accelerator.device)])
-                    gathered_terms = accelerator.gather(terms[None])
-                    sums += gathered_terms[:, :-2].mean(0)
-                    samples_seen += int(gathered_terms[:, -1].sum().item())
-                    window_nonfinite = window_nonfinite or bool(gathered_terms[:, -2].max().item() > 0)
-                    micro += 1
-                    skipped_steps += int(out.skipped)
+                    with torch.no_grad():  # the draws: latents, then noise, then timesteps (see noisy_batch)
+                        latents, hidden = _latents_and_embeddings(
+                            batch, vae, text_encoder, generator, device=accelerator.device,
+                            weight_dtype=models.weight_dtype, from_cache=from_cache)
+                        noisy = noisy_batch(models.noise_scheduler, latents, generator)
+                    out = kd(noisy.noisy_latents, noisy.timesteps, hidden, noisy.target)
+                    stats.add(accelerator, out, n)
                     accelerator.backward(out.loss)
-                    update = True
-                    if accelerator.sync_gradients:
-                        if window_nonfinite:  # --on_nonfinite skip: no update at all, on every process
-                            update, grad_norm = False, None
-                        else:
-                            grad_norm = accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-                            if (grad_norm is not None and accelerator.scaler is None
-                                    and not math.isfinite(float(grad_norm))):  # fp16's scaler skips on its own
-                                if args.on_nonfinite == "raise":
-                                    raise FloatingPointError(
-                                        f"Non-finite gradient norm ({float(grad_norm)}) at step {global_step + 1} "
-                                        "with a finite loss. Lower --learning_rate, or pass --on_nonfinite skip to "
-                                        "skip such steps.")
-                                update = False
-                    if update:
-                        optimizer.step()
-                        lr_scheduler.step()
-                    optimizer.zero_grad()
-
+                    update, grad_norm = _apply_gradients(args, accelerator, student, optimizer, lr_scheduler,
+                                                         skip=stats.window_nonfinite, step=global_step + 1)
                 if not accelerator.sync_gradients:
                     continue
-                step_skipped, window_nonfinite = not update, False
+
                 global_step += 1
-                steps_this_run += 1
-                now, now_cpu = time.perf_counter(), time.process_time()
-                step_times.append(now - step_started)
-                step_cpu_times.append(now_cpu - step_cpu_started)
-                step_started, step_cpu_started = now, now_cpu
                 progress.update(1)
-                if ema is not None and not step_skipped:
+                if ema is not None and update:
                     ema.step(unwrap_model(student).parameters())
-                if step_skipped:
-                    nonfinite_in_a_row += 1
+                row = stats.end_step(step=global_step, epoch=epoch, lr=float(lr_scheduler.get_last_lr()[0]),
+                                     grad_norm=grad_norm, update_skipped=not update)
+                if not update:
                     logger.warning(f"step {global_step}: non-finite loss or gradient, optimizer step skipped "
-                                   f"({nonfinite_in_a_row} in a row; --max_nonfinite_skips "
+                                   f"({stats.nonfinite_in_a_row} in a row; --max_nonfinite_skips "
                                    f"{args.max_nonfinite_skips})")
-                else:
-                    nonfinite_in_a_row = 0
-                means = (sums / max(micro, 1)).tolist()
-                sums.zero_()
-                micro = 0
-                terms_row = dict(zip(LOSS_TERMS, means[: len(LOSS_TERMS)], strict=True))
-                row = {"step": global_step, "epoch": epoch, **terms_row,
-                       "lr": float(lr_scheduler.get_last_lr()[0]),
-                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                       "samples": samples_seen, "skipped_steps": skipped_steps,
-                       "update_skipped": int(step_skipped),
-                       **{f"feat/{p}": v
-                          for p, v in zip(pair_names, means[len(LOSS_TERMS):], strict=True)}}
-                last_row = row
                 if log_file is not None:
                     log_file.write(row)
                 accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
                 progress.set_postfix(loss=f"{row['loss']:.4g}")
-                if nonfinite_in_a_row >= args.max_nonfinite_skips:
-                    raise FloatingPointError(
-                        f"{nonfinite_in_a_row} optimizer steps in a row (steps {global_step - nonfinite_in_a_row + 1}"
-                        f" to {global_step}) had a non-finite loss or gradient and were skipped "
-                        f"(--max_nonfinite_skips {args.max_nonfinite_skips}); stopping without a final model. The "
-                        f"weights are those of step {global_step - nonfinite_in_a_row}; the last checkpoint is "
-                        f"{latest_checkpoint(output_dir)}. Lower --learning_rate or check the data.")
+                _check_nonfinite_streak(stats, global_step, args.max_nonfinite_skips, output_dir)
 
-                requested = stop.signal
-                if accelerator.num_processes > 1:
-                    flag = torch.tensor([float(stop.signal or 0)], device=accelerator.device)
-                    requested = int(accelerator.reduce(flag, reduction="max").item()) or None
+                requested = stop.requested(accelerator)
                 if global_step % args.checkpointing_steps == 0 or requested:
-                    counters.update(samples=samples_seen, skipped_steps=skipped_steps,
-                                    nonfinite_in_a_row=nonfinite_in_a_row)
-                    save_checkpoint(global_step, epoch, batches_in_epoch)
+                    checkpoints.save(global_step, trainer_state(step=global_step, epoch=epoch,
+                                                                batches_in_epoch=batches_in_epoch))
                 if requested:
                     interrupted = int(requested)
                     break
@@ -905,88 +1016,55 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
                     break
             if interrupted or global_step >= max_train_steps:
                 break
-    finally:
-        stop.restore()
-        progress.close()
-        if log_file is not None:
-            log_file.close()
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - stats.started
 
-    # ---- report skipped samples ----
-    gathered = gather_object([skipped.state_dict()])
-    total_skipped = SkippedSamples()
-    for state in gathered:
-        total_skipped.merge(state)
+    # ---- skipped samples, the result ----
+    total_skipped = _all_skipped(skipped)
     if total_skipped.total:
         logger.warning(f"Data: {total_skipped.summary()}")
-
     result = {"global_step": global_step, "output_dir": output_dir, "interrupted": interrupted,
-              "skipped_samples": total_skipped.state_dict(), "final_loss": last_row.get("loss"),
-              "samples_per_second": samples_seen * accelerator.num_processes / elapsed if elapsed > 0 else None,
-              "steps_this_run": steps_this_run, "elapsed_s": elapsed, "step_times": step_times,
-              "step_cpu_times": step_cpu_times,              "student": unwrap_model(student)}
+              "skipped_samples": total_skipped.state_dict(), "final_loss": stats.last_row.get("loss"),
+              "samples_per_second": stats.samples * accelerator.num_processes / elapsed if elapsed > 0 else None,
+              "steps_this_run": stats.steps, "elapsed_s": elapsed, "step_times": stats.step_times,
+              "step_cpu_times": stats.step_cpu_times, "student": unwrap_model(student)}
     kd.remove_hooks()
-    if interrupted or not save_final:
-        if not interrupted:
-            accelerator.end_training()
-            return result
+    if interrupted:
         logger.warning(f"Stopped by signal {interrupted} at step {global_step}; resume with "
                        "--resume_from_checkpoint latest.")
+    if interrupted or not save_final:
         accelerator.end_training()
         return result
 
-    if last_validation[0] != global_step:
-        validate(global_step)  # the grid of the final weights, for the model card
-
     # ---- final student pipeline, model card, push ----
-    final_weights = ema.shadow_params if ema is not None else list(unwrap_model(student).parameters())
-    bad = sum(not bool(torch.isfinite(t).all()) for t in final_weights)
-    if bad:
-        raise FloatingPointError(
-            f"The final student weights{' (EMA)' if ema is not None else ''} hold NaN/inf in {bad} tensors; no final "
-            f"pipeline is written. The last checkpoint is {latest_checkpoint(output_dir)}.")
+    if validate.last_step != global_step:
+        validate(global_step)  # the grid of the final weights, for the model card
+    _check_final_weights(student, ema, output_dir)
     # the training state first: if writing the pipeline fails (a full disk), the run is not lost
-    last = latest_checkpoint(output_dir)
-    if steps_this_run and (last is None or os.path.basename(last) != f"checkpoint-{global_step}"):
-        counters.update(samples=samples_seen, skipped_steps=skipped_steps, nonfinite_in_a_row=nonfinite_in_a_row)
-        last = save_checkpoint(global_step, epoch, batches_in_epoch)
+    last = checkpoints.latest()
+    if stats.steps and (last is None or os.path.basename(last) != f"checkpoint-{global_step}"):
+        last = checkpoints.save(global_step, trainer_state(step=global_step, epoch=epoch,
+                                                           batches_in_epoch=batches_in_epoch))
     accelerator.wait_for_everyone()
     if main_process:
-        from .hub import push_folder, write_model_card
-
-        unwrapped = unwrap_model(student)
-        if ema is not None:
-            ema.copy_to(unwrapped.parameters())
-        if unwrapped.dtype != torch.float32:
-            unwrapped = unwrapped.to(torch.float32)
-        full_precision = weight_dtype == torch.float32
-        final_pipe = _reload_components(args, unwrapped, pipe if full_precision or teacher_pipeline is not None
-                                        else None)
-        card = save_model_card(args, accelerator, dataset, teacher, (teacher_params, student_params),
-                               global_step=global_step, resolution=resolution, seed=seed,
-                               skipped_samples=len(total_skipped.reasons), grid=last_grid[0], output_dir=output_dir)
-        try:
-            with update_folder(output_dir, argument="--output_dir") as tmp:  # the model index goes last
-                final_pipe.save_pretrained(tmp, safe_serialization=True)
-                write_model_card(tmp, card)
-        except OSError as error:
-            raise FinalSaveError(
-                f"Writing the final pipeline to {output_dir} failed ({error}). The training is saved in {last or resume_path}: "
-                "free some space and run the same command with --resume_from_checkpoint latest, which writes the "
-                "final pipeline without training further.") from error
-        logger.info(f"student pipeline written to {output_dir}")
+        card = save_model_card(args, accelerator, dataset, teacher, models.parameters, global_step=global_step,
+                               resolution=models.resolution, seed=seed, skipped_samples=len(total_skipped.reasons),
+                               grid=validate.grid, output_dir=output_dir)
+        full_precision = models.weight_dtype == torch.float32
+        url = save_final_pipeline(args, student, ema, pipe if full_precision or teacher_pipeline is not None else None,
+                                  card, output_dir=output_dir, training_saved_in=last or resume_path)
         if args.push_to_hub:
-            repo_id = args.hub_model_id or os.path.basename(output_dir.rstrip(os.sep))
-            result["hub_url"] = push_folder(output_dir, repo_id, token=args.hub_token, private=args.hub_private,
-                                            argument="--hub_model_id")
+            result["hub_url"] = url
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m diffusers_bksdm.train` and `accelerate launch -m diffusers_bksdm.train`."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Entry point of `python -m diffusers_bksdm.train` and `accelerate launch -m diffusers_bksdm.train` (logging set
+    up as `bksdm distill` does it: :func:`~diffusers_bksdm.cli.setup_logging`)."""
+    from .cli import setup_logging
+
+    setup_logging()
     args = parse_train_args(argv)
     result = train(args)
     if result["interrupted"]:

@@ -230,3 +230,32 @@ def test_8bit_adam_without_bitsandbytes_says_how_to_install(tiny_pipeline_dir, i
         pytest.skip("bitsandbytes is installed")
     with pytest.raises(ImportError, match="--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`"):
         run_train(base_args(tiny_pipeline_dir, tmp_path / "out", "--use_8bit_adam", data=images, steps=1))
+
+
+def test_checkpoint_log_lines_print_above_the_progress_bar(tiny_pipeline_dir, images, tmp_path, monkeypatch, caplog):
+    import io
+    import logging
+
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    console = logging.StreamHandler(sys.stderr)  # as `logging.basicConfig` sets up: the root prints to the console
+    console.setFormatter(logging.Formatter("console %(name)s: %(message)s"))  # this handler's lines, and no other's
+    quieted = logging.getLogger("accelerate.checkpointing")
+    level = quieted.level
+    logging.getLogger().addHandler(console)
+    try:
+        with caplog.at_level(logging.INFO):
+            run_train(base_args(tiny_pipeline_dir, tmp_path / "out", "--checkpointing_steps", "1",
+                                "--checkpoints_total_limit", "1", data=images, steps=2))
+    finally:
+        logging.getLogger().removeHandler(console)
+    messages = [r.getMessage() for r in caplog.records]
+    # one line per checkpoint (and per pruned one), none of accelerate's per-file lines about the temporary folder
+    assert sum("Saved state to" in m for m in messages) == 2
+    assert any("removing checkpoint checkpoint-1 (--checkpoints_total_limit 1)" in m for m in messages)
+    assert not [m for m in messages if ".checkpoint-" in m]
+    assert quieted.level == level
+    # each line starts on a line of its own after the bar is cleared, not glued to the end of the bar
+    saved = [line for line in stderr.getvalue().split("\n") if "console diffusers_bksdm.train: [RANK 0] Saved" in line]
+    assert len(saved) == 2
+    assert all(line.split("\r")[-1].startswith("console diffusers_bksdm.train: ") for line in saved), saved
