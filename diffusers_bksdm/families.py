@@ -125,7 +125,6 @@ FAMILIES: dict[str, TeacherFamily] = {
             text_encoder_config=None,
             vae_config=None,
             license="openrail++",
-            trainer_support=False,
         ),
     )
 }
@@ -179,12 +178,15 @@ def check_trainer_support(pipe: Any, argument: str = "pretrained_model_name_or_p
     Raises:
         ValueError: naming `argument`, the teacher and what is accepted.
     """
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, c, None) is None]
+    from .conditioning import is_sdxl_pipeline
+
+    needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    if is_sdxl_pipeline(pipe):
+        needed += ["text_encoder_2", "tokenizer_2"]
+    missing = [c for c in needed if getattr(pipe, c, None) is None]
     family = None if missing else closest_family(pipe.unet.config)
     if missing:
         what = f"has no {missing}"
-    elif getattr(pipe, "text_encoder_2", None) is not None:
-        what = "has two text encoders (SDXL), which this trainer does not support yet"
     elif family is not None and not family.trainer_support:
         what = f"is {family.description}, which this trainer does not support yet"
     else:

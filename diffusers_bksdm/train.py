@@ -353,6 +353,7 @@ class TrainingModels:
     resolution: int
     weight_dtype: torch.dtype
     parameters: tuple[int, int]  # (teacher, student)
+    conditioning: Any  # TextConditioning: SD's one text encoder or SDXL's two, pooled embeddings and time ids
     fingerprints: dict[str, str] | None  # of the VAE / text encoder / tokenizer as loaded, for --latent_cache_dir
 
 
@@ -362,6 +363,7 @@ def load_models(args: argparse.Namespace, accelerator, teacher_pipeline=None, lo
     from diffusers import DDPMScheduler
 
     from .cache import module_fingerprint, tokenizer_fingerprint
+    from .conditioning import TextConditioning
     from .families import check_trainer_support, default_resolution
     from .io import count_parameters, load_teacher, parse_dtype
     from .plan import build_block_map
@@ -379,13 +381,17 @@ def load_models(args: argparse.Namespace, accelerator, teacher_pipeline=None, lo
                 "distillation needs a whole pipeline (VAE, text encoder, tokenizer, scheduler)."
             )
     check_trainer_support(pipe, "--pretrained_model_name_or_path", args.pretrained_model_name_or_path)
-    teacher, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    teacher, vae = pipe.unet, pipe.vae
+    conditioning = TextConditioning.from_pipeline(pipe, argument="--pretrained_model_name_or_path")
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     resolution = args.resolution or default_resolution(teacher.config, vae.config)
     fingerprints = None
     if args.latent_cache_dir:  # before any cast: the cache records the weights as loaded
-        fingerprints = {"vae": module_fingerprint(vae), "text_encoder": module_fingerprint(text_encoder),
-                        "tokenizer": tokenizer_fingerprint(tokenizer)}
+        fingerprints = {"vae": module_fingerprint(vae)}
+        for i, (encoder, tokenizer) in enumerate(zip(conditioning.text_encoders, conditioning.tokenizers, strict=True)):
+            suffix = f"_{i + 1}" if i else ""
+            fingerprints[f"text_encoder{suffix}"] = module_fingerprint(encoder)
+            fingerprints[f"tokenizer{suffix}"] = tokenizer_fingerprint(tokenizer)
 
     # BK-SDM initialises the student from the teacher; `--student_init random` is the paper's ablation
     block_map = build_block_map(teacher.config, args.student_variant)  # one map: the student and the feature pairs
@@ -396,19 +402,22 @@ def load_models(args: argparse.Namespace, accelerator, teacher_pipeline=None, lo
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     teacher_dtype = parse_dtype(args.teacher_dtype, "--teacher_dtype") or weight_dtype
-    for module in (teacher, vae, text_encoder):
+    for module in (teacher, vae, *conditioning.text_encoders):
         module.requires_grad_(False)
         module.eval()
     teacher.to(accelerator.device, dtype=teacher_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    # SDXL's VAE overflows in fp16 (`force_upcast`): like diffusers' SDXL script, keep it in fp32
+    upcast = conditioning.sdxl and getattr(vae.config, "force_upcast", False)
+    vae.to(accelerator.device, dtype=torch.float32 if upcast else weight_dtype)
+    for encoder in conditioning.text_encoders:
+        encoder.to(accelerator.device, dtype=weight_dtype)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     return TrainingModels(pipe=pipe, teacher=teacher, student=student, block_map=block_map,
                           noise_scheduler=noise_scheduler, resolution=resolution, weight_dtype=weight_dtype,
-                          parameters=parameters, fingerprints=fingerprints)
+                          parameters=parameters, fingerprints=fingerprints, conditioning=conditioning)
 
 
 def _ema(args: argparse.Namespace, student: torch.nn.Module, device: torch.device):
@@ -451,35 +460,43 @@ def _grid(rows: list[list[Any]]):
     return grid
 
 
-def _training_data(args: argparse.Namespace, accelerator, resolution: int, seed: int, tokenizer, fingerprints):
+DATA_FLAGS = {"train_data_dir": "--train_data_dir", "caption_column": "--caption_column",
+              "image_column": "--image_column", "dataset_name": "--dataset_name"}
+
+
+def _training_data(args: argparse.Namespace, accelerator, resolution: int, seed: int, conditioning, fingerprints):
     """The training source chosen by the arguments (latent cache, image folder, `datasets` dataset or webdataset
-    shards) and its collator."""
+    shards) and its collator (which tokenizes with every tokenizer of `conditioning`)."""
     from .cache import CachedCollator, CachedSource, LatentCache
     from .data import CaptionCollator, HFDatasetSource, ImageFolderSource, ImageTransform, webdataset_source
 
     transform = ImageTransform(resolution, center_crop=args.center_crop, random_flip=args.random_flip)
     if args.latent_cache_dir:
-        cache = LatentCache(args.latent_cache_dir)
+        cache = LatentCache(args.latent_cache_dir, argument="--latent_cache_dir")
         cache.check(resolution=resolution, center_crop=args.center_crop, vae_fingerprint=fingerprints["vae"],
                     text_encoder_fingerprint=fingerprints["text_encoder"],
-                    tokenizer_fingerprint=fingerprints["tokenizer"], teacher=args.pretrained_model_name_or_path)
+                    tokenizer_fingerprint=fingerprints["tokenizer"], teacher=args.pretrained_model_name_or_path,
+                    conditioning="sdxl" if conditioning.sdxl else "sd",
+                    text_encoder_2_fingerprint=fingerprints.get("text_encoder_2"))
         return CachedSource(cache, random_flip=args.random_flip, seed=seed), CachedCollator()
+    collate = CaptionCollator(*conditioning.tokenizers)
     if args.train_data_dir:
-        dataset = ImageFolderSource(args.train_data_dir, transform, args.caption_column, seed, args.max_train_samples)
-        return dataset, CaptionCollator(tokenizer)
+        dataset = ImageFolderSource(args.train_data_dir, transform, args.caption_column, seed, args.max_train_samples,
+                                    argument_names=DATA_FLAGS)
+        return dataset, collate
     if args.dataset_name:
         with accelerator.main_process_first():
             dataset = HFDatasetSource.from_name(
                 args.dataset_name, transform, dataset_config_name=args.dataset_config_name,
                 image_column=args.image_column, caption_column=args.caption_column, cache_dir=args.cache_dir,
-                seed=seed, max_train_samples=args.max_train_samples)
-        return dataset, CaptionCollator(tokenizer)
+                seed=seed, max_train_samples=args.max_train_samples, argument_names=DATA_FLAGS)
+        return dataset, collate
     dataset = webdataset_source(args.train_shards, transform, caption_column=args.caption_column, seed=seed,
-                                shuffle_buffer=args.shuffle_buffer)
+                                shuffle_buffer=args.shuffle_buffer, argument="--train_shards")
     if dataset.num_shards < accelerator.num_processes:
         raise ValueError(f"`--train_shards` has {dataset.num_shards} shard(s) for {accelerator.num_processes} "
                          "processes; every process needs at least one shard.")
-    return dataset, CaptionCollator(tokenizer)
+    return dataset, collate
 
 
 def _data_loader(args: argparse.Namespace, dataset, collate, seed: int):
@@ -547,25 +564,33 @@ def _epoch_batches(accelerator, dataset, train_dataloader, epoch: int, skip: int
 # One step
 
 
-def _latents_and_embeddings(batch: dict[str, Any], vae, text_encoder, generator: torch.Generator, *,
-                            device: torch.device, weight_dtype: torch.dtype, from_cache: bool):
+def _latents_and_embeddings(batch: dict[str, Any], vae, conditioning, generator: torch.Generator, *,
+                            device: torch.device, resolution: int, from_cache: bool):
     """The float32 latents of a batch, drawn from the VAE posterior (stored in the latent cache, or computed) with
-    `generator`, shifted and scaled as the UNet expects, and its text embeddings. Call under `torch.no_grad()`."""
+    `generator`, shifted and scaled as the UNet expects; its text embeddings; and SDXL's `added_cond_kwargs` (pooled
+    embeddings and each sample's size / crop `time_ids`, `None` for SD). Call under `torch.no_grad()`."""
     if from_cache:
         mean = batch["latent_mean"].to(device, torch.float32)
         std = batch["latent_std"].to(device, torch.float32)
         hidden = batch["encoder_hidden_states"].to(device, torch.float32)
+        pooled = batch.get("text_embeds")
     else:
-        pixels = batch["pixel_values"].to(device, weight_dtype)
+        pixels = batch["pixel_values"].to(device, vae.dtype)
         dist = vae.encode(pixels).latent_dist
         mean, std = dist.mean.float(), dist.std.float()
-        hidden = text_encoder(batch["input_ids"].to(device), return_dict=False)[0].float()
+        ids = [batch["input_ids"]] + ([batch["input_ids_2"]] if conditioning.sdxl else [])
+        hidden, pooled = conditioning.encode(ids)
+        hidden = hidden.float()
     sample = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     latents = mean + std * sample
     shift = getattr(vae.config, "shift_factor", None)
     if shift is not None:
         latents = latents - shift
-    return latents * float(getattr(vae.config, "scaling_factor", 0.18215)), hidden
+    added = None
+    if conditioning.sdxl:
+        added = conditioning.added_cond_kwargs(pooled.to(device, torch.float32), batch["original_sizes"],
+                                               batch["crops_top_left"], (resolution, resolution))
+    return latents * float(getattr(vae.config, "scaling_factor", 0.18215)), hidden, added
 
 
 def _apply_gradients(args: argparse.Namespace, accelerator, student, optimizer, lr_scheduler, *, skip: bool,
@@ -727,6 +752,7 @@ def save_model_card(args: argparse.Namespace, accelerator, dataset, teacher, par
         teacher=args.pretrained_model_name_or_path, variant=args.student_variant, teacher_parameters=parameters[0],
         student_parameters=parameters[1], recipe=recipe,
         license=getattr(detect_family(teacher.config), "license", None),
+        extra_tags=["stable-diffusion-xl"] if teacher.config.get("addition_embed_type") == "text_time" else [],
         validation_image=os.path.relpath(grid, output_dir) if grid else None,
         validation_prompts=list(args.validation_prompts or []),
         repo_id=args.hub_model_id if args.push_to_hub else None)
@@ -904,11 +930,12 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
 
     # ---- models, data, schedule ----
     models = load_models(args, accelerator, teacher_pipeline, logger)
-    pipe, teacher, vae, text_encoder = models.pipe, models.teacher, models.pipe.vae, models.pipe.text_encoder
+    pipe, teacher, vae = models.pipe, models.teacher, models.pipe.vae
     ema = _ema(args, models.student, accelerator.device)
     optimizer = _optimizer(args, models.student, accelerator.num_processes)
     streamed, from_cache = bool(args.train_shards), bool(args.latent_cache_dir)
-    dataset, collate = _training_data(args, accelerator, models.resolution, seed, pipe.tokenizer, models.fingerprints)
+    dataset, collate = _training_data(args, accelerator, models.resolution, seed, models.conditioning,
+                                      models.fingerprints)
     settings["data"] = data_fingerprint(dataset)
     if resume_path is not None:
         check_resume_settings(resume_state, settings, resume_path, keys=("data",))
@@ -975,11 +1002,11 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
                     continue
                 with accelerator.accumulate(student):
                     with torch.no_grad():  # the draws: latents, then noise, then timesteps (see noisy_batch)
-                        latents, hidden = _latents_and_embeddings(
-                            batch, vae, text_encoder, generator, device=accelerator.device,
-                            weight_dtype=models.weight_dtype, from_cache=from_cache)
+                        latents, hidden, added = _latents_and_embeddings(
+                            batch, vae, models.conditioning, generator, device=accelerator.device,
+                            resolution=models.resolution, from_cache=from_cache)
                         noisy = noisy_batch(models.noise_scheduler, latents, generator)
-                    out = kd(noisy.noisy_latents, noisy.timesteps, hidden, noisy.target)
+                    out = kd(noisy.noisy_latents, noisy.timesteps, hidden, noisy.target, added_cond_kwargs=added)
                     stats.add(accelerator, out, n)
                     accelerator.backward(out.loss)
                     update, grad_norm = _apply_gradients(args, accelerator, student, optimizer, lr_scheduler,

@@ -54,10 +54,11 @@ def resolve_variant_arguments(args: argparse.Namespace, default: str = "small") 
     from .plan import list_variants, load_plan_file
 
     if getattr(args, "plan", None) is not None:
-        if args.student_variant is not None:
+        name = load_plan_file(args.plan, argument="--plan")
+        if args.student_variant not in (None, name):  # (`name` when the arguments were resolved before)
             raise ValueError(f"Pass either `--plan` or `--student_variant`, not both; got --plan {args.plan!r} and "
                              f"--student_variant {args.student_variant!r}.")
-        args.student_variant = load_plan_file(args.plan, argument="--plan")
+        args.student_variant = name
     if args.variant is not None and args.variant in list_variants():
         if args.student_variant not in (None, args.variant):
             raise ValueError(f"`--variant` {args.variant!r} is a BK-SDM variant and `--student_variant` is "
