@@ -214,27 +214,40 @@ class BKDistillationMixin:
             latents = latents - shift
         return latents * vae.config.scaling_factor
 
+    def _text_conditioning(self):
+        from .conditioning import TextConditioning
+
+        try:
+            return TextConditioning.from_pipeline(self, argument="pipeline")
+        except ValueError as error:
+            raise ValueError(f"{error} Pass embeddings instead of prompts.") from None
+
     @torch.no_grad()
     def encode_text(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """Text embeddings of prompts, as `train_text_to_image.py` computes them (`text_encoder(input_ids)[0]`)."""
-        tokenizer, text_encoder = getattr(self, "tokenizer", None), getattr(self, "text_encoder", None)
-        if tokenizer is None or text_encoder is None:
-            raise ValueError(f"{type(self).__qualname__} has no tokenizer/text encoder; pass embeddings instead.")
-        if getattr(self, "text_encoder_2", None) is not None:
-            raise ValueError(
-                f"{type(self).__qualname__} has two text encoders (SDXL); pass the prompt embeddings and "
-                "`added_cond_kwargs={'text_embeds', 'time_ids'}` instead of prompts."
-            )
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        ids = tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return text_encoder(ids.to(next(text_encoder.parameters()).device), return_dict=False)[0]
+        """Text embeddings of prompts, as diffusers' training scripts compute them: `text_encoder(input_ids)[0]`
+        (`train_text_to_image.py`), or for SDXL the penultimate hidden states of both encoders, concatenated
+        (`train_text_to_image_sdxl.py`; the pooled embeddings come from :meth:`encode_conditioning`)."""
+        return self.encode_conditioning(prompts)[0]
+
+    @torch.no_grad()
+    def encode_conditioning(
+        self,
+        prompts: str | Sequence[str],
+        target_size: Sequence[int] | None = None,
+        original_sizes: Sequence[Sequence[int]] | None = None,
+        crops_top_left: Sequence[Sequence[int]] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """`(encoder_hidden_states, added_cond_kwargs)` of prompts: `added_cond_kwargs` is `None` for SD, and for
+        SDXL the pooled `text_embeds` and `time_ids` from each image's original size and crop (by default uncropped
+        images of `target_size`, the pipeline's default size when not given)."""
+        conditioning = self._text_conditioning()
+        hidden, pooled = conditioning.encode_captions([prompts] if isinstance(prompts, str) else list(prompts))
+        if not conditioning.sdxl:
+            return hidden, None
+        if target_size is None:
+            side = self.unet.config.sample_size * getattr(self, "vae_scale_factor", 8)
+            target_size = (side, side)
+        return hidden, conditioning.added_cond_kwargs(pooled, original_sizes, crops_top_left, target_size)
 
     def distillation_loss(
         self,
@@ -255,7 +268,8 @@ class BKDistillationMixin:
                 order; the global generator when `None`.
             timesteps (`torch.Tensor`, *optional*): fixed timesteps instead of uniform ones over
                 `[0, num_train_timesteps)`.
-            added_cond_kwargs (`dict`, *optional*): extra UNet conditioning (SDXL).
+            added_cond_kwargs (`dict`, *optional*): extra UNet conditioning (SDXL). With prompts it is computed
+                (:meth:`encode_conditioning`: uncropped images of the latents' size); with embeddings it must be given.
 
         Returns:
             :class:`~diffusers_bksdm.DistillationOutput`; call `.loss.backward()`.
@@ -284,10 +298,18 @@ class BKDistillationMixin:
 
         if isinstance(prompts_or_embeddings, torch.Tensor):
             embeddings = prompts_or_embeddings
+            if added_cond_kwargs is None and unet_config.get("addition_embed_type") == "text_time":
+                raise ValueError(
+                    "`added_cond_kwargs` is required with prompt embeddings for an SDXL UNet (`text_embeds` and "
+                    "`time_ids`); pass prompts to have them computed."
+                )
         elif isinstance(prompts_or_embeddings, str) or (
             isinstance(prompts_or_embeddings, Sequence) and all(isinstance(p, str) for p in prompts_or_embeddings)
         ):
-            embeddings = self.encode_text(prompts_or_embeddings)
+            side = [n * getattr(self, "vae_scale_factor", 8) for n in latents.shape[-2:]]
+            embeddings, computed = self.encode_conditioning(prompts_or_embeddings, target_size=side)
+            if added_cond_kwargs is None and computed is not None:
+                added_cond_kwargs = {k: v.to(device=device, dtype=dtype) for k, v in computed.items()}
         else:
             raise ValueError(
                 "`prompts_or_embeddings` must be a prompt, a list of prompts or a (batch, tokens, dim) tensor, got "

@@ -233,3 +233,44 @@ def test_distill_with_a_plan_file_records_it(sdxl_dir, images, tmp_path):
     info = student_info(out)
     assert RemovalPlan.from_dict(info["plan"]) == plan and info["variant"].startswith("koala-550m-")
     assert json.loads((out / "unet" / "config.json").read_text())["transformer_layers_per_block"] == [1, 2, 3]
+
+
+def test_the_mixin_on_sdxl_computes_the_loss_from_prompts_and_saves_a_stock_pipeline(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusers_bksdm import BKDistillationMixin, BKDistiller, training_target
+    from diffusers_bksdm.tiny import tiny_pipeline
+
+    class MyXL(BKDistillationMixin, StableDiffusionXLPipeline):
+        pass
+
+    pipe = MyXL(**tiny_pipeline("sdxl", seed=0).components).compress("koala-700m", feature_pairs="self-attn")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red circle", "two blue squares"]
+    out = pipe.distillation_loss(latents, prompts, generator=torch.Generator().manual_seed(0))
+
+    # written out: SDXL's prompt encoding (the pipeline's own), uncropped 16 px time ids, noise then timesteps
+    hidden, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    added = {"text_embeds": pooled, "time_ids": torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * 2)}
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(latents.shape, generator=g)
+    timesteps = torch.randint(0, 1000, (2,), generator=g)
+    scheduler = pipe.noise_scheduler
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    with BKDistiller(pipe.teacher_unet, pipe.unet, feature_pairs="self-attn") as kd:
+        expected = kd(noisy, timesteps, hidden, training_target(scheduler, latents, noise, timesteps),
+                      added_cond_kwargs=added)
+    assert len(kd.feature_pairs) == 21
+    for name in ("loss", "task_loss", "output_kd_loss", "feature_kd_loss"):
+        assert getattr(out, name).item() == pytest.approx(getattr(expected, name).item(), rel=1e-6), name
+    out.loss.backward()
+    assert all(p.grad is None for p in pipe.text_encoder_2.parameters())
+
+    with pytest.raises(ValueError, match="added_cond_kwargs` is required with prompt embeddings for an SDXL UNet"):
+        pipe.distillation_loss(latents, hidden)
+
+    pipe.save_pretrained(tmp_path / "student")
+    index = json.loads((tmp_path / "student" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    reloaded = StableDiffusionXLPipeline.from_pretrained(tmp_path / "student")
+    assert reloaded.unet.config.transformer_layers_per_block == [1, 2, 5]
