@@ -114,8 +114,6 @@ def build_cache(
     Returns:
         `dict`: the cache index (also written to `index.json`).
     """
-    from safetensors.torch import save_file
-
     from .conditioning import TextConditioning
     from .io import atomic_directory
 
@@ -138,40 +136,17 @@ def build_cache(
     names = TENSOR_NAMES + (("text_embeds",) if sdxl else ()) + SIZE_NAMES
     skipped = SkippedSamples()
     keys: list[str] = []
-    shards: list[dict[str, Any]] = []
     bar = None
     with atomic_directory(output, overwrite=overwrite, argument=argument) as tmp:
         if progress_bar:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(source), desc="encoding", unit="sample", dynamic_ncols=True)
-        buffer: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-
-        def flush_shard():
-            count = sum(t.shape[0] for t in buffer["latent_mean"])
-            if not count:
-                return
-            name = f"shard-{len(shards):05d}.safetensors"
-            tensors = {k: torch.cat(v).to("cpu", torch.int64 if k in SIZE_NAMES else dtype).contiguous()
-                       for k, v in buffer.items()}
-            save_file(tensors, os.path.join(tmp, name), metadata={"format": str(CACHE_FORMAT)})
-            shards.append({"file": name, "num_samples": count})
-            for v in buffer.values():
-                v.clear()
+        writer = _ShardWriter(tmp, names, dtype)
+        shards = writer.shards
 
         def encode(batch: list[tuple[str, dict[str, Any], dict[str, Any], str]]):
-            mean, std = _encode_images(vae, torch.stack([s["pixel_values"] for _, s, _, _ in batch]))
-            mean_flip, std_flip = _encode_images(vae, torch.stack([s["pixel_values"] for _, _, s, _ in batch]))
-            with torch.no_grad():
-                hidden, pooled = conditioning.encode_captions([c for _, _, _, c in batch])
-            values = {"latent_mean": mean, "latent_std": std, "latent_mean_flip": mean_flip,
-                      "latent_std_flip": std_flip, "encoder_hidden_states": hidden, "text_embeds": pooled,
-                      "original_size": torch.tensor([s["original_size"] for _, s, _, _ in batch]),
-                      "crop_top_left": torch.tensor([s["crop_top_left"] for _, s, _, _ in batch]),
-                      "crop_top_left_flip": torch.tensor([s["crop_top_left"] for _, _, s, _ in batch])}
-            for name in names:
-                value = values[name].cpu()
-                buffer[name].append(value if name in SIZE_NAMES else value.float())
+            writer.add(_encode_batch(vae, conditioning, batch))
             keys.extend(k for k, _, _, _ in batch)
             if bar is not None:
                 bar.update(len(batch))
@@ -194,13 +169,13 @@ def build_cache(
                 in_shard += len(pending)
                 pending = []
                 if in_shard == shard_size:
-                    flush_shard()
+                    writer.flush()
                     in_shard = 0
             if bar is None and index and index % 1000 == 0:
                 logger.info("cache: %d / %d samples encoded", index, len(source))
         if pending:
             encode(pending)
-        flush_shard()
+        writer.flush()
         if not keys:
             raise ValueError(f"No readable sample to cache ({skipped.summary()}).")
         index = {
@@ -232,6 +207,49 @@ def build_cache(
         logger.warning("cache: %s", skipped.summary())
     logger.info("cache: %d samples in %d shard(s) written to %s", len(keys), len(shards), output)
     return index
+
+
+def _encode_batch(vae, conditioning, batch: list[tuple[str, dict[str, Any], dict[str, Any], str]]) -> dict:
+    """The cached tensors of a batch of `(key, sample, flipped sample, caption)`: both posteriors, the text states
+    (and SDXL's pooled embeddings), the source size and both crop corners."""
+    mean, std = _encode_images(vae, torch.stack([s["pixel_values"] for _, s, _, _ in batch]))
+    mean_flip, std_flip = _encode_images(vae, torch.stack([s["pixel_values"] for _, _, s, _ in batch]))
+    with torch.no_grad():
+        hidden, pooled = conditioning.encode_captions([c for _, _, _, c in batch])
+    return {"latent_mean": mean, "latent_std": std, "latent_mean_flip": mean_flip, "latent_std_flip": std_flip,
+            "encoder_hidden_states": hidden, "text_embeds": pooled,
+            "original_size": torch.tensor([s["original_size"] for _, s, _, _ in batch]),
+            "crop_top_left": torch.tensor([s["crop_top_left"] for _, s, _, _ in batch]),
+            "crop_top_left_flip": torch.tensor([s["crop_top_left"] for _, _, s, _ in batch])}
+
+
+class _ShardWriter:
+    """Collects per-sample tensors and writes them as numbered safetensors shards (sizes as int64, the rest in the
+    cache dtype)."""
+
+    def __init__(self, folder: str, names: tuple[str, ...], dtype: torch.dtype):
+        self.folder, self.names, self.dtype = folder, names, dtype
+        self.buffer: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name in self.names:
+            value = values[name].cpu()
+            self.buffer[name].append(value if name in SIZE_NAMES else value.float())
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        count = sum(t.shape[0] for t in self.buffer["latent_mean"])
+        if not count:
+            return
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        tensors = {k: torch.cat(v).to("cpu", torch.int64 if k in SIZE_NAMES else self.dtype).contiguous()
+                   for k, v in self.buffer.items()}
+        save_file(tensors, os.path.join(self.folder, name), metadata={"format": str(CACHE_FORMAT)})
+        self.shards.append({"file": name, "num_samples": count})
+        for v in self.buffer.values():
+            v.clear()
 
 
 def buffer_shape(folder: str, shards: list[dict[str, Any]]) -> tuple[int, ...]:
