@@ -54,8 +54,9 @@ def compute_time_ids(
         crops_top_left: `(top, left)` of each sample's crop in the resized image.
         target_size: `(height, width)` of the training images.
     """
-    original = torch.as_tensor(original_sizes, dtype=torch.float64).reshape(-1, 2)
-    crops = torch.as_tensor(crops_top_left, dtype=torch.float64).reshape(-1, 2)
+    # sizes may arrive on the training device (accelerate moves whole batches): build the rows on the CPU
+    original = torch.as_tensor(original_sizes).to("cpu", torch.float64).reshape(-1, 2)
+    crops = torch.as_tensor(crops_top_left).to("cpu", torch.float64).reshape(-1, 2)
     if original.shape[0] != crops.shape[0]:
         raise ValueError(
             f"`original_sizes` has {original.shape[0]} rows but `crops_top_left` has {crops.shape[0]}; give one per "
