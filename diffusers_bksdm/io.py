@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def parse_dtype(name: str | None, argument: str = "--dtype") -> torch.dtype | None:
+def parse_dtype(name: str | None, argument: str = "name") -> torch.dtype | None:
     """`"fp16"` -> `torch.float16` (also accepts `float16`, `bfloat16`, ...); `None` stays `None`."""
     if name is None:
         return None
@@ -57,7 +57,7 @@ def parse_dtype(name: str | None, argument: str = "--dtype") -> torch.dtype | No
     return DTYPES[key]
 
 
-def parse_device(name: str | None, argument: str = "--device") -> torch.device | None:
+def parse_device(name: str | None, argument: str = "name") -> torch.device | None:
     """`"cuda:1"` -> `torch.device("cuda:1")`; refuses names torch does not know and CUDA/MPS where there is none."""
     if name is None:
         return None
@@ -81,7 +81,7 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, argument: str = "--output") -> Iterator[str]:
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, argument: str = "path") -> Iterator[str]:
     """Yield a temporary folder beside `path`; when the block finishes it becomes `path` in one rename.
 
     A crash or an exception leaves `path` as it was (absent, or the previous complete content) and removes the
@@ -95,7 +95,8 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, argume
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"`{argument}` {path!r} exists and is not a folder.")
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise ValueError(f"`{argument}` {path!r} exists and is not empty; choose another folder or pass --overwrite.")
+        raise ValueError(f"`{argument}` {path!r} exists and is not empty; choose another folder or allow replacing it "
+                         "(`overwrite=True`; `--overwrite` on the command line).")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = _temporary_name(path)
@@ -223,7 +224,7 @@ def with_components(pipe: Any, pipeline_class: type | None = None, **components:
     return new_pipe
 
 
-def hub_file_exists(repo_id: str, filename: str, *, revision: str | None = None, argument: str = "--teacher") -> bool:
+def hub_file_exists(repo_id: str, filename: str, *, revision: str | None = None, argument: str = "repo_id") -> bool:
     """Whether the hub repo `repo_id` holds `filename` (the local Hugging Face cache first, then the hub).
 
     Raises:
@@ -255,7 +256,7 @@ def hub_file_exists(repo_id: str, filename: str, *, revision: str | None = None,
         ) from None
 
 
-def _is_pipeline(name_or_path: str, subfolder: str | None, revision: str | None, argument: str = "--teacher") -> bool:
+def _is_pipeline(name_or_path: str, subfolder: str | None, revision: str | None, argument: str = "name_or_path") -> bool:
     if os.path.isdir(name_or_path):
         if subfolder:
             return False
@@ -280,7 +281,7 @@ def load_teacher(
     revision: str | None = None,
     torch_dtype: torch.dtype | None = None,
     variant: str | None = None,
-    argument: str = "--teacher",
+    argument: str = "name_or_path",
 ):
     """Load a teacher: a whole pipeline (folder or repo with `model_index.json`), a bare UNet, or `builtin:<name>`.
 

@@ -36,7 +36,7 @@ def check_not_protected(
     path: str | os.PathLike,
     *,
     protected: Iterable[tuple[str, str | os.PathLike | None]] = (),
-    argument: str = "--output_dir",
+    argument: str = "path",
     protect_cwd: bool = True,
 ) -> None:
     """Refuse `path` as an output folder that may be replaced or filled.
@@ -102,7 +102,7 @@ class OutputLock:
     ```
     """
 
-    def __init__(self, folder: str | os.PathLike, argument: str = "--output_dir"):
+    def __init__(self, folder: str | os.PathLike, argument: str = "folder"):
         self.folder = os.fspath(folder)
         self.path = os.path.join(self.folder, LOCK_FILE)
         self.argument = argument

@@ -132,7 +132,7 @@ def _claim_output_dir(args: argparse.Namespace, accelerator, output_dir: str, re
                                             args.pretrained_model_name_or_path)])
             if os.path.exists(output_dir) and not os.path.isdir(output_dir):
                 raise ValueError(f"`--output_dir` {output_dir!r} exists and is not a folder.")
-            lock = OutputLock(output_dir)
+            lock = OutputLock(output_dir, argument="--output_dir")
             lock.acquire()
             locks.append(lock)
             _check_output_dir(args, output_dir, resume_path)

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ._flags import flag_name
 
-    parse_device(args.device)  # an unknown device or one this machine lacks fails with one line
+    parse_device(args.device, "--device")  # an unknown device or one this machine lacks fails with one line
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"`--threads` must be a positive integer, got {args.threads}.")
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     settings = BenchmarkSettings(
         resolution=args.resolution, batch_size=args.batch_size, cfg=not args.no_cfg, repeats=args.repeats,
         warmup=args.warmup, steps=args.steps, pipeline_repeats=args.pipeline_repeats, device=args.device,
-        dtype=parse_dtype(args.dtype),
+        dtype=parse_dtype(args.dtype, "--dtype"),
     )  # fmt: skip
     students = None
     if args.student:

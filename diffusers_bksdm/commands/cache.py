@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import load_teacher, parse_device, parse_dtype
     from ._flags import flag_name
 
-    parse_device(args.device)  # before anything is loaded
+    parse_device(args.device, "--device")  # before anything is loaded
     if bool(args.train_data_dir) == bool(args.dataset_name):
         raise ValueError("Pass exactly one of --train_data_dir and --dataset_name.")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):

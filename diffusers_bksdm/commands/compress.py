@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
                         argument=output_flag)
     pipe, teacher = load_teacher(
         args.pretrained_model_name_or_path, subfolder=args.subfolder, revision=args.revision,
-        torch_dtype=parse_dtype(args.dtype), variant=args.variant, argument=teacher_flag,
+        torch_dtype=parse_dtype(args.dtype, "--dtype"), variant=args.variant, argument=teacher_flag,
     )  # fmt: skip
     with atomic_directory(args.output_dir, overwrite=args.overwrite, argument=output_flag) as tmp:
         if pipe is not None:

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     student_dir = os.path.join(out, "student")
     print(f"[1/5] writing the shapes dataset ({args.num_images} training images, held-out real images) to {out}/data")
     world = miniature.write_world(os.path.join(out, "data"), args.num_images, seed=args.seed)
-    teacher, _ = load_teacher(args.pretrained_model_name_or_path)
+    teacher, _ = load_teacher(args.pretrained_model_name_or_path, argument="--pretrained_model_name_or_path")
     if teacher is None:
         raise ValueError(f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r} is a bare UNet.")
     judge = load_judge(args.judge)

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         write_results,
     )
 
-    parse_device(args.device)  # before anything is loaded
+    parse_device(args.device, "--device")  # before anything is loaded
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     names = {k: f"--{k}" for k in ("images", "prompts", "metrics", "real_stats", "real_images", "clip_model")}

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = prompts[: args.num_prompts]
     # cpu=True lets several CPU processes (torchrun / accelerate launch) form a MULTI_CPU group
     state = PartialState(cpu=not torch.cuda.is_available())
-    dtype = parse_dtype(args.dtype) or (torch.float16 if state.device.type == "cuda" else torch.float32)
+    dtype = parse_dtype(args.dtype, "--dtype") or (torch.float16 if state.device.type == "cuda" else torch.float32)
     pipe = load_pipeline(
         args.pretrained_model_name_or_path, unet=args.unet, torch_dtype=dtype, revision=args.revision,
         disable_safety_checker=args.disable_safety_checker, argument=model_flag,
