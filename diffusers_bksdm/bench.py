@@ -563,7 +563,9 @@ def benchmark(
         if settings.steps and base.pipe is not None:
             pipe_times = _time_pipelines(base, entries, settings, progress)
         elif settings.steps:
-            logger.warning("No text encoder / VAE for this teacher: whole-pipeline latency is not measured.")
+            logger.warning("No text encoder / VAE configs for this teacher (none are shipped for SDXL): whole-pipeline "
+                           "latency is not measured; benchmark a whole pipeline (a folder, a hub id or "
+                           "builtin:tiny-sdxl) to time it.")
         for row in rows:
             row.unet_latency_s = times[row.name]
             row.pipeline_latency_s = pipe_times.get(row.name, [])
