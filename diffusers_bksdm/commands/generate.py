@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
             pipe, prompts, args.output_dir, config, state=state, description=description, argument=output_flag
         )
         state.wait_for_everyone()
-        print(f"[process {state.process_index}] generated {len(generated)} images into {args.output_dir}")
+        who = f"[process {state.process_index}] " if state.num_processes > 1 else ""
+        print(f"{who}generated {len(generated)} images into {args.output_dir}")
     finally:
         if state.num_processes > 1:
             state.destroy_process_group()
