@@ -292,3 +292,48 @@ class CheckpointManager:
         else:
             self.logger.warning(f"{generator_file} is missing (a different process count?): the noise will not "
                                 "match.", main_process_only=False)
+
+
+def _resume_state(args: argparse.Namespace, settings: dict[str, Any], resume_path: str | None,
+                  logger) -> dict[str, Any]:
+    """The trainer state of the checkpoint to resume from, checked against this run's settings; `{}` for a new run."""
+    from .checkpoints import check_resume_settings, read_state
+
+    if args.resume_from_checkpoint and resume_path is None:
+        logger.info(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
+    if resume_path is None:
+        return {}
+    state = read_state(resume_path)
+    check_resume_settings(state, settings, resume_path)
+    if args.use_ema and not os.path.isdir(os.path.join(resume_path, "unet_ema")):
+        raise ValueError(f"`--use_ema` is set but the checkpoint {resume_path!r} has no unet_ema folder (it was "
+                         "written without --use_ema); resume without --use_ema.")
+    return state
+
+
+def _choose_seed(args: argparse.Namespace, resume_state: dict[str, Any], logger) -> int:
+    """`--seed`, else the checkpoint's seed, else a random seed that every process shares."""
+    from accelerate.utils import broadcast_object_list
+
+    seed = args.seed if args.seed is not None else resume_state.get("seed")
+    if seed is None:
+        drawn = [int.from_bytes(os.urandom(4), "little") % (2**31)]
+        broadcast_object_list(drawn)
+        return drawn[0]
+    if resume_state.get("seed") not in (None, seed):
+        logger.warning(f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: "
+                       "not an exact resume.")
+    return seed
+
+
+def _resume_position(state: dict[str, Any], schedule: Any,
+                     gradient_accumulation_steps: int) -> tuple[int, int, int]:
+    """`(global_step, first_epoch, batches of that epoch already consumed)` for a trainer state and a
+    :class:`~diffusers_bksdm.train.TrainingSchedule`; zeros for `{}`."""
+    if not state:
+        return 0, 0, 0
+    global_step = int(state["global_step"])
+    per_epoch = schedule.update_steps_per_epoch
+    if per_epoch is None:  # streamed: the position the checkpoint recorded
+        return global_step, int(state.get("epoch", 0)), int(state.get("batches_in_epoch", 0))
+    return global_step, global_step // per_epoch, (global_step % per_epoch) * gradient_accumulation_steps

@@ -146,7 +146,7 @@ def loss_curve(log_csv: str | os.PathLike, path: str | os.PathLike, terms: Seque
         raise ImportError("The loss curve needs matplotlib: `pip install matplotlib`.") from error
     import numpy as np
 
-    from .train import LOSS_TERMS
+    from .train_progress import LOSS_TERMS
 
     with open(log_csv, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))

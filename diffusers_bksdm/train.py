@@ -23,25 +23,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import functools
 import itertools
-import logging
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .checkpoints import CHECKPOINT_PATTERN, latest_checkpoint
-from .io import STAGING_PREFIX, atomic_write, update_folder, with_components
+from .checkpoints import CHECKPOINT_PATTERN, _choose_seed, _resume_position, _resume_state, latest_checkpoint
+from .io import STAGING_PREFIX
 from .train_args import SECRET_ARGS, check_train_args, parse_train_args
+from .train_progress import LOSS_TERMS, StepStatistics, TrainLog, _logs_above_progress_bar, _StopRequest
+from .train_outputs import (
+    FinalSaveError,
+    _check_final_weights,
+    _Validation,
+    log_validation,
+    save_final_pipeline,
+    save_model_card,
+)
 
 __all__ = [
     "train",
@@ -55,13 +60,13 @@ __all__ = [
     "TrainingSchedule",
     "training_schedule",
     "StepStatistics",
+    "LOSS_TERMS",
     "log_validation",
     "save_model_card",
     "save_final_pipeline",
 ]
 
 LOG_FILE = "train_log.csv"
-LOSS_TERMS = ("loss", "task_loss", "output_kd_loss", "feature_kd_loss")
 
 
 def _logger():
@@ -76,10 +81,6 @@ def _logger():
 
 def _public_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in SECRET_ARGS and k != "func"}
-
-
-class FinalSaveError(RuntimeError):
-    """Writing the final pipeline failed after training; the message names the checkpoint that holds the run."""
 
 
 def _check_output_dir(args: argparse.Namespace, output_dir: str, resume_path: str | None) -> None:
@@ -150,190 +151,8 @@ def _claim_output_dir(args: argparse.Namespace, accelerator, output_dir: str, re
     accelerator.wait_for_everyone()
 
 
-def _resume_state(args: argparse.Namespace, settings: dict[str, Any], resume_path: str | None,
-                  logger) -> dict[str, Any]:
-    """The trainer state of the checkpoint to resume from, checked against this run's settings; `{}` for a new run."""
-    from .checkpoints import check_resume_settings, read_state
-
-    if args.resume_from_checkpoint and resume_path is None:
-        logger.info(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
-    if resume_path is None:
-        return {}
-    state = read_state(resume_path)
-    check_resume_settings(state, settings, resume_path)
-    if args.use_ema and not os.path.isdir(os.path.join(resume_path, "unet_ema")):
-        raise ValueError(f"`--use_ema` is set but the checkpoint {resume_path!r} has no unet_ema folder (it was "
-                         "written without --use_ema); resume without --use_ema.")
-    return state
-
-
-def _choose_seed(args: argparse.Namespace, resume_state: dict[str, Any], logger) -> int:
-    """`--seed`, else the checkpoint's seed, else a random seed that every process shares."""
-    from accelerate.utils import broadcast_object_list
-
-    seed = args.seed if args.seed is not None else resume_state.get("seed")
-    if seed is None:
-        drawn = [int.from_bytes(os.urandom(4), "little") % (2**31)]
-        broadcast_object_list(drawn)
-        return drawn[0]
-    if resume_state.get("seed") not in (None, seed):
-        logger.warning(f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: "
-                       "not an exact resume.")
-    return seed
-
-
-def _resume_position(state: dict[str, Any], schedule: TrainingSchedule,
-                     gradient_accumulation_steps: int) -> tuple[int, int, int]:
-    """`(global_step, first_epoch, batches of that epoch already consumed)` for a trainer state; zeros for `{}`."""
-    if not state:
-        return 0, 0, 0
-    global_step = int(state["global_step"])
-    per_epoch = schedule.update_steps_per_epoch
-    if per_epoch is None:  # streamed: the position the checkpoint recorded
-        return global_step, int(state.get("epoch", 0)), int(state.get("batches_in_epoch", 0))
-    return global_step, global_step // per_epoch, (global_step % per_epoch) * gradient_accumulation_steps
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Logs, signals
-
-
-class TrainLog:
-    """A CSV file with one row per optimizer step (every loss term, per feature pair, learning rate, ...).
-
-    On resumption, rows after the checkpoint's step are dropped so that the file reads like one straight run.
-    """
-
-    def __init__(self, path: str, fields: list[str], resume_step: int | None = None):
-        self.path, self.fields = path, fields
-        rows: list[dict[str, str]] = []
-        if resume_step is not None and os.path.isfile(path):
-            with open(path, encoding="utf-8", newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        self._file = open(path, "a", encoding="utf-8", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=fields, extrasaction="ignore")
-
-    def write(self, row: dict[str, Any]) -> None:
-        self._writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class _StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop writes a checkpoint at the next step and exits. A second signal raises."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:
-            raise KeyboardInterrupt(f"second signal {signum}")
-        self.signal = signum
-        logging.getLogger(__name__).warning(
-            "Received %s: writing a checkpoint at the end of this step, then exiting.", signal.Signals(signum).name
-        )
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def requested(self, accelerator) -> int | None:
-        """The signal received by any process (a collective call with several processes), or `None`."""
-        if accelerator.num_processes == 1:
-            return self.signal
-        flag = torch.tensor([float(self.signal or 0)], device=accelerator.device)
-        return int(accelerator.reduce(flag, reduction="max").item()) or None
-
-
-class StepStatistics:
-    """The loss terms of each optimizer step, averaged over its micro-batches and processes, and the run's counters.
-
-    :meth:`add` takes each micro-batch's :class:`~diffusers_bksdm.DistillationOutput`; :meth:`end_step` closes an
-    optimizer step and returns its log row (every loss term, each feature pair, learning rate, gradient norm, ...).
-
-    Args:
-        pair_names (`list[str]`): the feature pairs, `"teacher->student"`; one `feat/<pair>` column each.
-        device (`torch.device`): the accelerator's device (the sums are gathered across processes).
-        samples (`int`, *optional*, defaults to 0): samples seen by all processes (a resumed run's count).
-        skipped_steps (`int`, *optional*, defaults to 0): micro-batches whose loss was non-finite and skipped.
-        nonfinite_in_a_row (`int`, *optional*, defaults to 0): optimizer steps skipped in a row for a non-finite
-            loss or gradient (`--on_nonfinite skip`).
-    """
-
-    def __init__(self, pair_names: list[str], device: torch.device, *, samples: int = 0, skipped_steps: int = 0,
-                 nonfinite_in_a_row: int = 0):
-        self.pair_names = list(pair_names)
-        self.device = device
-        self.samples, self.skipped_steps, self.nonfinite_in_a_row = samples, skipped_steps, nonfinite_in_a_row
-        self.window_nonfinite = False  # a micro-batch of this accumulation window (on any process) was non-finite
-        self.last_row: dict[str, Any] = {}
-        self.step_times: list[float] = []  # wall seconds of each optimizer step of this run
-        self.step_cpu_times: list[float] = []  # process CPU seconds of each optimizer step of this run
-        self._sums = torch.zeros(len(LOSS_TERMS) + len(self.pair_names), device=device, dtype=torch.float64)
-        self._micro = 0
-        self.start()
-
-    def start(self) -> None:
-        """Start the clocks: the run's (`started`) and the first step's."""
-        self.started = self._step_started = time.perf_counter()
-        self._step_cpu_started = time.process_time()
-
-    @property
-    def fields(self) -> list[str]:
-        """The columns of a log row."""
-        return ["step", "epoch", *LOSS_TERMS, "lr", "grad_norm", "samples", "skipped_steps", "update_skipped",
-                *[f"feat/{p}" for p in self.pair_names]]
-
-    @property
-    def steps(self) -> int:
-        """Optimizer steps taken in this run."""
-        return len(self.step_times)
-
-    def add(self, accelerator, output, batch_size: int) -> None:
-        """Add one micro-batch's loss terms (the mean over processes) and count its samples (a collective call)."""
-        terms = [output.loss, output.task_loss, output.output_kd_loss, output.feature_kd_loss,
-                 *[output.feature_losses[p] for p in self.pair_names]]
-        terms = torch.cat([torch.stack([t.detach().to(torch.float64) for t in terms]),
-                           torch.tensor([float(output.skipped), float(batch_size)], dtype=torch.float64,
-                                        device=self.device)])
-        gathered = accelerator.gather(terms[None])
-        self._sums += gathered[:, :-2].mean(0)
-        self.samples += int(gathered[:, -1].sum().item())
-        self.window_nonfinite = self.window_nonfinite or bool(gathered[:, -2].max().item() > 0)
-        self._micro += 1
-        self.skipped_steps += int(output.skipped)
-
-    def end_step(self, *, step: int, epoch: int, lr: float, grad_norm: Any, update_skipped: bool) -> dict[str, Any]:
-        """Close an optimizer step: time it, average its micro-batches and return its log row."""
-        now, now_cpu = time.perf_counter(), time.process_time()
-        self.step_times.append(now - self._step_started)
-        self.step_cpu_times.append(now_cpu - self._step_cpu_started)
-        self._step_started, self._step_cpu_started = now, now_cpu
-        self.window_nonfinite = False
-        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if update_skipped else 0
-        means = (self._sums / max(self._micro, 1)).tolist()
-        self._sums.zero_()
-        self._micro = 0
-        self.last_row = {"step": step, "epoch": epoch, **dict(zip(LOSS_TERMS, means[: len(LOSS_TERMS)], strict=True)),
-                         "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                         "samples": self.samples, "skipped_steps": self.skipped_steps,
-                         "update_skipped": int(update_skipped),
-                         **{f"feat/{p}": v for p, v in zip(self.pair_names, means[len(LOSS_TERMS):], strict=True)}}
-        return self.last_row
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -447,17 +266,6 @@ def _optimizer(args: argparse.Namespace, student: torch.nn.Module, num_processes
         optimizer_cls = torch.optim.AdamW
     return optimizer_cls(student.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                          weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-
-
-def _grid(rows: list[list[Any]]):
-    from PIL import Image
-
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * len(rows[0]), height * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid.paste(image.convert("RGB").resize((width, height)), (c * width, r * height))
-    return grid
 
 
 DATA_FLAGS = {"train_data_dir": "--train_data_dir", "caption_column": "--caption_column",
@@ -654,182 +462,6 @@ def _trainer_state(accelerator, args: argparse.Namespace, *, settings: dict[str,
 # Validation, model card, final save
 
 
-def log_validation(pipe, teacher, student, ema, accelerator, args: argparse.Namespace, *, seed: int,
-                   resolution: int, output_dir: str, step: int) -> str:
-    """Render `--validation_prompts` with the teacher and the (unwrapped) student, the same seed per prompt, and
-    write the grid (teacher | student, one row per prompt) to `OUTPUT/validation/step-N.png` and to the trackers.
-    With an EMA the student is rendered with the EMA weights. Returns the grid's path. Main process only."""
-    import numpy as np
-
-    prompts = list(args.validation_prompts)
-    if ema is not None:
-        ema.store(student.parameters())
-        ema.copy_to(student.parameters())
-    student.eval()
-    teacher_pipe = with_components(pipe, unet=teacher)
-    student_pipe = with_components(pipe, unet=student)
-    for validation_pipe in (teacher_pipe, student_pipe):
-        validation_pipe.set_progress_bar_config(disable=True)
-    rows = []
-    with accelerator.autocast(), torch.no_grad():
-        for i, prompt in enumerate(prompts):
-            row = []
-            for p in (teacher_pipe, student_pipe):
-                gen = torch.Generator(device=accelerator.device).manual_seed(seed + i)
-                row.append(p(prompt, num_inference_steps=args.validation_inference_steps,
-                             guidance_scale=args.validation_guidance_scale, generator=gen,
-                             height=resolution, width=resolution).images[0])
-            rows.append(row)
-    student.train()
-    if ema is not None:
-        ema.restore(student.parameters())
-    grid = _grid(rows)
-    folder = os.path.join(output_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"step-{step:06d}.png")
-    with atomic_write(path) as tmp:
-        grid.save(tmp)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.stack([np.asarray(grid)]), step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(prompts))]}, step=step)
-    _logger().info(f"validation grid (teacher | student) written to {path}")
-    return path
-
-
-class _Validation:
-    """Runs :func:`log_validation` (main process) for `--validation_prompts` and remembers the last step and grid."""
-
-    def __init__(self, args: argparse.Namespace, accelerator, pipe, teacher, student, ema, *, seed: int,
-                 resolution: int, output_dir: str):
-        self.args, self.accelerator, self.pipe, self.teacher, self.student, self.ema = (
-            args, accelerator, pipe, teacher, student, ema)
-        self.seed, self.resolution, self.output_dir = seed, resolution, output_dir
-        self.last_step = -1
-        self.grid: str | None = None
-
-    def __call__(self, step: int) -> None:
-        from .distill import unwrap_model
-
-        if not self.args.validation_prompts:
-            return
-        self.last_step = step
-        if self.accelerator.is_main_process:
-            self.grid = log_validation(self.pipe, self.teacher, unwrap_model(self.student), self.ema,
-                                       self.accelerator, self.args, seed=self.seed, resolution=self.resolution,
-                                       output_dir=self.output_dir, step=step)
-        self.accelerator.wait_for_everyone()
-
-
-def save_model_card(args: argparse.Namespace, accelerator, dataset, teacher, parameters: tuple[int, int], *,
-                    global_step: int, resolution: int, seed: int, skipped_samples: int, grid: str | None,
-                    output_dir: str):
-    """The student's model card: teacher, variant, parameter counts `(teacher, student)`, the training recipe, the
-    last validation grid and the license of the teacher's family."""
-    from .families import detect_family
-    from .hub import build_model_card
-
-    ga = args.gradient_accumulation_steps
-    recipe = {
-        "data": getattr(dataset, "description", {}),
-        "optimizer steps": global_step,
-        "batch": f"{args.train_batch_size} x {accelerator.num_processes} processes x {ga} accumulation = "
-                 f"{args.train_batch_size * accelerator.num_processes * ga}",
-        "learning rate": f"{args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)",
-        "optimizer": "AdamW 8-bit" if args.use_8bit_adam else "AdamW",
-        "resolution": resolution,
-        "lambdas (task, out, feat)": f"{args.lambda_task}, {args.lambda_out}, {args.lambda_feat}",
-        "feature pairs": args.feature_pairs,
-        "mixed precision": accelerator.mixed_precision,
-        "EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
-        "seed": seed,
-        "skipped samples": skipped_samples,
-    }
-    return build_model_card(
-        teacher=args.pretrained_model_name_or_path, variant=args.student_variant, teacher_parameters=parameters[0],
-        student_parameters=parameters[1], recipe=recipe,
-        license=getattr(detect_family(teacher.config), "license", None),
-        extra_tags=["stable-diffusion-xl"] if teacher.config.get("addition_embed_type") == "text_time" else [],
-        validation_image=os.path.relpath(grid, output_dir) if grid else None,
-        validation_prompts=list(args.validation_prompts or []),
-        repo_id=args.hub_model_id if args.push_to_hub else None)
-
-
-def _reload_components(args: argparse.Namespace, student_unet, fallback):
-    """The teacher pipeline as saved (full-precision VAE / text encoder) with the student UNet."""
-    from diffusers import DiffusionPipeline
-
-    from .tiny import BUILTIN_PREFIX, builtin_teacher
-
-    name = args.pretrained_model_name_or_path
-    if name.startswith(BUILTIN_PREFIX):
-        return with_components(builtin_teacher(name), unet=student_unet)
-    if fallback is not None:
-        return with_components(fallback, unet=student_unet)
-    return DiffusionPipeline.from_pretrained(name, unet=student_unet, revision=args.revision, variant=args.variant,
-                                             use_safetensors=True)
-
-
-def _check_final_weights(student, ema, output_dir: str) -> None:
-    """Refuse to write non-finite final weights (the EMA's with `--use_ema`)."""
-    from .distill import unwrap_model
-
-    final_weights = ema.shadow_params if ema is not None else list(unwrap_model(student).parameters())
-    bad = sum(not bool(torch.isfinite(t).all()) for t in final_weights)
-    if bad:
-        raise FloatingPointError(
-            f"The final student weights{' (EMA)' if ema is not None else ''} hold NaN/inf in {bad} tensors; no final "
-            f"pipeline is written. The last checkpoint is {latest_checkpoint(output_dir)}.")
-
-
-def save_final_pipeline(args: argparse.Namespace, student, ema, components, card, *, output_dir: str,
-                        training_saved_in: str | None) -> str | None:
-    """Write the student pipeline of a finished run (main process only) and push it with `--push_to_hub`.
-
-    Args:
-        args (`argparse.Namespace`): the run's arguments.
-        student: the trained student UNet (wrapped or not); with an `ema` its weights are replaced by the EMA's.
-        ema (`EMAModel`, *optional*): the student's EMA.
-        components (`DiffusionPipeline`, *optional*): a pipeline whose other components (full precision) go with the
-            student; `None` reloads them from `--pretrained_model_name_or_path`.
-        card: the model card (:func:`save_model_card`).
-        output_dir (`str`): the run's folder; each component folder is replaced whole, `model_index.json` last.
-        training_saved_in (`str`, *optional*): the checkpoint that holds the run, named when writing fails.
-
-    Returns:
-        `str` or `None`: the Hub URL when pushed.
-
-    Raises:
-        FinalSaveError: writing failed (a full disk); the message says how to write it again without training.
-    """
-    from .distill import unwrap_model
-    from .hub import push_folder, write_model_card
-
-    unwrapped = unwrap_model(student)
-    if ema is not None:
-        ema.copy_to(unwrapped.parameters())
-    if unwrapped.dtype != torch.float32:
-        unwrapped = unwrapped.to(torch.float32)
-    final_pipe = _reload_components(args, unwrapped, components)
-    try:
-        with update_folder(output_dir, argument="--output_dir") as tmp:  # the model index goes last
-            final_pipe.save_pretrained(tmp, safe_serialization=True)
-            write_model_card(tmp, card)
-    except OSError as error:
-        raise FinalSaveError(
-            f"Writing the final pipeline to {output_dir} failed ({error}). The training is saved in "
-            f"{training_saved_in}: free some space and run the same command with --resume_from_checkpoint latest, "
-            "which writes the final pipeline without training further.") from error
-    _logger().info(f"student pipeline written to {output_dir}")
-    if not args.push_to_hub:
-        return None
-    repo_id = args.hub_model_id or os.path.basename(output_dir.rstrip(os.sep))
-    return push_folder(output_dir, repo_id, token=args.hub_token, private=args.hub_private, argument="--hub_model_id")
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The trainer
 
@@ -892,16 +524,6 @@ def _log_run(args: argparse.Namespace, accelerator, dataset, max_train_steps: in
     logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
     logger.info(f"  Total batch size = {args.train_batch_size * accelerator.num_processes * ga}")
     logger.info(f"  Gradient accumulation steps = {ga}; total optimization steps = {max_train_steps}")
-
-
-def _logs_above_progress_bar(tqdm_class) -> contextlib.AbstractContextManager:
-    """While the progress bar shows: when the root logger prints to the console, its lines go through
-    `tqdm_class.write` (above the bar) instead of breaking the bar; otherwise nothing changes."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    console = any(isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr)
-                  for handler in logging.root.handlers)
-    return logging_redirect_tqdm(tqdm_class=tqdm_class) if console else contextlib.nullcontext()
 
 
 def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: list) -> dict[str, Any]:
