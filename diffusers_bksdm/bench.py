@@ -358,19 +358,28 @@ def default_variants(teacher_config: Mapping[str, Any]) -> list[str]:
     return list((closest_family(teacher_config) or FAMILIES["sd-v1"]).variants)
 
 
-def _pipeline_from_config(unet_config: Mapping[str, Any], vae_config: Mapping[str, Any] | None, text_config):
-    """A random-weight `StableDiffusionPipeline` built from configs (a tiny local tokenizer: token ids do not change
-    the cost)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _pipeline_from_config(unet_config: Mapping[str, Any], vae_config: Mapping[str, Any] | None, text_config,
+                          text_config_2=None):
+    """A random-weight `StableDiffusionPipeline` (or, with `text_config_2`, a `StableDiffusionXLPipeline`) built from
+    configs (tiny local tokenizers: token ids do not change the cost)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from .tiny import tiny_scheduler, tiny_tokenizer
 
     unet = UNet2DConditionModel.from_config(dict(unet_config))
-    if vae_config is None or text_config is None:
+    sdxl = unet_config.get("addition_embed_type") == "text_time"
+    if vae_config is None or text_config is None or (sdxl and text_config_2 is None):
         return None, unet
     vae = AutoencoderKL.from_config(dict(vae_config))
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    if sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer(),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_config_2)), unet=unet,
+            scheduler=tiny_scheduler("sdxl"),
+        )  # fmt: skip
+        return pipe, unet
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), unet=unet, scheduler=tiny_scheduler("sd-v1"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -389,7 +398,8 @@ class _Teacher:
     source: str
 
 
-def _teacher_from_config(teacher_config, vae_config, text_encoder_config, measure: bool, names) -> _Teacher:
+def _teacher_from_config(teacher_config, vae_config, text_encoder_config, measure: bool, names,
+                         text_encoder_2_config=None) -> _Teacher:
     unet_config = (
         dict(teacher_config) if isinstance(teacher_config, Mapping)
         else load_config(teacher_config, names("teacher_config"))
@@ -397,7 +407,7 @@ def _teacher_from_config(teacher_config, vae_config, text_encoder_config, measur
     unet_config = {k: v for k, v in unet_config.items() if k != "_bksdm"}
     family, closest = detect_family(unet_config), closest_family(unet_config)
     if vae_config is None and closest is not None:
-        vae_config = closest.vae_config  # SD v1.x and v2.x share the VAE architecture
+        vae_config = closest.vae()  # SD v1.x, v2.x and SDXL share the VAE architecture
     if isinstance(vae_config, (str, os.PathLike)):
         vae_config = load_config(vae_config, names("vae_config"))
     text_config = text_encoder_config
@@ -405,11 +415,16 @@ def _teacher_from_config(teacher_config, vae_config, text_encoder_config, measur
         text_config = family.text_encoder()
     if isinstance(text_config, (str, os.PathLike)):
         text_config = load_config(text_config, names("text_encoder_config"))
+    text_config_2 = text_encoder_2_config
+    if text_config_2 is None and family is not None and text_encoder_config is None:
+        text_config_2 = family.text_encoder_2()
+    if isinstance(text_config_2, (str, os.PathLike)):
+        text_config_2 = load_config(text_config_2, names("text_encoder_2_config"))
     pipe = unet = None
     if measure:
         torch.manual_seed(0)
-        pipe, unet = _pipeline_from_config(unet_config, vae_config, text_config)
-    text_params, decoder_params = _meta_component_params(vae_config, text_config)
+        pipe, unet = _pipeline_from_config(unet_config, vae_config, text_config, text_config_2)
+    text_params, decoder_params = _meta_component_params(vae_config, text_config, text_config_2)
     vae_factor = vae_scale_factor(vae_config)
     source = os.fspath(teacher_config) if isinstance(teacher_config, (str, os.PathLike)) else "config"
     return _Teacher(unet_config, pipe, unet, text_params, decoder_params, vae_factor, source)
@@ -463,6 +478,7 @@ def benchmark(
     settings: BenchmarkSettings | None = None,
     vae_config: str | Mapping[str, Any] | None = None,
     text_encoder_config: str | Mapping[str, Any] | None = None,
+    text_encoder_2_config: str | Mapping[str, Any] | None = None,
     measure: bool = True,
     progress: bool = False,
     argument_names: Mapping[str, str] | None = None,
@@ -479,6 +495,8 @@ def benchmark(
             instead of `variants`.
         settings (`BenchmarkSettings`, *optional*): resolution, batch size, repeats, device, dtype, steps.
         vae_config, text_encoder_config (*optional*): override the VAE / text encoder built in config mode.
+        text_encoder_2_config (*optional*): SDXL's second text encoder (a `CLIPTextModelWithProjection` config) in
+            config mode; by default the family's (SDXL base 1.0's) unless `text_encoder_config` is given.
         measure (`bool`, *optional*, defaults to `True`): time the models; with `False` only parameters and MACs are
             computed (in config mode on the meta device only: no memory, about a second).
         progress (`bool`, *optional*, defaults to `False`): progress bars (stderr) over the timed calls, naming the
@@ -514,7 +532,8 @@ def benchmark(
     settings = settings or BenchmarkSettings()
     device = torch.device(settings.device)
     if teacher_config is not None:
-        base = _teacher_from_config(teacher_config, vae_config, text_encoder_config, measure, names)
+        base = _teacher_from_config(teacher_config, vae_config, text_encoder_config, measure, names,
+                                    text_encoder_2_config)
     else:
         base = _teacher_from_model(teacher, names)
     if settings.resolution is None:  # the teacher's native size
@@ -563,9 +582,9 @@ def benchmark(
         if settings.steps and base.pipe is not None:
             pipe_times = _time_pipelines(base, entries, settings, progress)
         elif settings.steps:
-            logger.warning("No text encoder / VAE configs for this teacher (none are shipped for SDXL): whole-pipeline "
-                           "latency is not measured; benchmark a whole pipeline (a folder, a hub id or "
-                           "builtin:tiny-sdxl) to time it.")
+            logger.warning("No text encoder / VAE configs for this teacher: whole-pipeline latency is not measured; "
+                           "pass them (vae_config, text_encoder_config) or benchmark a whole pipeline (a folder, a "
+                           "hub id or a builtin: teacher) to time it.")
         for row in rows:
             row.unet_latency_s = times[row.name]
             row.pipeline_latency_s = pipe_times.get(row.name, [])
@@ -599,14 +618,18 @@ def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     return module
 
 
-def _meta_component_params(vae_cfg, text_cfg) -> tuple[int | None, int | None]:
+def _meta_component_params(vae_cfg, text_cfg, text_cfg_2=None) -> tuple[int | None, int | None]:
+    """Parameters of the text encoder(s) (both of SDXL's, summed) and of the VAE decoder, counted on the meta
+    device."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     text_params = decoder_params = None
     with torch.device("meta"):
         if text_cfg is not None:
             text_params = _count(CLIPTextModel(CLIPTextConfig(**text_cfg)))
+        if text_params is not None and text_cfg_2 is not None:
+            text_params += _count(CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg_2)))
         if vae_cfg is not None:
             vae = AutoencoderKL.from_config(dict(vae_cfg))
             decoder_params = _count(vae.decoder) + (_count(getattr(vae, "post_quant_conv", None)) or 0)

@@ -48,7 +48,10 @@ class TeacherFamily:
         text_encoder_config (`str`, *optional*): shipped config of the (first) text encoder, with
             `text_encoder_overrides` applied; `None` when no text encoder can be built from configs alone.
         text_encoder_overrides (`dict`): keys that differ from the shipped text encoder config.
+        text_encoder_2_overrides (`dict`, *optional*): SDXL's second text encoder (with projection), as keys that
+            differ from the shipped text encoder config; `None` for one-encoder families.
         vae_config (`str`, *optional*): shipped VAE config (`None`: none shipped).
+        vae_overrides (`dict`, *optional*): keys of the family's VAE that differ from the shipped VAE config.
         vae_scale_factor (`int`): image pixels per latent pixel.
         license (`str`): the hub license tag of the family's weights (the default of a student's model card).
         paper_results (`tuple`): the BK-SDM paper's MS-COCO 30K rows for this family, teacher first.
@@ -62,7 +65,9 @@ class TeacherFamily:
     variants: tuple[str, ...] = ("base", "small", "tiny")
     text_encoder_config: str | None = "clip-vit-large-patch14-text"
     text_encoder_overrides: Mapping[str, Any] | None = None
+    text_encoder_2_overrides: Mapping[str, Any] | None = None
     vae_config: str | None = "sd-v1-4-vae"
+    vae_overrides: Mapping[str, Any] | None = None
     vae_scale_factor: int = 8
     license: str = "creativeml-openrail-m"
     paper_results: tuple[PaperRow, ...] = ()
@@ -74,8 +79,25 @@ class TeacherFamily:
             return None
         from .bench import load_config
 
-        shipped = load_config(self.text_encoder_config, "--text_encoder_config")
+        shipped = load_config(self.text_encoder_config, "text_encoder_config")
         return {**shipped, **(self.text_encoder_overrides or {})}
+
+    def text_encoder_2(self) -> dict[str, Any] | None:
+        """The `CLIPTextConfig` keyword arguments of SDXL's second text encoder (a `CLIPTextModelWithProjection`),
+        or `None` for a family with one text encoder."""
+        if self.text_encoder_config is None or self.text_encoder_2_overrides is None:
+            return None
+        from .bench import load_config
+
+        return {**load_config(self.text_encoder_config, "text_encoder_config"), **self.text_encoder_2_overrides}
+
+    def vae(self) -> dict[str, Any] | None:
+        """The family's `AutoencoderKL` config, or `None` when none is shipped."""
+        if self.vae_config is None:
+            return None
+        from .bench import load_config
+
+        return {**load_config(self.vae_config, "vae_config"), **(self.vae_overrides or {})}
 
     def matches(self, unet_config: Mapping[str, Any]) -> bool:
         return (
@@ -122,8 +144,12 @@ FAMILIES: dict[str, TeacherFamily] = {
             cross_attention_dim=2048,
             addition_embed_type="text_time",
             variants=("koala-1b", "koala-700m"),
-            text_encoder_config=None,
-            vae_config=None,
+            # CLIP ViT-L/14 (as SD v1) and OpenCLIP ViT-bigG/14 with projection, as SDXL base 1.0 ships them
+            text_encoder_2_overrides={"architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu",
+                                      "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+                                      "num_hidden_layers": 32, "projection_dim": 1280},
+            # the SD VAE architecture; SDXL's latents are scaled differently and its decoder overflows in fp16
+            vae_overrides={"scaling_factor": 0.13025, "force_upcast": True, "sample_size": 1024},
             license="openrail++",
         ),
     )

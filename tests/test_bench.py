@@ -41,6 +41,32 @@ def test_sd_v1_4_macs_and_pipeline_params_match_the_paper(capsys):
     assert "| bk-base | 579.4M | 751.9M | 223.7G | 0.66x |" in table
 
 
+def test_sdxl_pipeline_params_from_configs():
+    report = benchmark(teacher_config="sdxl-base-1.0", measure=False)
+    teacher = report.models[0]
+    # the published sizes of SDXL base 1.0's text encoders: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (with projection)
+    assert teacher.text_encoder_params == 123_060_480 + 694_659_840
+    assert teacher.pipeline_params == 2_567_463_684 + 817_720_320 + teacher.vae_decoder_params
+    assert {m.name: m.pipeline_params - m.unet_params for m in report.models} == {
+        name: 817_720_320 + teacher.vae_decoder_params for name in ("teacher", "bk-koala-1b", "bk-koala-700m")
+    }
+
+
+def test_sdxl_pipelines_built_from_configs_are_timed(tmp_path):
+    from diffusers_bksdm.tiny import _tiny_text_config, tiny_unet_config, tiny_vae
+
+    text = _tiny_text_config().to_dict()
+    report = benchmark(
+        teacher_config=tiny_unet_config("sdxl"), vae_config=dict(tiny_vae(family="sdxl").config),
+        text_encoder_config=text, text_encoder_2_config={**text, "projection_dim": 32},
+        settings=BenchmarkSettings(resolution=16, repeats=1, warmup=0, steps=1, pipeline_repeats=1),
+    )  # fmt: skip
+    assert [m.name for m in report.models] == ["teacher", "bk-koala-1b", "bk-koala-700m"]
+    for model in report.models:
+        assert len(model.pipeline_latency_s) == 1 and model.pipeline_latency_s[0] > 0
+        assert model.unet_latency_s
+
+
 def test_macs_scale_with_resolution_and_count_attention_apart():
     config = load_config("sd-v1-4")
     at_256, at_512 = count_macs(config, 32), count_macs(config, 64)

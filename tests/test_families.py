@@ -51,7 +51,11 @@ def test_family_records_feed_the_variants_configs_and_paper_rows():
     assert FAMILIES["sd-v1"].text_encoder()["hidden_size"] == 768
     v2_text = FAMILIES["sd-v2"].text_encoder()
     assert (v2_text["hidden_size"], v2_text["num_hidden_layers"]) == (1024, 23)
-    assert FAMILIES["sdxl"].text_encoder() is None
+    # SDXL base 1.0: CLIP ViT-L/14 as SD v1, then OpenCLIP ViT-bigG/14 with a 1280-wide projection
+    assert FAMILIES["sdxl"].text_encoder()["hidden_size"] == 768 and FAMILIES["sd-v1"].text_encoder_2() is None
+    bigg = FAMILIES["sdxl"].text_encoder_2()
+    assert (bigg["hidden_size"], bigg["num_hidden_layers"], bigg["projection_dim"]) == (1280, 32, 1280)
+    assert FAMILIES["sdxl"].vae()["scaling_factor"] == 0.13025 and FAMILIES["sdxl"].vae()["force_upcast"] is True
 
 
 def test_vae_scale_factor_and_default_resolution():
