@@ -25,9 +25,17 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
   echo "== SD v2.1 (v-prediction), 768 px, fp16"
   python3 -m diffusers_bksdm.cli bench --teacher_config sd-v2-1 --device cuda --dtype fp16 --resolution 768 \
     --repeats 30 --warmup 5 --steps 25 --pipeline_repeats 5 --no_chart --output_dir "$OUT/sd21"
-  echo "== SDXL base 1.0, 1024 px, fp16 (UNet only)"
+  echo "== SDXL base 1.0, 1024 px, fp16"
   python3 -m diffusers_bksdm.cli bench --teacher_config sdxl-base-1.0 --device cuda --dtype fp16 --resolution 1024 \
-    --repeats 20 --warmup 5 --steps 0 --no_chart --output_dir "$OUT/sdxl"
+    --repeats 20 --warmup 5 --steps 25 --pipeline_repeats 3 --no_chart --output_dir "$OUT/sdxl"
+  echo "== SDXL distillation steps (KOALA sizes, bk vs self-attn pairs)"
+  for spec in "koala-700m bk" "koala-700m self-attn" "koala-1b self-attn"; do
+    set -- $spec
+    python3 benchmarks/distill_step.py --real-size --config sdxl-base-1.0 --variant "$1" --feature_pairs "$2" \
+      --device cuda --teacher-dtype fp16 --batch 2 --repeats 10 --memory-repeats 2
+  done
+  echo "== fp16 trainer paths"
+  python3 benchmarks/gpu/fp16_paths.py --output_dir "$OUT/fp16-check" --mixed_precision fp16 --steps 30
   for v in base small tiny; do
     echo "== distill step, real-size SD v1.4, variant $v, batch 8, fp16 teacher"
     python3 benchmarks/distill_step.py --real-size --device cuda --teacher-dtype fp16 --batch 8 --variant $v --repeats 15 --memory-repeats 3
