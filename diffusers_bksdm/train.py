@@ -76,7 +76,7 @@ def _logger():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The output folder and the resume point
+# The output folder
 
 
 def _public_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -149,10 +149,6 @@ def _claim_output_dir(args: argparse.Namespace, accelerator, output_dir: str, re
     if refusal[0] is not None:
         raise refusal[0]
     accelerator.wait_for_everyone()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Logs, signals
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -456,10 +452,6 @@ def _trainer_state(accelerator, args: argparse.Namespace, *, settings: dict[str,
             "num_processes": accelerator.num_processes, "skipped": skipped.state_dict(),
             "skipped_all_processes": merged.state_dict(), "args": _public_args(args),
             "settings": settings, "nonfinite_in_a_row": stats.nonfinite_in_a_row}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Validation, model card, final save
 
 
 # --------------------------------------------------------------------------------------------------------------------
