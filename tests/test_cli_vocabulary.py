@@ -13,7 +13,7 @@ from diffusers_bksdm.cli import build_parser, main
 from diffusers_bksdm.commands import command_modules
 from diffusers_bksdm.commands._flags import MODEL_FLAG
 
-COMMANDS = {"bench", "cache", "compress", "demo", "distill", "eval", "generate", "lora", "push"}
+COMMANDS = {"bench", "cache", "compress", "demo", "distill", "eval", "generate", "lora", "plan", "push"}
 #: commands that read a teacher / model, and those that write a folder (`--output_dir`)
 READ_A_MODEL = {"bench", "cache", "compress", "demo", "distill", "generate", "lora"}
 WRITE_A_FOLDER = {"bench", "cache", "compress", "demo", "distill", "generate", "lora"}

@@ -29,6 +29,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--variants", default=None,
                         help="Comma-separated variants; default: those of the teacher's family (base,small,tiny for "
                         "SD v1/v2).")
+    parser.add_argument("--plan", action="append", default=None,
+                        help="A removal plan JSON file (from `bksdm plan` or RemovalPlan.to_json) to measure; with "
+                        "it, the family's default variants are measured only when --variants names them. "
+                        "Repeatable.")
     add_argument(parser, "--student", action="append", default=None,
                  help="A saved student (UNet or pipeline folder) measured instead of --variants; repeatable.")
     parser.add_argument("--vae_config", default=None,
@@ -92,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
 
         for variant in variants:
             get_variant(variant)
+    if args.plan:
+        from ..plan import load_plan_file
+
+        variants = [*(variants or []), *(load_plan_file(path, argument="--plan") for path in args.plan)]
     report = benchmark(
         teacher=args.pretrained_model_name_or_path, teacher_config=args.teacher_config, variants=variants,
         students=students, settings=settings, vae_config=args.vae_config, text_encoder_config=args.text_encoder_config,
