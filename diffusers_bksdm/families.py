@@ -55,7 +55,6 @@ class TeacherFamily:
         vae_scale_factor (`int`): image pixels per latent pixel.
         license (`str`): the hub license tag of the family's weights (the default of a student's model card).
         paper_results (`tuple`): the BK-SDM paper's MS-COCO 30K rows for this family, teacher first.
-        trainer_support (`bool`): whether `bksdm distill` trains students of this family.
     """
 
     name: str
@@ -71,7 +70,6 @@ class TeacherFamily:
     vae_scale_factor: int = 8
     license: str = "creativeml-openrail-m"
     paper_results: tuple[PaperRow, ...] = ()
-    trainer_support: bool = True
 
     def text_encoder(self) -> dict[str, Any] | None:
         """The `CLIPTextConfig` keyword arguments of the family's text encoder, or `None`."""
@@ -199,7 +197,8 @@ def default_resolution(unet_config: Any, vae_config: Any = None) -> int:
 
 
 def check_trainer_support(pipe: Any, argument: str = "pretrained_model_name_or_path", name: str | None = None) -> None:
-    """Refuse a teacher pipeline that the trainer cannot distill: components missing, or a family it does not train.
+    """Refuse a teacher pipeline that the trainer cannot distill: one without a component it needs (and for SDXL the
+    second text encoder and tokenizer).
 
     Raises:
         ValueError: naming `argument`, the teacher and what is accepted.
@@ -210,12 +209,6 @@ def check_trainer_support(pipe: Any, argument: str = "pretrained_model_name_or_p
     if is_sdxl_pipeline(pipe):
         needed += ["text_encoder_2", "tokenizer_2"]
     missing = [c for c in needed if getattr(pipe, c, None) is None]
-    family = None if missing else closest_family(pipe.unet.config)
     if missing:
-        what = f"has no {missing}"
-    elif family is not None and not family.trainer_support:
-        what = f"is {family.description}, which this trainer does not support yet"
-    else:
-        return
-    accepted = ", ".join(f.description.split(" (")[0] for f in FAMILIES.values() if f.trainer_support)
-    raise ValueError(f"`{argument}` {name!r} {what}; accepted: {accepted} pipelines.")
+        accepted = ", ".join(f.description.split(" (")[0] for f in FAMILIES.values())
+        raise ValueError(f"`{argument}` {name!r} has no {missing}; accepted: whole {accepted} pipelines.")

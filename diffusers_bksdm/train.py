@@ -38,7 +38,7 @@ import torch
 from .checkpoints import CHECKPOINT_PATTERN, _choose_seed, _resume_position, _resume_state, latest_checkpoint
 from .io import STAGING_PREFIX
 from .train_args import SECRET_ARGS, check_train_args, parse_train_args
-from .train_progress import LOSS_TERMS, StepStatistics, TrainLog, _logs_above_progress_bar, _StopRequest
+from .train_progress import LOSS_TERMS, StepStatistics, TrainLog, _logger, _logs_above_progress_bar, _StopRequest
 from .train_outputs import (
     FinalSaveError,
     _check_final_weights,
@@ -67,12 +67,6 @@ __all__ = [
 ]
 
 LOG_FILE = "train_log.csv"
-
-
-def _logger():
-    from accelerate.logging import get_logger
-
-    return get_logger(__name__, log_level="INFO")
 
 
 # --------------------------------------------------------------------------------------------------------------------

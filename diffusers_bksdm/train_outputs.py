@@ -12,14 +12,9 @@ import torch
 
 from .checkpoints import latest_checkpoint
 from .io import atomic_write, update_folder, with_components
+from .train_progress import _logger
 
 __all__ = ["FinalSaveError", "log_validation", "save_model_card", "save_final_pipeline"]
-
-
-def _logger():
-    from accelerate.logging import get_logger
-
-    return get_logger("diffusers_bksdm.train", log_level="INFO")  # the trainer's logger: one stream of messages
 
 
 class FinalSaveError(RuntimeError):

@@ -23,10 +23,14 @@ __all__ = ["LOSS_TERMS", "TrainLog", "StepStatistics"]
 LOSS_TERMS = ("loss", "task_loss", "output_kd_loss", "feature_kd_loss")
 
 
+#: the one logger of a training run, whichever module of the trainer writes
+LOGGER_NAME = "diffusers_bksdm.train"
+
+
 def _logger():
     from accelerate.logging import get_logger
 
-    return get_logger("diffusers_bksdm.train", log_level="INFO")  # the trainer's logger: one stream of messages
+    return get_logger(LOGGER_NAME, log_level="INFO")
 
 
 class TrainLog:
@@ -73,7 +77,7 @@ class _StopRequest:
         if self.signal is not None:
             raise KeyboardInterrupt(f"second signal {signum}")
         self.signal = signum
-        logging.getLogger(__name__).warning(
+        logging.getLogger(LOGGER_NAME).warning(
             "Received %s: writing a checkpoint at the end of this step, then exiting.", signal.Signals(signum).name
         )
 

@@ -72,6 +72,11 @@ def test_trainer_support_refuses_incomplete_pipelines_naming_the_argument():
     pipe.register_modules(vae=None)
     with pytest.raises(ValueError, match=r"`--pretrained_model_name_or_path` 'x' has no \['vae'\]"):
         check_trainer_support(pipe, "--pretrained_model_name_or_path", "x")
+    sdxl = tiny_pipeline("sdxl", seed=0)
+    check_trainer_support(sdxl, "--pretrained_model_name_or_path", "builtin:tiny-sdxl")  # accepted
+    sdxl.register_modules(tokenizer_2=None)
+    with pytest.raises(ValueError, match=r"'y' has no \['tokenizer_2'\]; accepted: whole Stable Diffusion v1.x, "):
+        check_trainer_support(sdxl, "--pretrained_model_name_or_path", "y")
 
 
 # --------------------------------------------------------------------------------------------------------------------
