@@ -162,8 +162,8 @@ def build_cache(
                 if bar is not None:
                     bar.update(1)
                 continue
-            pending.append((key, source.transform.apply(image, None, flip=False),
-                            source.transform.apply(image, None, flip=True), caption))
+            sample = source.transform.apply(image, None, flip=False)
+            pending.append((key, sample, source.transform.mirror(sample), caption))
             if len(pending) == batch_size or in_shard + len(pending) == shard_size:
                 encode(pending)
                 in_shard += len(pending)

@@ -130,7 +130,18 @@ class ImageTransform:
             "flip": flipped,
             "original_size": original_size,
             "crop_top_left": crop_top_left(resized_width, box[0], box[1], self.resolution, flipped),
+            "resized_width": resized_width,
         }
+
+    def mirror(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """The horizontally flipped view of a sample from :meth:`apply` (pixels and crop corner), without decoding
+        or resizing the image again; equal to :meth:`apply` with the other `flip`."""
+        top, left = sample["crop_top_left"]
+        unflipped_left = sample["resized_width"] - left - self.resolution if sample["flip"] else left
+        flipped = not sample["flip"]
+        return {**sample, "pixel_values": torch.flip(sample["pixel_values"], dims=[-1]), "flip": flipped,
+                "crop_top_left": crop_top_left(sample["resized_width"], unflipped_left, top, self.resolution,
+                                               flipped)}
 
 
 def crop_top_left(image_width: int, left: int, top: int, size: int, flipped: bool) -> tuple[int, int]:

@@ -60,3 +60,16 @@ def test_batches_carry_sizes_and_crops_for_time_ids(tmp_path):
     assert batch["crops_top_left"].tolist() == [[0, 8], [8, 0]]
     time_ids = compute_time_ids(batch["original_sizes"], batch["crops_top_left"], (16, 16))
     assert time_ids.tolist() == [[32, 64, 0, 8, 16, 16], [40, 20, 8, 0, 16, 16]]
+
+
+def test_mirror_equals_applying_the_other_flip():
+    transform = ImageTransform(16, center_crop=False, random_flip=True)
+    for width, height in ((60, 24), (21, 18), (16, 40)):
+        image = gradient_image(width, height)
+        for seed in range(4):
+            for flip in (False, True):
+                sample = transform.apply(image, random.Random(seed), flip=flip)
+                other = transform.apply(image, random.Random(seed), flip=not flip)
+                mirrored = transform.mirror(sample)
+                assert torch.equal(mirrored["pixel_values"], other["pixel_values"])
+                assert mirrored["crop_top_left"] == other["crop_top_left"] and mirrored["flip"] == other["flip"]
