@@ -103,13 +103,17 @@ def candidate_plans(teacher_config: Mapping[str, Any]) -> list[RemovalPlan]:
     return plans
 
 
+def _config(teacher_config: Mapping[str, Any] | str) -> Mapping[str, Any]:
+    from .bench import load_config
+
+    return teacher_config if isinstance(teacher_config, Mapping) else load_config(teacher_config, "teacher_config")
+
+
 def plans_within_budget(teacher_config: Mapping[str, Any] | str, *, max_params: int | None = None,
                         max_ratio: float | None = None) -> list[PlanCandidate]:
     """The candidate plans whose students have at most `max_params` parameters (or at most `max_ratio` of the
     teacher's), largest student first. Plans the block map refuses for this teacher are skipped."""
-    from .bench import load_config
-
-    config = load_config(teacher_config, "teacher_config") if not isinstance(teacher_config, Mapping) else teacher_config
+    config = _config(teacher_config)
     if max_params is None and max_ratio is None:
         raise ValueError("Give a budget: `max_params` (a parameter count) or `max_ratio` (a fraction of the teacher).")
     if max_params is not None and (isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 1):
@@ -137,9 +141,7 @@ def plan_for_budget(teacher_config: Mapping[str, Any] | str, *, max_params: int 
     Raises:
         ValueError: no candidate fits; the message gives the smallest student possible.
     """
-    from .bench import load_config
-
-    config = load_config(teacher_config, "teacher_config") if not isinstance(teacher_config, Mapping) else teacher_config
+    config = _config(teacher_config)
     found = plans_within_budget(config, max_params=max_params, max_ratio=max_ratio)
     if not found:
         smallest = plans_within_budget(config, max_ratio=1.0)[-1]

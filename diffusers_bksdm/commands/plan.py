@@ -42,13 +42,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"`--teacher_config` {args.teacher_config!r} is not a UNet config (no down_block_types).")
     max_params = None if args.max_params is None else parse_param_count(args.max_params, "--max_params")
     try:
-        best = plan_for_budget(config, max_params=max_params, max_ratio=args.max_param_ratio)
+        fitting = plans_within_budget(config, max_params=max_params, max_ratio=args.max_param_ratio)
+        best = fitting[0] if fitting else plan_for_budget(config, max_params=max_params, max_ratio=args.max_param_ratio)
     except ValueError as error:
         raise ValueError(str(error).replace("`max_params`", "`--max_params`").replace(
             "`max_ratio`", "`--max_param_ratio`")) from None
-    listed = plans_within_budget(config, max_params=max_params, max_ratio=args.max_param_ratio)[: args.top]
-    teacher = round(best.params / best.ratio)
-    print(f"teacher UNet {teacher:,} parameters; {len(listed)} largest plan(s) within the budget:")
+    listed = fitting[: args.top]
+    print(f"teacher UNet {round(best.params / best.ratio):,} parameters; {len(listed)} largest plan(s) within the "
+          "budget:")
     for candidate in listed:
         print(f"  {candidate.params:>15,}  {candidate.ratio:6.1%}  {candidate.plan.description}")
     if args.output_file:
