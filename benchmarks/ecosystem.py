@@ -21,9 +21,9 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from diffusers_bksdm import build_block_map, compress_unet
-from diffusers_bksdm.controlnet import compress_controlnet
-from diffusers_bksdm.ip_adapter import transfer_ip_adapter
-from diffusers_bksdm.lora import transfer_lora
+from diffusers_bksdm.ecosystem.controlnet import compress_controlnet
+from diffusers_bksdm.ecosystem.ip_adapter import transfer_ip_adapter
+from diffusers_bksdm.ecosystem.lora import transfer_lora
 
 CONFIGS = {
     "sd-v1-4": ["base", "small", "tiny"],
@@ -103,7 +103,7 @@ def closeness(seeds: int = 8) -> list[dict]:
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from diffusers_bksdm.tiny import tiny_unet
+    from diffusers_bksdm.miniature.tiny import tiny_unet
 
     teacher = tiny_unet("sd-v1", seed=0)
     torch.manual_seed(1)

@@ -2,7 +2,7 @@
 
 The teacher pipeline (UNet, VAE, CLIP text encoder) is built from the package's real configs with random weights
 (no download; the tokenizer is the tiny local one, which does not change the cost). A folder of random images is
-written, a latent cache is built from it with `build_cache`, and then the *trainer itself* (`diffusers_bksdm.train`)
+written, a latent cache is built from it with `build_cache`, and then the *trainer itself* (`diffusers_bksdm.training.train`)
 runs alternately from the images and from the cache, same seed, same steps. Reported: median seconds per optimizer
 step (the first step of each run is a warm-up and is dropped), samples/s, the ratio, and the share of an image-mode
 step that the VAE encoder + text encoder take (timed on their own, same batch). On a CPU the times are process CPU
@@ -36,7 +36,7 @@ def build_sd14_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffusers_bksdm.tiny import tiny_tokenizer
+    from diffusers_bksdm.miniature.tiny import tiny_tokenizer
 
     def config(name):
         return json.loads(resources.files("diffusers_bksdm").joinpath("configs", name).read_text())
@@ -72,8 +72,8 @@ def reset_accelerate() -> None:
 
 
 def run_trainer(pipe, argv: list[str]) -> tuple[list[float], list[float]]:
-    from diffusers_bksdm.train import train
-    from diffusers_bksdm.train_args import parse_train_args
+    from diffusers_bksdm.training.train import train
+    from diffusers_bksdm.training.args import parse_train_args
 
     try:
         result = train(parse_train_args(argv), teacher_pipeline=pipe, save_final=False)
@@ -88,7 +88,7 @@ def run_trainer(pipe, argv: list[str]) -> tuple[list[float], list[float]]:
 
 @torch.no_grad()
 def time_encoders(pipe, folder: str, resolution: int, batch: int, repeats: int, cpu: bool) -> list[float]:
-    from diffusers_bksdm.data import ImageFolderSource, ImageTransform, tokenize
+    from diffusers_bksdm.training.data import ImageFolderSource, ImageTransform, tokenize
 
     source = ImageFolderSource(folder, ImageTransform(resolution, random_flip=False))
     pixels = torch.stack([source[i]["pixel_values"] for i in range(batch)])
@@ -114,8 +114,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from diffusers_bksdm.cache import build_cache
-    from diffusers_bksdm.data import ImageFolderSource, ImageTransform
+    from diffusers_bksdm.training.cache import build_cache
+    from diffusers_bksdm.training.data import ImageFolderSource, ImageTransform
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()

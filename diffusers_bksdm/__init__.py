@@ -42,14 +42,14 @@ _LAZY = {
     "DistillationOutput": "distill",
     "training_target": "distill",
     "BKDistillationMixin": "mixin",
-    "compress_controlnet": "controlnet",
-    "controlnet_from_student": "controlnet",
-    "LoraTransferReport": "lora",
-    "transfer_lora": "lora",
-    "save_lora": "lora",
-    "IPAdapterTransferReport": "ip_adapter",
-    "transfer_ip_adapter": "ip_adapter",
-    "save_ip_adapter": "ip_adapter",
+    "compress_controlnet": "ecosystem.controlnet",
+    "controlnet_from_student": "ecosystem.controlnet",
+    "LoraTransferReport": "ecosystem.lora",
+    "transfer_lora": "ecosystem.lora",
+    "save_lora": "ecosystem.lora",
+    "IPAdapterTransferReport": "ecosystem.ip_adapter",
+    "transfer_ip_adapter": "ecosystem.ip_adapter",
+    "save_ip_adapter": "ecosystem.ip_adapter",
 }
 
 __all__ = [

@@ -104,7 +104,7 @@ def candidate_plans(teacher_config: Mapping[str, Any]) -> list[RemovalPlan]:
 
 
 def _config(teacher_config: Mapping[str, Any] | str) -> Mapping[str, Any]:
-    from .bench import load_config
+    from .configs import load_config
 
     return teacher_config if isinstance(teacher_config, Mapping) else load_config(teacher_config, "teacher_config")
 

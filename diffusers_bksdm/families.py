@@ -75,7 +75,7 @@ class TeacherFamily:
         """The `CLIPTextConfig` keyword arguments of the family's text encoder, or `None`."""
         if self.text_encoder_config is None:
             return None
-        from .bench import load_config
+        from .configs import load_config
 
         shipped = load_config(self.text_encoder_config, "text_encoder_config")
         return {**shipped, **(self.text_encoder_overrides or {})}
@@ -85,7 +85,7 @@ class TeacherFamily:
         or `None` for a family with one text encoder."""
         if self.text_encoder_config is None or self.text_encoder_2_overrides is None:
             return None
-        from .bench import load_config
+        from .configs import load_config
 
         return {**load_config(self.text_encoder_config, "text_encoder_config"), **self.text_encoder_2_overrides}
 
@@ -93,7 +93,7 @@ class TeacherFamily:
         """The family's `AutoencoderKL` config, or `None` when none is shipped."""
         if self.vae_config is None:
             return None
-        from .bench import load_config
+        from .configs import load_config
 
         return {**load_config(self.vae_config, "vae_config"), **(self.vae_overrides or {})}
 

@@ -85,7 +85,7 @@ def _local(value: Any) -> Any:
 
 
 def describe_data(description: Any) -> str:
-    """A training-data description (the `description` of a data source, see :mod:`diffusers_bksdm.data`) in words,
+    """A training-data description (the `description` of a data source, see :mod:`diffusers_bksdm.training.data`) in words,
     without local absolute paths."""
     if not isinstance(description, dict) or not description:
         shown = _local(description)
@@ -177,7 +177,7 @@ def build_model_card(
         if validation_prompts:
             lines += [f"{i + 1}. {p}" for i, p in enumerate(validation_prompts)] + [""]
         lines.append(f"![teacher | student]({_local(validation_image)})")
-    # between the markers of `diffusers_bksdm.metrics.update_model_card`, so `bksdm eval --model_card` replaces it
+    # between the markers of `diffusers_bksdm.evaluation.metrics.update_model_card`, so `bksdm eval --model_card` replaces it
     lines += ["", EVAL_SECTION_START, "## Evaluation", ""]
     if evaluation:
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in evaluation.items()]
@@ -209,7 +209,7 @@ def build_model_card(
 
 def write_model_card(folder: str, card) -> str:
     """Write `card` to `folder/README.md` (temporary file + rename). Returns the path."""
-    from .io import atomic_write
+    from .outputs import atomic_write
 
     path = os.path.join(folder, "README.md")
     with atomic_write(path) as tmp:

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import torch
 
 from .distill import BKDistiller, DistillationOutput, noisy_batch, unwrap_model
-from .io import update_folder, with_components
+from .outputs import update_folder
+from .pipelines import with_components
 from .plan import RemovalPlan
 from .student import compress_unet
 

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from diffusers import UNet2DConditionModel
 
+from .weights import check_unet as _check_unet, copy_weights_into
 from .plan import METADATA_KEY, BlockMap, RemovalPlan, build_block_map, config_differences
 
 __all__ = ["BKUNet2DConditionModel", "compress_unet", "compress_pipeline", "student_info", "METADATA_KEY"]
 
 logger = logging.getLogger(__name__)
-
-
-def _check_unet(unet: Any, argument: str = "unet") -> UNet2DConditionModel:
-    if not isinstance(unet, UNet2DConditionModel):
-        raise TypeError(
-            f"`{argument}` must be a diffusers UNet2DConditionModel, got {type(unet).__module__}.{type(unet).__qualname__}."
-        )
-    return unet
 
 
 def _student_config(block_map: BlockMap, teacher_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,38 +68,6 @@ class BKUNet2DConditionModel:
     ) -> UNet2DConditionModel:
         """Same as :func:`compress_unet`."""
         return compress_unet(unet, variant, copy_weights=copy_weights)
-
-
-def copy_weights_into(
-    model: torch.nn.Module, source: torch.nn.Module, source_name: Callable[[str], str], what: str = "teacher"
-) -> None:
-    """Assign to every tensor of the meta-device `model` a copy of the tensor of `source` named by `source_name`
-    (e.g. :meth:`BlockMap.teacher_name`): parameters and persistent buffers through `load_state_dict(assign=True)`,
-    non-persistent buffers directly. Raises a ValueError listing every tensor that is missing or has another shape."""
-    source_tensors = source.state_dict()
-    copied, problems = {}, []
-    for name, target in model.state_dict(keep_vars=True).items():
-        name_in_source = source_name(name)
-        tensor = source_tensors.get(name_in_source)
-        if tensor is None:
-            problems.append(f"{name!r} <- {what} {name_in_source!r}: the {what} has no such tensor")
-        elif tensor.shape != target.shape:
-            problems.append(
-                f"{name!r} {tuple(target.shape)} <- {what} {name_in_source!r} {tuple(tensor.shape)}: shapes differ"
-            )
-        else:
-            copied[name] = tensor.detach().clone()
-    if problems:
-        shown = "\n  ".join(problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise ValueError(f"The block map does not fit this {what} ({len(problems)} tensors):\n  {shown}{more}")
-    model.load_state_dict(copied, strict=True, assign=True)
-    source_buffers = dict(source.named_buffers())
-    for name, _ in list(model.named_buffers()):
-        if name not in copied:  # non-persistent buffers are not in the state dict
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
-            module._buffers[attr] = source_buffers[source_name(name)].detach().clone()
 
 
 def compress_unet(
@@ -169,7 +130,7 @@ def compress_pipeline(pipe: Any, variant: str | RemovalPlan = "small", *, copy_w
 
     The other components (VAE, text encoder, tokenizer, scheduler, ...) are shared with `pipe`, not copied; `pipe`
     itself is not modified. A ControlNet pipeline's `controlnet` (one or several) is cut to the student's down path
-    with the same block map (:func:`~diffusers_bksdm.controlnet.compress_controlnet`): the teacher's would not fit.
+    with the same block map (:func:`~diffusers_bksdm.ecosystem.controlnet.compress_controlnet`): the teacher's would not fit.
     """
     unet = getattr(pipe, "unet", None)
     if unet is None or not hasattr(pipe, "components"):
@@ -178,12 +139,12 @@ def compress_pipeline(pipe: Any, variant: str | RemovalPlan = "small", *, copy_w
             f"{type(pipe).__qualname__}."
         )
     _check_unet(unet, "pipe.unet")
-    from .io import with_components
+    from .pipelines import with_components
 
     block_map = _block_map_for(unet.config, variant)
     components = {"unet": compress_unet(unet, block_map, copy_weights=copy_weights)}
     if pipe.components.get("controlnet") is not None:
-        from .controlnet import compress_controlnet_component
+        from .ecosystem.controlnet import compress_controlnet_component
 
         components["controlnet"] = compress_controlnet_component(pipe.components["controlnet"], block_map)
     return with_components(pipe, **components)

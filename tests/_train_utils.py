@@ -55,8 +55,8 @@ def base_args(teacher: Path, out: Path, *extra: str, data: Path | None = None, s
 
 def run_train(argv: list[str]) -> dict:
     """`bksdm distill` in this process; returns `train`'s result."""
-    from diffusers_bksdm.train import train
-    from diffusers_bksdm.train_args import parse_train_args
+    from diffusers_bksdm.training.train import train
+    from diffusers_bksdm.training.args import parse_train_args
 
     try:
         return train(parse_train_args(argv))

@@ -44,7 +44,7 @@ def run_python(code: str, *args: str, timeout: int = 300) -> subprocess.Complete
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     """A tiny SD v1-like teacher pipeline saved once per session (read-only for tests)."""
-    from diffusers_bksdm.tiny import tiny_pipeline
+    from diffusers_bksdm.miniature.tiny import tiny_pipeline
 
     path = tmp_path_factory.mktemp("teacher") / "tiny-sd"
     tiny_pipeline("sd-v1", seed=0).save_pretrained(path)

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from diffusers_bksdm.bench import BenchmarkSettings, benchmark, count_macs, load_config, measure_latency
+from diffusers_bksdm.evaluation.bench import BenchmarkSettings, benchmark, count_macs, load_config, measure_latency
 from diffusers_bksdm.cli import main
 
 # ../shared/SPEC.md section 2 (UNet) and section 7 (SDXL)
@@ -53,7 +53,7 @@ def test_sdxl_pipeline_params_from_configs():
 
 
 def test_sdxl_pipelines_built_from_configs_are_timed(tmp_path):
-    from diffusers_bksdm.tiny import _tiny_text_config, tiny_unet_config, tiny_vae
+    from diffusers_bksdm.miniature.tiny import _tiny_text_config, tiny_unet_config, tiny_vae
 
     text = _tiny_text_config().to_dict()
     report = benchmark(
@@ -110,7 +110,7 @@ def test_bench_cli_times_tiny_teacher_and_students_and_writes_reports(tmp_path, 
 
 def test_bench_a_saved_student(tmp_path):
     from diffusers_bksdm import compress_unet
-    from diffusers_bksdm.tiny import tiny_unet
+    from diffusers_bksdm.miniature.tiny import tiny_unet
 
     teacher = tiny_unet("sd-v1", seed=0)
     teacher.save_pretrained(tmp_path / "teacher")
@@ -167,7 +167,7 @@ def test_bench_uses_the_teachers_native_size_by_default(tmp_path):
 
 
 def test_latency_ratio_pairs_the_runs_of_each_round():
-    from diffusers_bksdm.bench import BenchmarkReport, ModelReport
+    from diffusers_bksdm.evaluation.bench import BenchmarkReport, ModelReport
 
     teacher = ModelReport("teacher", 10, 100.0, 0.0, unet_latency_s=[10.0, 30.0, 20.0])
     student = ModelReport("student", 6, 60.0, 0.0, unet_latency_s=[7.0, 24.0, 8.0])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from _train_utils import base_args, read_log, reset_accelerate, run_train, write_image_folder
 
-from diffusers_bksdm.cache import LatentCache
+from diffusers_bksdm.training.cache import LatentCache
 from diffusers_bksdm.cli import main
 
 
@@ -26,7 +26,7 @@ def cached(tiny_pipeline_dir, tmp_path_factory):
 def test_cache_layout_and_contents(tiny_pipeline_dir, tmp_path):
     from diffusers import AutoencoderKL
 
-    from diffusers_bksdm.data import ImageFolderSource, ImageTransform
+    from diffusers_bksdm.training.data import ImageFolderSource, ImageTransform
 
     images = write_image_folder(tmp_path / "images", n=6, corrupt=(4,))
     cache_dir = tmp_path / "latents"
@@ -66,8 +66,8 @@ def test_training_from_cache_matches_training_from_images(tiny_pipeline_dir, cac
 
 
 def test_cached_samples_get_the_flips_and_flipped_latents_of_the_image_path(cached):
-    from diffusers_bksdm.cache import CachedSource
-    from diffusers_bksdm.data import ImageFolderSource, ImageTransform
+    from diffusers_bksdm.training.cache import CachedSource
+    from diffusers_bksdm.training.data import ImageFolderSource, ImageTransform
 
     images, cache_dir = cached
     cache = LatentCache(str(cache_dir))
@@ -85,7 +85,7 @@ def test_cached_samples_get_the_flips_and_flipped_latents_of_the_image_path(cach
 
 
 def test_mismatched_cache_is_refused(tiny_pipeline_dir, cached, tmp_path):
-    from diffusers_bksdm.tiny import tiny_pipeline
+    from diffusers_bksdm.miniature.tiny import tiny_pipeline
 
     _, cache_dir = cached
     other_teacher = tmp_path / "other"

@@ -8,7 +8,7 @@ import torch
 
 from conftest import run_python
 from diffusers_bksdm import compress_pipeline, compress_unet, student_info
-from diffusers_bksdm.tiny import tiny_pipeline
+from diffusers_bksdm.miniature.tiny import tiny_pipeline
 
 STOCK_LOADER = r"""
 import json, sys, logging, io

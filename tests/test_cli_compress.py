@@ -120,7 +120,7 @@ def test_overwrite_never_replaces_the_teacher_or_the_current_directory(tiny_pipe
     assert snapshot() == before
 
     # the same safety in the shared helper, whoever calls it
-    from diffusers_bksdm.io import atomic_directory
+    from diffusers_bksdm.outputs import atomic_directory
 
     with pytest.raises(ValueError, match="current directory"):
         with atomic_directory(str(tmp_path), overwrite=True):

@@ -153,7 +153,7 @@ def test_lora_writes_a_folder_or_a_file(tmp_path, capsys):
     from peft.utils import get_peft_model_state_dict
 
     from diffusers_bksdm import compress_pipeline
-    from diffusers_bksdm.tiny import tiny_pipeline
+    from diffusers_bksdm.miniature.tiny import tiny_pipeline
 
     teacher = tiny_pipeline("sd-v1", seed=0)
     config = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"])

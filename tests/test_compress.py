@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from diffusers_bksdm import BKUNet2DConditionModel, RemovalPlan, compress_pipeline, compress_unet, student_info
-from diffusers_bksdm.tiny import tiny_pipeline, tiny_unet, tiny_unet_config
+from diffusers_bksdm.miniature.tiny import tiny_pipeline, tiny_unet, tiny_unet_config
 
 FAMILIES = ["sd-v1", "sd-v2"]
 VARIANTS = ["base", "small", "tiny"]

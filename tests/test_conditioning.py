@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusers_bksdm.conditioning import TextConditioning, compute_time_ids, is_sdxl_pipeline
-from diffusers_bksdm.tiny import builtin_teacher
+from diffusers_bksdm.miniature.tiny import builtin_teacher
 
 PROMPTS = ["a red circle", "two blue squares on the left"]
 

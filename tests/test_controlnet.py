@@ -19,13 +19,13 @@ from diffusers import (
 )
 
 from diffusers_bksdm import RemovalPlan, build_block_map, compress_pipeline, compress_unet, student_info
-from diffusers_bksdm.controlnet import (
+from diffusers_bksdm.ecosystem.controlnet import (
     compress_controlnet,
     compress_controlnet_component,
     controlnet_from_student,
     residual_map,
 )
-from diffusers_bksdm.tiny import tiny_pipeline, tiny_unet
+from diffusers_bksdm.miniature.tiny import tiny_pipeline, tiny_unet
 
 VARIANTS = ["base", "small", "tiny"]
 COND = dict(conditioning_embedding_out_channels=(8, 16))  # one stride-2 step: 16 px control images, 8x8 latents

@@ -11,7 +11,7 @@ import torch
 from _train_utils import base_args, read_log, run_train, write_image_folder
 from PIL import Image
 
-from diffusers_bksdm.data import (
+from diffusers_bksdm.training.data import (
     CaptionCollator,
     EpochShuffleSampler,
     HFDatasetSource,

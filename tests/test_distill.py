@@ -14,7 +14,7 @@ import torch
 from diffusers import DDPMScheduler, PNDMScheduler, UNet2DConditionModel
 
 from diffusers_bksdm import BKDistiller, DistillationOutput, RemovalPlan, compress_unet, training_target
-from diffusers_bksdm.tiny import tiny_scheduler, tiny_unet, tiny_unet_config
+from diffusers_bksdm.miniature.tiny import tiny_scheduler, tiny_unet, tiny_unet_config
 
 # SPEC §4, written out literally: (teacher module, student module).
 OFFICIAL_PAIRS = {

@@ -15,7 +15,7 @@ from diffusers_bksdm.families import (
     detect_family,
     vae_scale_factor,
 )
-from diffusers_bksdm.tiny import tiny_pipeline, tiny_unet_config
+from diffusers_bksdm.miniature.tiny import tiny_pipeline, tiny_unet_config
 
 SHIPPED = {"sd-v1-4": "sd-v1", "sd-v2-1-base": "sd-v2", "sd-v2-1": "sd-v2", "sdxl-base-1.0": "sdxl"}
 
@@ -37,8 +37,8 @@ def test_unknown_teachers_have_no_family_but_the_closest_conditioning():
 
 
 def test_family_records_feed_the_variants_configs_and_paper_rows():
-    from diffusers_bksdm.bench import default_variants
-    from diffusers_bksdm.metrics import PAPER_RESULTS
+    from diffusers_bksdm.evaluation.bench import default_variants
+    from diffusers_bksdm.evaluation.metrics import PAPER_RESULTS
     from diffusers_bksdm.plan import list_variants
 
     assert default_variants(load_shipped_config("sd-v1-4")) == ["base", "small", "tiny"]
@@ -84,7 +84,7 @@ def test_trainer_support_refuses_incomplete_pipelines_naming_the_argument():
 
 
 def _parse(*flags: str):
-    from diffusers_bksdm.train_args import parse_train_args
+    from diffusers_bksdm.training.args import parse_train_args
 
     return parse_train_args(["--pretrained_model_name_or_path", "builtin:tiny-sd", "--train_data_dir", "d", *flags])
 
@@ -107,7 +107,7 @@ def test_old_variant_spelling_still_selects_the_student_with_a_warning():
 
 
 def test_a_weight_variant_does_not_apply_to_a_builtin_teacher():
-    from diffusers_bksdm.io import load_teacher
+    from diffusers_bksdm.pipelines import load_teacher
 
     with pytest.raises(ValueError, match="`variant` 'fp16'.*built-in teacher"):
         load_teacher("builtin:tiny-sd", variant="fp16")

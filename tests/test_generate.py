@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusers_bksdm.generate import (
+from diffusers_bksdm.evaluation.generate import (
     GenerationConfig,
     generate_images,
     image_folder,
@@ -35,7 +35,7 @@ CONFIG = dict(num_inference_steps=3, resolution=16, eval_resolution=8, seed=1234
 
 @pytest.fixture(scope="module")
 def pipe():
-    from diffusers_bksdm.tiny import tiny_pipeline
+    from diffusers_bksdm.miniature.tiny import tiny_pipeline
 
     return tiny_pipeline("sd-v1", seed=0)
 

@@ -6,6 +6,7 @@ import json
 
 from conftest import run_python
 
+# accelerate and peft are not in the list: diffusers itself imports them
 CODE = r"""
 import json, sys
 import torch
@@ -13,7 +14,7 @@ import diffusers_bksdm
 from diffusers_bksdm import compress_unet, list_variants
 mods = sorted(m for m in sys.modules if m.startswith("diffusers_bksdm"))
 print(json.dumps({"modules": mods, "cuda": torch.cuda.is_initialized(),
-                  "heavy": sorted(m for m in ("accelerate", "datasets", "webdataset", "torchmetrics", "tensorboard")
+                  "heavy": sorted(m for m in ("datasets", "webdataset", "torchmetrics", "tensorboard")
                                   if m in sys.modules)}))
 """
 
@@ -25,9 +26,10 @@ def test_import_is_cheap():
         "diffusers_bksdm._quiet",
         "diffusers_bksdm.plan",
         "diffusers_bksdm.student",
+        "diffusers_bksdm.weights",
     }, report["modules"]
     assert report["cuda"] is False
-    assert "datasets" not in report["heavy"] and "torchmetrics" not in report["heavy"]
+    assert report["heavy"] == []
 
 
 def test_lazy_names_resolve_and_unknown_names_raise():

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from diffusers_bksdm import build_block_map, compress_pipeline
-from diffusers_bksdm.ip_adapter import save_ip_adapter, transfer_ip_adapter
-from diffusers_bksdm.tiny import tiny_pipeline, tiny_unet_config
+from diffusers_bksdm.ecosystem.ip_adapter import save_ip_adapter, transfer_ip_adapter
+from diffusers_bksdm.miniature.tiny import tiny_pipeline, tiny_unet_config
 
 EMBED_DIM = 16
 LOAD = dict(subfolder=None, weight_name=None, image_encoder_folder=None)

@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import Attention
 
 from diffusers_bksdm import BKDistiller, RemovalPlan, compress_unet
 from diffusers_bksdm.plan import FEATURE_PAIR_SETS, build_block_map
-from diffusers_bksdm.tiny import builtin_teacher, tiny_unet
+from diffusers_bksdm.miniature.tiny import builtin_teacher, tiny_unet
 
 from conftest import load_shipped_config
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from diffusers_bksdm import RemovalPlan, build_block_map, compress_pipeline, compress_unet
 from diffusers_bksdm.cli import main
-from diffusers_bksdm.lora import save_lora, transfer_lora
-from diffusers_bksdm.tiny import tiny_pipeline, tiny_unet, tiny_unet_config
+from diffusers_bksdm.ecosystem.lora import save_lora, transfer_lora
+from diffusers_bksdm.miniature.tiny import tiny_pipeline, tiny_unet, tiny_unet_config
 
 VARIANTS = ["base", "small", "tiny"]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "time_emb_proj", "conv"]

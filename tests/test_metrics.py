@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from diffusers_bksdm.cli import main
-from diffusers_bksdm.metrics import (
+from diffusers_bksdm.evaluation.metrics import (
     CLIPEmbedder,
     RealStatistics,
     compute_real_statistics,
@@ -120,7 +120,7 @@ def test_inception_score_matches_a_reference_from_the_logits(image_sets):
 def _tiny_clip():
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from diffusers_bksdm.tiny import tiny_tokenizer
+    from diffusers_bksdm.miniature.tiny import tiny_tokenizer
 
     torch.manual_seed(0)
     text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,

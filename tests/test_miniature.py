@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_bksdm import shapes
-from diffusers_bksdm.judge import ATTRIBUTES, JudgeEmbedder, load_judge, score_images
-from diffusers_bksdm.tiny import asset_path, tiny_tokenizer
+from diffusers_bksdm.miniature import shapes
+from diffusers_bksdm.miniature.judge import ATTRIBUTES, JudgeEmbedder, load_judge, score_images
+from diffusers_bksdm.miniature.tiny import asset_path, tiny_tokenizer
 
 from conftest import run_python  # noqa: E402
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from diffusers_bksdm import BKDistillationMixin, BKDistiller, training_target
 from diffusers_bksdm.mixin import stock_pipeline_class
-from diffusers_bksdm.tiny import tiny_pipeline
+from diffusers_bksdm.miniature.tiny import tiny_pipeline
 
 from conftest import run_python
 

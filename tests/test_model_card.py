@@ -81,7 +81,7 @@ def generated(tmp_path_factory):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from diffusers_bksdm.tiny import tiny_tokenizer
+    from diffusers_bksdm.miniature.tiny import tiny_tokenizer
 
     root = tmp_path_factory.mktemp("card")
     student = root / "bk-tiny-student"

@@ -150,7 +150,7 @@ def test_malformed_plans_name_the_field(make, message):
 
 @pytest.mark.parametrize("layers", ["2", 2.0, True, "per-stage", 0], ids=["str", "float", "bool", "list-str", "zero"])
 def test_teacher_layers_per_block_must_be_integers(layers):
-    from diffusers_bksdm.tiny import tiny_unet_config
+    from diffusers_bksdm.miniature.tiny import tiny_unet_config
 
     config = tiny_unet_config("sd-v1")
     if layers == "per-stage":
@@ -228,7 +228,7 @@ def test_match_block_map_reads_the_metadata_or_tries_every_variant():
 
 
 def test_compress_unet_takes_a_block_map_of_its_own_teacher_only():
-    from diffusers_bksdm.tiny import tiny_unet, tiny_unet_config
+    from diffusers_bksdm.miniature.tiny import tiny_unet, tiny_unet_config
 
     teacher = tiny_unet("sd-v1", seed=0)
     block_map = build_block_map(teacher.config, "small")
@@ -244,7 +244,7 @@ def test_compress_unet_takes_a_block_map_of_its_own_teacher_only():
 
 def test_distiller_uses_the_given_block_map_after_checking_it():
     from diffusers_bksdm import BKDistiller
-    from diffusers_bksdm.tiny import tiny_unet
+    from diffusers_bksdm.miniature.tiny import tiny_unet
 
     teacher = tiny_unet("sd-v1", seed=0)
     block_map = build_block_map(teacher.config, "tiny")

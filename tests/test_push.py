@@ -111,7 +111,7 @@ def test_model_card_has_the_required_fields():
 
 def test_bksdm_eval_replaces_the_cards_evaluation_section(tmp_path):
     from diffusers_bksdm.hub import write_model_card
-    from diffusers_bksdm.metrics import update_model_card
+    from diffusers_bksdm.evaluation.metrics import update_model_card
 
     write_model_card(str(tmp_path), build_model_card(teacher="CompVis/stable-diffusion-v1-4", variant="tiny"))
     assert "No evaluation scores were recorded" in (tmp_path / "README.md").read_text()

@@ -18,14 +18,14 @@ from _train_utils import (
 )
 from conftest import run_python
 
-from diffusers_bksdm.cache import LatentCache
+from diffusers_bksdm.training.cache import LatentCache
 from diffusers_bksdm.cli import main
 from diffusers_bksdm.conditioning import TextConditioning
 
 
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory):
-    from diffusers_bksdm.tiny import tiny_pipeline
+    from diffusers_bksdm.miniature.tiny import tiny_pipeline
 
     path = tmp_path_factory.mktemp("teacher") / "tiny-sdxl"
     tiny_pipeline("sdxl", seed=0).save_pretrained(path)
@@ -48,7 +48,7 @@ def sdxl_cache(sdxl_dir, images, tmp_path_factory):
 def test_sdxl_cache_holds_what_sdxl_needs(sdxl_dir, images, sdxl_cache):
     from diffusers import StableDiffusionXLPipeline
 
-    from diffusers_bksdm.data import ImageFolderSource, ImageTransform
+    from diffusers_bksdm.training.data import ImageFolderSource, ImageTransform
 
     index = json.loads((sdxl_cache / "index.json").read_text())
     assert index["conditioning"] == "sdxl"
@@ -193,9 +193,9 @@ def test_the_trainer_feeds_time_ids_from_each_samples_size_and_crop(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from diffusers_bksdm.tiny import tiny_pipeline
-    from diffusers_bksdm.train import train
-    from diffusers_bksdm.train_args import parse_train_args
+    from diffusers_bksdm.miniature.tiny import tiny_pipeline
+    from diffusers_bksdm.training.train import train
+    from diffusers_bksdm.training.args import parse_train_args
 
     folder = tmp_path / "one"
     folder.mkdir()
@@ -239,7 +239,7 @@ def test_the_mixin_on_sdxl_computes_the_loss_from_prompts_and_saves_a_stock_pipe
     from diffusers import StableDiffusionXLPipeline
 
     from diffusers_bksdm import BKDistillationMixin, BKDistiller, training_target
-    from diffusers_bksdm.tiny import tiny_pipeline
+    from diffusers_bksdm.miniature.tiny import tiny_pipeline
 
     class MyXL(BKDistillationMixin, StableDiffusionXLPipeline):
         pass

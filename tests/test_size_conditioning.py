@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from diffusers_bksdm.conditioning import compute_time_ids
-from diffusers_bksdm.data import CaptionCollator, ImageFolderSource, ImageTransform, to_tensor
+from diffusers_bksdm.training.data import CaptionCollator, ImageFolderSource, ImageTransform, to_tensor
 
 
 def gradient_image(width: int, height: int) -> Image.Image:

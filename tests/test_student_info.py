@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from diffusers_bksdm import compress_pipeline, compress_unet, student_info
-from diffusers_bksdm.tiny import tiny_pipeline
+from diffusers_bksdm.miniature.tiny import tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from _train_utils import (
 )
 from conftest import run_python
 
-from diffusers_bksdm.train import latest_checkpoint
+from diffusers_bksdm.training.train import latest_checkpoint
 
 LOSS_COLUMNS = ["loss", "task_loss", "output_kd_loss", "feature_kd_loss"]
 
@@ -130,7 +130,7 @@ KILL_WRAPPER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
 
     safetensors.torch.save_file = save_file
-    from diffusers_bksdm.train import main
+    from diffusers_bksdm.training.train import main
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -155,7 +155,7 @@ def test_sigkill_while_checkpointing_keeps_previous_latest(tiny_pipeline_dir, im
 def test_sigterm_writes_a_checkpoint_then_exits(tiny_pipeline_dir, images, tmp_path):
     out = tmp_path / "out"
     argv = base_args(tiny_pipeline_dir, out, data=images, steps=10_000)
-    proc = subprocess.Popen([sys.executable, "-m", "diffusers_bksdm.train", *argv], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "diffusers_bksdm.training.train", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env_offline())
     try:
         deadline = time.time() + 240
@@ -180,7 +180,7 @@ def test_sigterm_writes_a_checkpoint_then_exits(tiny_pipeline_dir, images, tmp_p
 
 
 def test_bad_arguments_are_named(tiny_pipeline_dir, images, tmp_path):
-    from diffusers_bksdm.train_args import parse_train_args
+    from diffusers_bksdm.training.args import parse_train_args
 
     with pytest.raises(ValueError, match="Need either a dataset name or a training folder"):
         parse_train_args(["--pretrained_model_name_or_path", str(tiny_pipeline_dir)])
@@ -256,6 +256,6 @@ def test_checkpoint_log_lines_print_above_the_progress_bar(tiny_pipeline_dir, im
     assert not [m for m in messages if ".checkpoint-" in m]
     assert quieted.level == level
     # each line starts on a line of its own after the bar is cleared, not glued to the end of the bar
-    saved = [line for line in stderr.getvalue().split("\n") if "console diffusers_bksdm.train: [RANK 0] Saved" in line]
+    saved = [line for line in stderr.getvalue().split("\n") if "console diffusers_bksdm.training.train: [RANK 0] Saved" in line]
     assert len(saved) == 2
-    assert all(line.split("\r")[-1].startswith("console diffusers_bksdm.train: ") for line in saved), saved
+    assert all(line.split("\r")[-1].startswith("console diffusers_bksdm.training.train: ") for line in saved), saved

@@ -12,8 +12,8 @@ from _train_utils import base_args, env_offline, read_log, write_image_folder
 WRAPPER = textwrap.dedent("""
     import os, sys
     from safetensors.torch import save_file
-    from diffusers_bksdm.train import train
-    from diffusers_bksdm.train_args import parse_train_args
+    from diffusers_bksdm.training.train import train
+    from diffusers_bksdm.training.args import parse_train_args
 
     weights_dir, argv = sys.argv[1], sys.argv[2:]
     result = train(parse_train_args(argv))

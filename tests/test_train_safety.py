@@ -14,8 +14,8 @@ import pytest
 import torch
 from _train_utils import base_args, env_offline, load_unet_weights, read_log, run_train, write_image_folder
 
-from diffusers_bksdm.output_dir import LOCK_FILE, OutputFolderBusy
-from diffusers_bksdm.train import FinalSaveError, latest_checkpoint
+from diffusers_bksdm.outputs import LOCK_FILE, OutputFolderBusy
+from diffusers_bksdm.training.train import FinalSaveError, latest_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_overwrite_output_dir_removes_the_old_run(tiny_pipeline_dir, images, tmp
 
 LOCK_HOLDER = """
 import sys, time
-from diffusers_bksdm.output_dir import OutputLock
+from diffusers_bksdm.outputs import OutputLock
 OutputLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)

@@ -53,7 +53,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from diffusers_bksdm.cli import main as cli
-    from diffusers_bksdm.shapes import write_shapes_dataset
+    from diffusers_bksdm.miniature.shapes import write_shapes_dataset
 
     data = write_shapes_dataset(os.path.join(args.output_dir, "data"), num_images=256)
     common = ["--train_data_dir", data, "--max_train_steps", str(args.steps), "--train_batch_size", "16",

@@ -57,10 +57,10 @@ def parse_args(argv=None):
 
 
 def run_row(args, teacher, world, judge, name: str, seed: int) -> dict:
-    from diffusers_bksdm import miniature
-    from diffusers_bksdm.io import with_components
-    from diffusers_bksdm.train import train
-    from diffusers_bksdm.train_args import parse_train_args
+    from diffusers_bksdm.miniature import world as miniature
+    from diffusers_bksdm.pipelines import with_components
+    from diffusers_bksdm.training.train import train
+    from diffusers_bksdm.training.args import parse_train_args
 
     variant, extra = ROWS[name]
     folder = os.path.join(args.output_dir, name.split(")")[0].replace(" (", "-") + f"-seed{seed}")
@@ -173,9 +173,10 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(2)
-    from diffusers_bksdm import compress_unet, miniature
-    from diffusers_bksdm.io import load_teacher
-    from diffusers_bksdm.judge import load_judge
+    from diffusers_bksdm import compress_unet
+    from diffusers_bksdm.miniature import world as miniature
+    from diffusers_bksdm.pipelines import load_teacher
+    from diffusers_bksdm.miniature.judge import load_judge
 
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:

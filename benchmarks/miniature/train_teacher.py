@@ -1,16 +1,16 @@
 """Train the miniature world's teacher (`builtin:shapes-sd`) and its judge (`builtin:shapes-judge`) from scratch.
 
-    python benchmarks/miniature/train_teacher.py --output_dir diffusers_bksdm/assets
+    python benchmarks/miniature/train_teacher.py --output_dir diffusers_bksdm/miniature/assets
 
 Everything is generated from `--seed` on the CPU (2 cores, about an hour with the defaults):
 
-1. the training split of :mod:`diffusers_bksdm.shapes` (32 px coloured shapes with captions);
+1. the training split of :mod:`diffusers_bksdm.miniature.shapes` (32 px coloured shapes with captions);
 2. a VAE (`AutoencoderKL`, downsampling factor 4: 32 px images, 8x8x4 latents), trained on reconstruction;
 3. a text encoder (`CLIPTextModel`, word-level tokenizer written by the package) and an SD v1-structured UNet
    (four stages, `layers_per_block: 2`, cross-attention in the first three, a mid block with attention), trained
    together on the diffusion loss (epsilon prediction, min-SNR weighting, 10% empty captions for classifier-free
    guidance, EMA weights);
-4. the judge (:class:`diffusers_bksdm.judge.ShapesJudge`), trained on pictures of every combination (split "all",
+4. the judge (:class:`diffusers_bksdm.miniature.judge.ShapesJudge`), trained on pictures of every combination (split "all",
    another seed): an evaluation tool must read the held-out combinations too; the teacher never sees them;
 5. the teacher's judge accuracy on the held-out prompts at the pipeline's default settings.
 
@@ -30,16 +30,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffusers_bksdm import shapes
-from diffusers_bksdm.io import atomic_directory
-from diffusers_bksdm.tiny import tiny_tokenizer
+from diffusers_bksdm.miniature import shapes
+from diffusers_bksdm.outputs import atomic_directory
+from diffusers_bksdm.miniature.tiny import tiny_tokenizer
 
 TEXT_HIDDEN = 64
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="diffusers_bksdm/assets")
+    parser.add_argument("--output_dir", default="diffusers_bksdm/miniature/assets")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_images", type=int, default=20000, help="Training images rendered.")
     parser.add_argument("--vae_steps", type=int, default=1500)
@@ -251,7 +251,7 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, samples, scaling_fact
 
 
 def train_judge(samples, images: torch.Tensor, args):
-    from diffusers_bksdm.judge import ATTRIBUTES, ShapesJudge
+    from diffusers_bksdm.miniature.judge import ATTRIBUTES, ShapesJudge
 
     torch.manual_seed(args.seed + 3)
     judge = ShapesJudge()
@@ -292,7 +292,7 @@ def judge_accuracy(judge, samples, images: torch.Tensor) -> dict:
 @torch.no_grad()
 def teacher_accuracy(pipe, judge, images_per_prompt: int, seed: int, **pipe_kwargs) -> dict:
     """The judge's reading of the teacher's images for the held-out prompts."""
-    from diffusers_bksdm.shapes import parse_caption
+    from diffusers_bksdm.miniature.shapes import parse_caption
 
     prompts = [p for p in shapes.eval_prompts() for _ in range(images_per_prompt)]
     generated = pipe(prompts, generator=torch.Generator().manual_seed(seed), output_type="pt", **pipe_kwargs).images
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from diffusers import StableDiffusionPipeline
 
-    from diffusers_bksdm.judge import JUDGE_NAME
+    from diffusers_bksdm.miniature.judge import JUDGE_NAME
 
     started = time.time()
     summary: dict = {"args": vars(args)}
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
     log(f"rendered {len(images)} training and {len(held_images)} held-out images")
 
     if args.skip_judge:
-        from diffusers_bksdm.judge import load_judge
+        from diffusers_bksdm.miniature.judge import load_judge
 
         judge = load_judge(os.path.join(args.output_dir, JUDGE_NAME))
     else:

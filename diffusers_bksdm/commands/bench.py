@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..bench import BenchmarkSettings, benchmark, report_markdown, save_report
-    from ..io import parse_device, parse_dtype
+    from ..evaluation.bench import BenchmarkSettings, benchmark, report_markdown, save_report
+    from ..pipelines import parse_device, parse_dtype
 
     from ._flags import flag_name
 

@@ -47,10 +47,10 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..cache import build_cache, module_fingerprint
-    from ..data import HFDatasetSource, ImageFolderSource, ImageTransform
+    from ..training.cache import build_cache, module_fingerprint
+    from ..training.data import HFDatasetSource, ImageFolderSource, ImageTransform
     from ..families import default_resolution
-    from ..io import load_teacher, parse_device, parse_dtype
+    from ..pipelines import load_teacher, parse_device, parse_dtype
     from ._flags import flag_name
 
     parse_device(args.device, "--device")  # before anything is loaded

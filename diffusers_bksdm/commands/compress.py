@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    from ..train_args import add_variant_arguments
+    from ..training.args import add_variant_arguments
     from ._flags import add_command_parser, add_model_argument, add_output_dir_argument
 
     parser = add_command_parser(
@@ -33,11 +33,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import atomic_directory, count_parameters, load_teacher, parse_dtype
-    from ..output_dir import check_not_protected
+    from ..outputs import atomic_directory
+    from ..pipelines import count_parameters, load_teacher, parse_dtype
+    from ..outputs import check_not_protected
     from ..plan import get_variant
     from ..student import compress_pipeline, compress_unet
-    from ..train_args import resolve_variant_arguments
+    from ..training.args import resolve_variant_arguments
     from ._flags import flag_name
 
     resolve_variant_arguments(args)

@@ -49,7 +49,7 @@ def add_parser(subparsers) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     from ..plan import get_variant
-    from ..train_args import resolve_variant_arguments
+    from ..training.args import resolve_variant_arguments
 
     resolve_variant_arguments(args)
     if args.variant is not None:
@@ -99,12 +99,12 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .. import miniature
-    from ..io import count_parameters, load_teacher, with_components
-    from ..judge import load_judge
+    from ..miniature import world as miniature
+    from ..pipelines import count_parameters, load_teacher, with_components
+    from ..miniature.judge import load_judge
     from ..student import compress_pipeline
-    from ..train import LOG_FILE, train
-    from ..train_args import parse_train_args
+    from ..training.train import LOG_FILE, train
+    from ..training.args import parse_train_args
 
     _check(args)
     torch.manual_seed(args.seed)

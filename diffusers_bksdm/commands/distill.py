@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    from ..train_args import add_train_arguments
+    from ..training.args import add_train_arguments
     from ._flags import add_command_parser
 
     parser = add_command_parser(
@@ -25,8 +25,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from ..hub import PushError
-    from ..output_dir import OutputFolderBusy
-    from ..train import FinalSaveError, train
+    from ..outputs import OutputFolderBusy
+    from ..training.train import FinalSaveError, train
 
     try:
         result = train(args)

@@ -101,8 +101,8 @@ def _check_card_source(model_card: str, images: str, settings: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..io import parse_device
-    from ..metrics import (
+    from ..pipelines import parse_device
+    from ..evaluation.metrics import (
         DEFAULT_CLIP_MODEL,
         compute_real_statistics,
         evaluate_images,
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
             _check_card_source(args.model_card, images, settings)
         prompts = None
         if args.prompts:
-            from ..generate import read_prompts
+            from ..evaluation.generate import read_prompts
 
             prompts = read_prompts(args.prompts, args.caption_column, argument="--prompts",
                                    caption_argument="--caption_column")
@@ -184,8 +184,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_judge(args: argparse.Namespace, images: str, prompts: list[str]) -> int:
-    from ..judge import judge_markdown, score_images
-    from ..metrics import write_results
+    from ..miniature.judge import judge_markdown, score_images
+    from ..evaluation.metrics import write_results
 
     results = score_images(images, prompts, real_images=args.real_images, judge=args.judge, batch_size=args.batch_size)
     settings = _generation_settings(images)

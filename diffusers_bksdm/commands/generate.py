@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from .. import __version__
-    from ..generate import GenerationConfig, generate_images, load_pipeline, read_prompts
-    from ..io import parse_dtype
+    from ..evaluation.generate import GenerationConfig, generate_images, load_pipeline, read_prompts
+    from ..pipelines import parse_dtype
     from ._flags import flag_name
 
     model_flag, output_flag = flag_name(args, "pretrained_model_name_or_path"), flag_name(args, "output_dir")

@@ -10,7 +10,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def add_parser(subparsers) -> None:
-    from ..train_args import add_variant_arguments
+    from ..training.args import add_variant_arguments
     from ._flags import add_argument, add_command_parser, add_model_argument
 
     parser = add_command_parser(
@@ -48,8 +48,8 @@ def add_parser(subparsers) -> None:
 def _unet_config(name: str, subfolder: str | None, revision: str | None, argument: str) -> dict:
     from diffusers import UNet2DConditionModel
 
-    from ..io import _is_pipeline
-    from ..tiny import BUILTIN_PREFIX, builtin_teacher
+    from ..pipelines import _is_pipeline
+    from ..miniature.tiny import BUILTIN_PREFIX, builtin_teacher
 
     if name.startswith(BUILTIN_PREFIX):
         return dict(builtin_teacher(name).unet.config)
@@ -80,9 +80,9 @@ def _output_path(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..lora import save_lora, transfer_lora
+    from ..ecosystem.lora import save_lora, transfer_lora
     from ..plan import build_block_map, get_variant
-    from ..train_args import resolve_variant_arguments
+    from ..training.args import resolve_variant_arguments
     from ._flags import flag_name
 
     resolve_variant_arguments(args)

@@ -31,9 +31,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import load_config
+    from ..configs import load_config
     from ..budget import parse_param_count, plan_for_budget, plans_within_budget
-    from ..io import atomic_write_text
+    from ..outputs import atomic_write_text
 
     if args.top < 1:
         raise ValueError(f"`--top` must be at least 1, got {args.top}.")

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from diffusers_bksdm import BKDistiller, compress_unet
-from diffusers_bksdm.tiny import tiny_unet
+from diffusers_bksdm.miniature.tiny import tiny_unet
 
 STEPS = 3
 SKIP_STEP, SKIP_RANK = 1, 1

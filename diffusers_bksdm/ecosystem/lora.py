@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .plan import BlockMap
+from ..plan import BlockMap
 
 __all__ = ["LoraTransferReport", "transfer_lora", "save_lora"]
 

@@ -1,6 +1,6 @@
 """What a training run leaves behind besides checkpoints: the validation grids (:func:`log_validation`), the model
 card (:func:`save_model_card`) and the final student pipeline (:func:`save_final_pipeline`). Used by
-:mod:`diffusers_bksdm.train`; module-level functions with explicit arguments, as in diffusers' example scripts."""
+:mod:`diffusers_bksdm.training.train`; module-level functions with explicit arguments, as in diffusers' example scripts."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from .checkpoints import latest_checkpoint
-from .io import atomic_write, update_folder, with_components
-from .train_progress import _logger
+from ..outputs import atomic_write, update_folder
+from ..pipelines import with_components
+from .progress import _logger
 
 __all__ = ["FinalSaveError", "log_validation", "save_model_card", "save_final_pipeline"]
 
@@ -90,7 +91,7 @@ class _Validation:
         self.grid: str | None = None
 
     def __call__(self, step: int) -> None:
-        from .distill import unwrap_model
+        from ..distill import unwrap_model
 
         if not self.args.validation_prompts:
             return
@@ -107,8 +108,8 @@ def save_model_card(args: argparse.Namespace, accelerator, dataset, teacher, par
                     output_dir: str):
     """The student's model card: teacher, variant, parameter counts `(teacher, student)`, the training recipe, the
     last validation grid and the license of the teacher's family."""
-    from .families import detect_family
-    from .hub import build_model_card
+    from ..families import detect_family
+    from ..hub import build_model_card
 
     ga = args.gradient_accumulation_steps
     recipe = {
@@ -140,7 +141,7 @@ def _reload_components(args: argparse.Namespace, student_unet, fallback):
     """The teacher pipeline as saved (full-precision VAE / text encoder) with the student UNet."""
     from diffusers import DiffusionPipeline
 
-    from .tiny import BUILTIN_PREFIX, builtin_teacher
+    from ..miniature.tiny import BUILTIN_PREFIX, builtin_teacher
 
     name = args.pretrained_model_name_or_path
     if name.startswith(BUILTIN_PREFIX):
@@ -153,7 +154,7 @@ def _reload_components(args: argparse.Namespace, student_unet, fallback):
 
 def _check_final_weights(student, ema, output_dir: str) -> None:
     """Refuse to write non-finite final weights (the EMA's with `--use_ema`)."""
-    from .distill import unwrap_model
+    from ..distill import unwrap_model
 
     final_weights = ema.shadow_params if ema is not None else list(unwrap_model(student).parameters())
     bad = sum(not bool(torch.isfinite(t).all()) for t in final_weights)
@@ -183,8 +184,8 @@ def save_final_pipeline(args: argparse.Namespace, student, ema, components, card
     Raises:
         FinalSaveError: writing failed (a full disk); the message says how to write it again without training.
     """
-    from .distill import unwrap_model
-    from .hub import push_folder, write_model_card
+    from ..distill import unwrap_model
+    from ..hub import push_folder, write_model_card
 
     unwrapped = unwrap_model(student)
     if ema is not None:

@@ -4,13 +4,13 @@ It plays the roles CLIP and Inception play on MS-COCO:
 
 - *accuracy* (the CLIP-score analogue): the fraction of generated images whose colour and shape (and, separately,
   position) the judge reads as the prompt asked. Through :class:`JudgeEmbedder` it plugs into
-  :func:`diffusers_bksdm.metrics.evaluate_images` as the `clip_embedder`: image and prompt embeddings are one-hot
+  :func:`diffusers_bksdm.evaluation.metrics.evaluate_images` as the `clip_embedder`: image and prompt embeddings are one-hot
   vectors of the (colour, shape) class, so the mean cosine similarity is exactly the accuracy.
 - *FD* (the FID analogue): the Fréchet distance between the judge's penultimate features of generated and of real
   images, through the `fid_extractor` of the same function (:class:`JudgeFeatures`).
 
 The shipped judge is `builtin:shapes-judge` (:func:`load_judge`); it is trained on the training split of
-:mod:`diffusers_bksdm.shapes` by `benchmarks/miniature/train_teacher.py`.
+:mod:`diffusers_bksdm.miniature.shapes` by `benchmarks/miniature/train_teacher.py`.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _class_index(attributes: dict[str, str], keys: Sequence[str]) -> int:
 
 
 class JudgeEmbedder:
-    """A `clip_embedder` for :func:`~diffusers_bksdm.metrics.evaluate_images` whose "CLIP score" is the judge's
+    """A `clip_embedder` for :func:`~diffusers_bksdm.evaluation.metrics.evaluate_images` whose "CLIP score" is the judge's
     accuracy: images and prompts both become one-hot vectors of the joint class of `keys`.
 
     Args:
@@ -142,7 +142,7 @@ class JudgeEmbedder:
 
 
 class JudgeFeatures(nn.Module):
-    """A `fid_extractor` for :func:`~diffusers_bksdm.metrics.evaluate_images`: the judge's penultimate features."""
+    """A `fid_extractor` for :func:`~diffusers_bksdm.evaluation.metrics.evaluate_images`: the judge's penultimate features."""
 
     def __init__(self, judge: ShapesJudge):
         super().__init__()
@@ -167,7 +167,7 @@ def score_images(
     Returns `accuracy` (colour and shape right), `position_accuracy`, `full_accuracy` (colour, shape and position),
     `fd` when `real_images` is given, and `num_images`.
     """
-    from .metrics import evaluate_images
+    from ..evaluation.metrics import evaluate_images
 
     if isinstance(judge, str):
         judge = load_judge(judge)

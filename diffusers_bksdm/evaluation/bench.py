@@ -23,13 +23,13 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from typing import Any
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .families import FAMILIES, closest_family, detect_family, vae_scale_factor
+from ..configs import SHIPPED_CONFIGS, load_config
+from ..families import FAMILIES, closest_family, detect_family, vae_scale_factor
 
 __all__ = [
     "SHIPPED_CONFIGS",
@@ -49,36 +49,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Shipped config names (`--teacher_config sd-v1-4`) -> package data file.
-SHIPPED_CONFIGS = {
-    "sd-v1-4": "sd-v1-4.json",
-    "sd-v1-5": "sd-v1-4.json",
-    "sd-v2-1-base": "sd-v2-1-base.json",
-    "sd-v2-1": "sd-v2-1.json",
-    "sdxl-base-1.0": "sdxl-base-1.0.json",
-}
 # aten ops that multiply activations by weights (the paper's MACs); everything else the counter sees is attention
 _WEIGHT_OPS = ("convolution", "_convolution", "convolution_backward", "addmm", "mm", "linear")
-
-
-def load_config(name_or_path: str | os.PathLike, argument: str = "name_or_path") -> dict[str, Any]:
-    """A config dict from a JSON file, a folder holding `config.json`, or a shipped name (see :data:`SHIPPED_CONFIGS`
-    and the other files of `diffusers_bksdm/configs`, e.g. `sd-v1-4-vae`). `argument` is how errors name
-    `name_or_path` (a command passes its flag)."""
-    name = os.fspath(name_or_path)
-    if os.path.isdir(name):
-        name = os.path.join(name, "config.json")
-    if os.path.isfile(name):
-        with open(name, encoding="utf-8") as f:
-            try:
-                return json.load(f)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"`{argument}` {name!r} is not valid JSON ({error}).") from error
-    files = resources.files("diffusers_bksdm").joinpath("configs")
-    shipped = {**{p.name[:-5]: p.name for p in files.iterdir() if p.name.endswith(".json")}, **SHIPPED_CONFIGS}
-    if name in shipped:
-        return json.loads(files.joinpath(shipped[name]).read_text(encoding="utf-8"))
-    raise ValueError(f"`{argument}` {name!r} is neither a JSON file nor a shipped config; shipped: {sorted(shipped)}.")
 
 
 @dataclass
@@ -365,7 +337,7 @@ def _pipeline_from_config(unet_config: Mapping[str, Any], vae_config: Mapping[st
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .tiny import tiny_scheduler, tiny_tokenizer
+    from ..miniature.tiny import tiny_scheduler, tiny_tokenizer
 
     unet = UNet2DConditionModel.from_config(dict(unet_config))
     sdxl = unet_config.get("addition_embed_type") == "text_time"
@@ -431,7 +403,7 @@ def _teacher_from_config(teacher_config, vae_config, text_encoder_config, measur
 
 
 def _teacher_from_model(teacher: str, names) -> _Teacher:
-    from .io import load_teacher
+    from ..pipelines import load_teacher
 
     pipe, unet = load_teacher(teacher, argument=names("teacher"))
     unet_config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
@@ -450,7 +422,7 @@ def _time_pipelines(
     for component in teacher.pipe.components.values():
         if isinstance(component, torch.nn.Module):
             _move(component, device, settings.dtype)
-    from .io import with_components
+    from ..pipelines import with_components
 
     pipes = {"teacher": teacher.pipe, **{name: with_components(teacher.pipe, unet=unet) for name, _, unet in entries}}
     for pipe in pipes.values():
@@ -517,8 +489,8 @@ def benchmark(
     """
     from diffusers import UNet2DConditionModel
 
-    from ._quiet import silence_library_noise
-    from .student import BKUNet2DConditionModel, compress_unet
+    from .._quiet import silence_library_noise
+    from ..student import BKUNet2DConditionModel, compress_unet
 
     def names(key: str) -> str:
         return (argument_names or {}).get(key, key)
@@ -729,7 +701,7 @@ def save_report(report: BenchmarkReport, output_dir: str | os.PathLike, chart: b
 
     Each file is written to a temporary name and renamed into place. Returns the paths written.
     """
-    from .io import atomic_write, atomic_write_text
+    from ..outputs import atomic_write, atomic_write_text
 
     output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)

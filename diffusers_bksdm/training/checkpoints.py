@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .io import replace_path
+from ..outputs import replace_path
 
 __all__ = [
     "CHECKPOINT_PATTERN",
@@ -208,7 +208,7 @@ class CheckpointManager:
 
     # ---- accelerate hooks: the student as a diffusers folder ----
     def _save_model_hook(self, models: list, weights: list, hook_dir: str) -> None:
-        from .distill import unwrap_model
+        from ..distill import unwrap_model
 
         if self.accelerator.is_main_process:
             if self.ema is not None:
@@ -222,7 +222,7 @@ class CheckpointManager:
         from diffusers import UNet2DConditionModel
         from diffusers.training_utils import EMAModel
 
-        from .distill import unwrap_model
+        from ..distill import unwrap_model
 
         if self.ema is not None:
             loaded = EMAModel.from_pretrained(os.path.join(hook_dir, "unet_ema"), UNet2DConditionModel)
@@ -329,7 +329,7 @@ def _choose_seed(args: argparse.Namespace, resume_state: dict[str, Any], logger)
 def _resume_position(state: dict[str, Any], schedule: Any,
                      gradient_accumulation_steps: int) -> tuple[int, int, int]:
     """`(global_step, first_epoch, batches of that epoch already consumed)` for a trainer state and a
-    :class:`~diffusers_bksdm.train.TrainingSchedule`; zeros for `{}`."""
+    :class:`~diffusers_bksdm.training.train.TrainingSchedule`; zeros for `{}`."""
     if not state:
         return 0, 0, 0
     global_step = int(state["global_step"])

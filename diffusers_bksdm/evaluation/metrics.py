@@ -13,7 +13,7 @@
   an `.npz` with `mu` and `sigma`, the format pytorch-fid reads and writes.
 
 Images are read in sorted file-name order; generated images are named by prompt index (`000042.png`, see
-:mod:`diffusers_bksdm.generate`), which pairs each image with its prompt for the CLIP score.
+:mod:`diffusers_bksdm.evaluation.generate`), which pairs each image with its prompt for the CLIP score.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from .families import FAMILIES
-from .io import atomic_write, atomic_write_text
+from ..families import FAMILIES
+from ..outputs import atomic_write, atomic_write_text
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .io import atomic_write, atomic_write_text
+from ..outputs import atomic_write, atomic_write_text
 
 __all__ = [
     "CAPTION_COLUMNS",
@@ -198,7 +198,7 @@ def image_folder(output_dir: str | os.PathLike, resolution: int) -> str:
 
 def native_resolution(pipe) -> int:
     """The image size a pipeline makes by default: its UNet's `sample_size` times the VAE scale factor."""
-    from .families import vae_scale_factor
+    from ..families import vae_scale_factor
 
     sample_size = pipe.unet.config.sample_size
     if isinstance(sample_size, (list, tuple)):
@@ -238,8 +238,8 @@ def load_pipeline(
     """
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-    from ._quiet import silence_library_noise
-    from .tiny import BUILTIN_PREFIX, builtin_teacher
+    from .._quiet import silence_library_noise
+    from ..miniature.tiny import BUILTIN_PREFIX, builtin_teacher
 
     silence_library_noise()
     if model.startswith(BUILTIN_PREFIX):
@@ -251,7 +251,7 @@ def load_pipeline(
                 "alone, pass the teacher pipeline as the model and the UNet folder as `unet`."
             )
         if not os.path.isdir(model):  # a hub id: one clear line when it is mistyped or the hub cannot be reached
-            from .io import hub_file_exists
+            from ..pipelines import hub_file_exists
 
             if not hub_file_exists(model, "model_index.json", revision=revision, argument=argument):
                 raise ValueError(f"`{argument}` {model!r} is not a pipeline repo (no model_index.json).")
@@ -290,7 +290,7 @@ def set_scheduler(pipe, name: str | None) -> None:
 
 
 def _family(unet_config: Any) -> str | None:
-    from .families import detect_family
+    from ..families import detect_family
 
     family = detect_family(unet_config)
     return family.name if family is not None else None

@@ -1,7 +1,7 @@
 """Measuring students in the miniature world: images for the held-out prompts, the judge's scores, side-by-side
 pictures, loss curves and UNet latency. Used by `bksdm demo` and `benchmarks/miniature/ablation.py`.
 
-The world is described in :mod:`diffusers_bksdm.shapes`, the judge in :mod:`diffusers_bksdm.judge`, and the trained
+The world is described in :mod:`diffusers_bksdm.miniature.shapes`, the judge in :mod:`diffusers_bksdm.miniature.judge`, and the trained
 teacher ships as `builtin:shapes-sd` (see docs/miniature.md).
 """
 
@@ -69,7 +69,7 @@ def evaluate_pipeline(
     seen: bool = True,
 ) -> dict[str, Any]:
     """Generate the held-out prompts with `pipe` (as `bksdm generate` does: one seeded generator per image) into
-    `output_dir/im32`, and score them with the judge (see :func:`diffusers_bksdm.judge.score_images`). With `seen`,
+    `output_dir/im32`, and score them with the judge (see :func:`diffusers_bksdm.miniature.judge.score_images`). With `seen`,
     also the control prompts of combinations seen in training (`output_dir/seen`): `seen_accuracy`."""
     from .judge import load_judge
 
@@ -87,7 +87,7 @@ def evaluate_pipeline(
 
 
 def _generate_and_score(pipe, output_dir, real_images, judge, images_per_prompt, steps, guidance, split):
-    from .generate import GenerationConfig, generate_images, image_folder
+    from ..evaluation.generate import GenerationConfig, generate_images, image_folder
     from .judge import score_images
 
     prompts = eval_prompt_list(images_per_prompt, split)
@@ -115,7 +115,7 @@ def comparison_grid(
     """A labelled PNG: one row per prompt index, one column per image folder (same file names in each)."""
     from PIL import Image, ImageDraw
 
-    from .generate import image_name
+    from ..evaluation.generate import image_name
 
     cell, label_w, head_h = shapes.IMAGE_SIZE * scale, 300, 24
     grid = Image.new("RGB", (label_w + cell * len(columns), head_h + cell * len(indices)), (255, 255, 255))
@@ -146,7 +146,7 @@ def loss_curve(log_csv: str | os.PathLike, path: str | os.PathLike, terms: Seque
         raise ImportError("The loss curve needs matplotlib: `pip install matplotlib`.") from error
     import numpy as np
 
-    from .train_progress import LOSS_TERMS
+    from ..training.progress import LOSS_TERMS
 
     with open(log_csv, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -176,10 +176,10 @@ def loss_curve(log_csv: str | os.PathLike, path: str | os.PathLike, terms: Seque
 
 def unet_latency(unets: Mapping[str, torch.nn.Module], repeats: int = 20, batch: int = 2) -> dict[str, float]:
     """Median seconds of one UNet forward (a classifier-free guidance batch of `batch` at the model's latent size)
-    for each UNet, timed side by side (:func:`diffusers_bksdm.bench.measure_latency`)."""
+    for each UNet, timed side by side (:func:`diffusers_bksdm.evaluation.bench.measure_latency`)."""
     import statistics
 
-    from .bench import measure_latency, unet_inputs
+    from ..evaluation.bench import measure_latency, unet_inputs
 
     calls = {}
     for name, unet in unets.items():
@@ -199,7 +199,7 @@ def output_mse(pipe, student: torch.nn.Module, real_images: str | os.PathLike, n
     from diffusers import DDPMScheduler
     from PIL import Image
 
-    from .data import read_metadata, tokenize
+    from ..training.data import read_metadata, tokenize
 
     records = read_metadata(os.fspath(real_images))[:num_samples]
     arrays = []

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .io import atomic_write
-from .plan import BlockMap
+from ..outputs import atomic_write
+from ..plan import BlockMap
 
 __all__ = ["IPAdapterTransferReport", "transfer_ip_adapter", "save_ip_adapter"]
 

@@ -1,26 +1,10 @@
-"""Small I/O helpers shared by the package: dtypes, atomic writes, pipeline rebuilds, loading teachers.
-
-Every output is written under a temporary name beside its destination and renamed into place, so nobody ever takes a
-half-written file or folder for a complete one:
-
-- :func:`atomic_write` (one file: yields the temporary path to write), :func:`atomic_write_text`;
-- :func:`atomic_directory` (a whole folder that must not exist yet, or is replaced);
-- :func:`update_folder` (a pipeline saved into an existing folder: each component folder is replaced whole,
-  `model_index.json` last, other files kept);
-- :func:`replace_path` (the rename step shared by all of them).
-
-The module name shadows nothing: it is only imported relatively (`from .io import ...`), and the standard library's
-`io` is loaded before any user code runs, so `import io` always gives the standard one.
-"""
+"""Loading pipelines and models: teachers (a pipeline, a bare UNet or `builtin:<name>`), the one pipeline rebuild
+(:func:`with_components`), dtypes, devices and parameter counts. Writing them is :mod:`diffusers_bksdm.outputs`."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,12 +12,6 @@ import torch
 __all__ = [
     "DTYPES",
     "parse_dtype",
-    "atomic_write",
-    "atomic_write_text",
-    "atomic_directory",
-    "update_folder",
-    "STAGING_PREFIX",
-    "replace_path",
     "with_components",
     "count_parameters",
     "hub_file_exists",
@@ -78,121 +56,6 @@ def parse_device(name: str | None, argument: str = "name") -> torch.device | Non
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, argument: str = "path") -> Iterator[str]:
-    """Yield a temporary folder beside `path`; when the block finishes it becomes `path` in one rename.
-
-    A crash or an exception leaves `path` as it was (absent, or the previous complete content) and removes the
-    temporary folder, so nobody ever takes a half-written folder for a complete one.
-    """
-    path = os.path.abspath(os.fspath(path))
-    if overwrite:  # replacing the current directory or one of its parents would delete the user's files
-        from .output_dir import check_not_protected
-
-        check_not_protected(path, argument=argument)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"`{argument}` {path!r} exists and is not a folder.")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise ValueError(f"`{argument}` {path!r} exists and is not empty; choose another folder or allow replacing it "
-                         "(`overwrite=True`; `--overwrite` on the command line).")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = _temporary_name(path)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_path(tmp, path)
-
-
-def _temporary_name(path: str, kind: str = "tmp", *, keep_extension: bool = False) -> str:
-    """A hidden name beside `path`: `dir/.name.tmp-1a2b3c4d`, or `dir/.name.tmp-1a2b3c4d.png` with `keep_extension`
-    (writers such as PIL and `np.savez` pick the format from the extension)."""
-    folder, name = os.path.split(path)
-    stem, ext = os.path.splitext(name) if keep_extension else (name, "")
-    return os.path.join(folder, f".{stem}.{kind}-{uuid.uuid4().hex[:8]}{ext}")
-
-
-def replace_path(
-    source: str | os.PathLike, destination: str | os.PathLike, *, trash: str | os.PathLike | None = None
-) -> None:
-    """Rename `source` to `destination`, replacing what is there: a file in one `os.replace`; a folder is first
-    renamed aside (into `trash` when given, else beside it under a hidden name) and then deleted, so `destination` is
-    always either the old or the new complete content."""
-    source, destination = os.fspath(source), os.fspath(destination)
-    old = None
-    if os.path.isdir(destination) and not os.path.islink(destination):
-        old = _temporary_name(destination if trash is None else os.path.join(trash, os.path.basename(destination)),
-                              "old")
-        os.replace(destination, old)
-    os.replace(source, destination)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path beside `path` (same extension); when the block finishes it is renamed to `path`.
-
-    An exception removes the temporary file and leaves `path` as it was.
-
-    Example:
-
-    ```py
-    >>> with atomic_write("grid.png") as tmp:
-    ...     image.save(tmp)
-    ```
-    """
-    path = os.fspath(path)
-    tmp = _temporary_name(path, keep_extension=True)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> str:
-    """Write `text` (UTF-8) to `path` through a temporary file; returns the path."""
-    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    return os.fspath(path)
-
-
-#: prefix of the hidden staging folder that :func:`update_folder` creates inside its target
-STAGING_PREFIX = ".final.tmp-"
-
-
-@contextlib.contextmanager
-def update_folder(path: str | os.PathLike, *, argument: str = "save_directory") -> Iterator[str]:
-    """Yield a hidden staging folder inside `path` (`path/.final.tmp-XXXXXXXX`, created with `path`); when the block
-    finishes, each of its entries replaces the entry of the same name in `path` (a component folder whole, so no
-    stale shard of an earlier save survives) and `model_index.json` moves last, so a folder with the new index always
-    has the new components. Other files already in `path` (checkpoints, logs, a model card) are kept. An exception
-    leaves the entries of `path` as they were; the staging folder is always removed (a crash can leave one behind;
-    it is hidden, so uploads skip it, and `bksdm distill` removes it at its next start).
-    """
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"`{argument}` {path!r} exists and is not a folder.")
-    created = not os.path.exists(path)
-    tmp = os.path.join(path, f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        for name in sorted(os.listdir(tmp), key=lambda entry: entry == "model_index.json"):
-            replace_path(os.path.join(tmp, name), os.path.join(path, name), trash=tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created and not os.listdir(path):
-            os.rmdir(path)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def with_components(pipe: Any, pipeline_class: type | None = None, **components: Any) -> Any:
@@ -290,7 +153,7 @@ def load_teacher(
     """
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-    from .tiny import BUILTIN_PREFIX, builtin_teacher
+    from .miniature.tiny import BUILTIN_PREFIX, builtin_teacher
 
     if name_or_path.startswith(BUILTIN_PREFIX):
         if variant is not None:

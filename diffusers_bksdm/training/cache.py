@@ -92,8 +92,8 @@ def build_cache(
     text_encoder_2=None,
     tokenizer_2=None,
 ) -> dict[str, Any]:
-    """Encode every sample of a map-style source (:class:`~diffusers_bksdm.data.ImageFolderSource` or
-    :class:`~diffusers_bksdm.data.HFDatasetSource`) into a cache folder.
+    """Encode every sample of a map-style source (:class:`~diffusers_bksdm.training.data.ImageFolderSource` or
+    :class:`~diffusers_bksdm.training.data.HFDatasetSource`) into a cache folder.
 
     Args:
         source: the images and captions; its transform must center-crop (random crops cannot be cached). Flips in
@@ -114,8 +114,8 @@ def build_cache(
     Returns:
         `dict`: the cache index (also written to `index.json`).
     """
-    from .conditioning import TextConditioning
-    from .io import atomic_directory
+    from ..conditioning import TextConditioning
+    from ..outputs import atomic_directory
 
     if not source.transform.center_crop:
         raise ValueError("`source.transform.center_crop` is False: a latent cache needs center-cropped images "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from .commands._flags import HelpFormatter, add_hub_arguments, add_model_argument, add_output_dir_argument
+from ..commands._flags import HelpFormatter, add_hub_arguments, add_model_argument, add_output_dir_argument
 
 __all__ = [
     "add_train_arguments",
@@ -51,7 +51,7 @@ def add_variant_arguments(group) -> None:
 def resolve_variant_arguments(args: argparse.Namespace, default: str = "small") -> None:
     """Read the old spelling `--variant small` as `--student_variant small` (with a `FutureWarning`); any other
     `--variant` value stays the teacher's weight file variant. Sets `args.student_variant` (default `default`)."""
-    from .plan import list_variants, load_plan_file
+    from ..plan import list_variants, load_plan_file
 
     if getattr(args, "plan", None) is not None:
         name = load_plan_file(args.plan, argument="--plan")

@@ -27,8 +27,9 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.configuration_utils import FrozenDict
 
-from .plan import PER_STAGE_FIELDS, BlockMap, RemovalPlan, build_block_map, public_config
-from .student import METADATA_KEY, _check_unet, copy_weights_into
+from ..plan import PER_STAGE_FIELDS, BlockMap, RemovalPlan, build_block_map, public_config
+from ..plan import METADATA_KEY
+from ..weights import check_unet as _check_unet, copy_weights_into
 
 __all__ = [
     "compress_controlnet",

@@ -1,6 +1,6 @@
 """What a training run records as it goes: the CSV log (:class:`TrainLog`), the per-step loss statistics gathered
 over processes (:class:`StepStatistics`), a SIGTERM / SIGINT turned into a checkpoint-then-exit request, and log lines
-kept above the progress bar. Used by :mod:`diffusers_bksdm.train`."""
+kept above the progress bar. Used by :mod:`diffusers_bksdm.training.train`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .io import atomic_write
+from ..outputs import atomic_write
 
 __all__ = ["LOSS_TERMS", "TrainLog", "StepStatistics"]
 
@@ -24,7 +24,7 @@ LOSS_TERMS = ("loss", "task_loss", "output_kd_loss", "feature_kd_loss")
 
 
 #: the one logger of a training run, whichever module of the trainer writes
-LOGGER_NAME = "diffusers_bksdm.train"
+LOGGER_NAME = "diffusers_bksdm.training.train"
 
 
 def _logger():

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from diffusers_bksdm.io import atomic_write, atomic_write_text, replace_path, update_folder, with_components
+from diffusers_bksdm.outputs import atomic_write, atomic_write_text, replace_path, update_folder
+from diffusers_bksdm.pipelines import with_components
 
 
 def test_atomic_write_replaces_on_success_and_keeps_old_content_on_error(tmp_path):
@@ -73,7 +74,7 @@ def test_update_folder_error_leaves_target_untouched(tmp_path):
 
 
 def test_with_components_shares_components_and_settings():
-    from diffusers_bksdm.tiny import tiny_pipeline, tiny_unet
+    from diffusers_bksdm.miniature.tiny import tiny_pipeline, tiny_unet
 
     pipe = tiny_pipeline("sd-v1", seed=0)
     pipe.register_to_config(_name_or_path="some/teacher")

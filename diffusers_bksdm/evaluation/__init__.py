@@ -1,0 +1,1 @@
+"""Measuring a student: images for evaluation, FID / IS / CLIP score, parameters / MACs / latency."""

@@ -1,0 +1,1 @@
+"""The miniature world: tiny local teachers, the shapes data, its judge and the shipped trained teacher."""
