@@ -158,7 +158,7 @@ def parse_param_count(text: str, argument: str = "max_params") -> int:
     number = value[:-1] if scale != 1 else value
     try:
         count = int(round(float(number) * scale))
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number; inf / nan
         raise ValueError(f"`{argument}` {text!r} is not a parameter count; use e.g. 500M, 1.2B or 482346884.") from None
     if count < 1:
         raise ValueError(f"`{argument}` must be positive, got {text!r}.")

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"diffusers-bksdm {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="Show the traceback of a failure instead of one line (also: BKSDM_DEBUG=1).")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in command_modules():
         importlib.import_module(f".commands.{name}", __package__).add_parser(subparsers)
@@ -109,7 +111,50 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     return args
 
 
+#: optional modules -> the install line that brings them (named in the error when one is missing)
+EXTRAS = {
+    "datasets": 'pip install "diffusers-bksdm[train]"',
+    "webdataset": 'pip install "diffusers-bksdm[train]"',
+    "tensorboard": 'pip install "diffusers-bksdm[train]"',
+    "torchmetrics": 'pip install "diffusers-bksdm[eval]"',
+    "scipy": 'pip install "diffusers-bksdm[eval]"',
+    "matplotlib": 'pip install "diffusers-bksdm[eval]"',
+    "peft": "pip install peft",
+    "onnx": 'pip install "diffusers-bksdm[onnx]"',
+    "onnxruntime": 'pip install "diffusers-bksdm[onnx]"',
+}
+
+
+def _expected_failure(error: BaseException) -> str | None:
+    """The one-line message of an expected failure (bad input, a broken or missing file, a full or read-only disk,
+    a missing optional dependency), or `None` for a bug, which keeps its traceback."""
+    from .outputs import OutputFolderBusy
+
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        top = error.name.split(".")[0]
+        install = EXTRAS.get(top, f"pip install {top}")
+        return f"this needs the optional package {top!r}, which is not installed: `{install}`."
+    if isinstance(error, (ValueError, OutputFolderBusy, ImportError)):
+        return str(error)
+    if isinstance(error, OSError):
+        if error.filename is not None and error.strerror:
+            where = f"{error.filename!r}" + (f" -> {error.filename2!r}" if error.filename2 else "")
+            return f"{where}: {error.strerror}."
+        return str(error) or type(error).__name__
+    if type(error).__name__ == "SafetensorError":  # a truncated, empty or garbage .safetensors file
+        return f"a .safetensors file cannot be read ({error}); it is truncated or not a safetensors file."
+    return None
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    import os
+
+    return bool(getattr(args, "debug", False)) or os.environ.get("BKSDM_DEBUG", "").lower() in ("1", "true", "yes")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one `bksdm` command. Every expected failure is one line on stderr (`bksdm <command>: error: ...`) and
+    exit code 2, as argparse does for bad flags; `--debug` (or `BKSDM_DEBUG=1`) shows the traceback instead."""
     parser = build_parser()
     args = _parse(parser, argv)
     if getattr(args, "func", None) is None:
@@ -118,8 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     with command_logging():
         try:
             return int(args.func(args) or 0)
-        except (ValueError, FileNotFoundError) as error:
-            print(f"bksdm {args.command}: error: {error}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print(f"bksdm {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:  # noqa: BLE001 - the one error boundary of the command line
+            message = _expected_failure(error)
+            if message is None or _debug(args):
+                raise
+            message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+            print(f"bksdm {args.command}: error: {message}", file=sys.stderr)
             return 2
 
 

@@ -1,9 +1,20 @@
-"""Output-folder safety: folders that must never be replaced, and one run per folder at a time.
+"""The one output policy: where a command or library function may write, and how.
 
-- :func:`check_not_protected` refuses an output folder whose replacement would destroy something that is not
-  output: the current directory or one of its parents, or a protected path (the teacher) or a folder holding it.
-- :class:`OutputLock` is a lock file in the output folder naming the holder's pid and host. A second run on the same
-  folder refuses while the holder lives; a lock left by a process that is gone (same host) is taken over.
+Where (checked before anything is computed):
+
+- :func:`check_output_dir` / :func:`check_output_file`: never into or over an input (a teacher's folder or file, an
+  input file: resolved paths, symlinks included), never the current directory or one of its parents (so never `/`);
+  an existing file or non-empty folder is replaced only when the caller allows it (the command's
+  `--overwrite_output_dir` / `--overwrite_output_file`) and only if this package wrote it: a folder holds the marker
+  :data:`OUTPUT_MARKER`, a file is recognised by its content (the caller's `ours` check).
+- :func:`check_not_protected`: the lower-level check of the first rule (the trainer uses it with its own rules for
+  resuming a run); :class:`OutputLock`: one training run per folder at a time.
+
+How: every output is written under a temporary name beside its destination and renamed into place, so nobody ever
+takes a half-written file or folder for a complete one: :func:`atomic_write` (one file), :func:`atomic_write_text`,
+:func:`atomic_directory` (a whole folder, checked by :func:`check_output_dir` and marked as ours), :func:`update_folder`
+(a pipeline saved into an existing folder: each component replaced whole, `model_index.json` last) and
+:func:`replace_path` (the rename step shared by all of them).
 """
 
 from __future__ import annotations
@@ -16,10 +27,16 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 __all__ = [
     "LOCK_FILE",
+    "OUTPUT_MARKER",
+    "check_output_dir",
+    "check_output_file",
+    "check_inputs",
+    "is_ours",
+    "write_marker",
     "OutputFolderBusy",
     "OutputLock",
     "check_not_protected",
@@ -82,6 +99,132 @@ def check_not_protected(
                 f"`{argument}` {shown!r} is, holds or is part of {what} ({os.fspath(other)!r}); writing there would "
                 "destroy it. Choose another folder."
             )
+
+
+#: the file every command leaves in a folder it created (hidden: uploads skip it); what lets a later
+#: `--overwrite_output_dir` replace the folder
+OUTPUT_MARKER = ".bksdm-output.json"
+_WRITER = "diffusers-bksdm"
+
+
+def write_marker(folder: str | os.PathLike, command: str) -> None:
+    """Mark `folder` as written by this package (`command` names what wrote it, e.g. `"bksdm compress"`)."""
+    from . import __version__
+
+    record = {"written_by": _WRITER, "version": __version__, "command": command,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_text(os.path.join(os.fspath(folder), OUTPUT_MARKER), json.dumps(record, indent=2) + "\n")
+
+
+def is_ours(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds the marker of a folder this package wrote (:func:`write_marker`)."""
+    try:
+        with open(os.path.join(os.fspath(folder), OUTPUT_MARKER), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("written_by") == _WRITER
+
+
+Inputs = Iterable[tuple[str, "str | os.PathLike | None"]]
+
+
+def _input_root(path: str) -> str:
+    """The pipeline folder that `path` belongs to (a teacher's `unet/` or `unet/config.json` is part of the
+    pipeline holding `model_index.json`), else `path`."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    for candidate in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
+        if os.path.isfile(os.path.join(candidate, "model_index.json")):
+            return candidate
+    return path
+
+
+def check_inputs(path: str | os.PathLike, inputs: Inputs, argument: str = "path") -> None:
+    """Refuse an output `path` that is, holds or lies inside one of `inputs` (`(what, path)` pairs; a path inside a
+    pipeline folder stands for the whole pipeline)."""
+    path = shown = os.fspath(path)
+    for what, other in inputs:
+        if other is None or not os.path.exists(other):  # a hub id or `builtin:` name is no path here
+            continue
+        other = _input_root(os.fspath(other))
+        if is_within(path, other) or is_within(other, path):
+            raise ValueError(
+                f"`{argument}` {shown!r} is, holds or lies inside {what} ({os.fspath(other)!r}); this command never "
+                "writes into or over its inputs. Choose another path."
+            )
+
+
+def check_output_dir(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    inputs: Inputs = (),
+    ours: Callable[[str], bool] | None = None,
+    argument: str = "path",
+    overwrite_flag: str = "overwrite=True",
+) -> None:
+    """Refuse `path` as a folder to create or replace, before anything is computed.
+
+    Args:
+        path (`str` or `os.PathLike`): the output folder.
+        overwrite (`bool`, *optional*, defaults to `False`): whether an existing non-empty folder may be replaced;
+            even then only a folder this package wrote (:func:`is_ours`, or `ours(path)`).
+        inputs (iterable of `(what, path)`): what the command reads, e.g. `("the teacher (--teacher)", folder)`;
+            `path` may not be, hold or lie inside any of them. `None` and paths that do not exist are skipped.
+        ours (`Callable[[str], bool]`, *optional*): recognises a folder written by this package before the marker
+            existed (e.g. a folder of generated images with its manifest).
+        argument (`str`): how errors name `path` (a command passes its flag).
+        overwrite_flag (`str`): how errors name the permission to replace (a command passes its flag).
+
+    Raises:
+        ValueError: the message names the argument, the value and what would be accepted.
+    """
+    path = os.fspath(path)
+    check_not_protected(path, argument=argument)
+    check_inputs(path, inputs, argument)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"`{argument}` {path!r} exists and is not a folder; name a new or empty folder.")
+    if not os.path.isdir(path) or not os.listdir(path):
+        return
+    if not overwrite:
+        raise ValueError(f"`{argument}` {path!r} exists and is not empty; choose a new folder, or pass "
+                         f"{overwrite_flag} to replace a folder this command wrote.")
+    if not (is_ours(path) or (ours is not None and ours(path))):
+        raise ValueError(f"`{argument}` {path!r} was not written by diffusers-bksdm (no {OUTPUT_MARKER}); "
+                         f"{overwrite_flag} replaces only folders this package wrote. Choose a new folder.")
+
+
+def check_output_file(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    inputs: Inputs = (),
+    ours: Callable[[str], bool] | None = None,
+    argument: str = "path",
+    overwrite_flag: str = "overwrite=True",
+) -> None:
+    """Refuse `path` as a file to write, before anything is computed: not an input nor inside an input folder, not
+    a folder, not an existing file unless `overwrite` and `ours(path)` says this package wrote it (without `ours`,
+    no existing file is ever replaced). Arguments as :func:`check_output_dir`.
+
+    Raises:
+        ValueError: the message names the argument, the value and what would be accepted.
+    """
+    path = os.fspath(path)
+    check_inputs(path, inputs, argument)
+    if os.path.isdir(path):
+        raise ValueError(f"`{argument}` {path!r} is a folder; name a file.")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise ValueError(f"`{argument}` {path!r}: {parent!r} is a file, not a folder.")
+    if not os.path.exists(path):
+        return
+    if not overwrite:
+        raise ValueError(f"`{argument}` {path!r} exists; choose a new file, or pass {overwrite_flag} to replace a "
+                         "file this command wrote.")
+    if ours is None or not ours(path):
+        raise ValueError(f"`{argument}` {path!r} was not written by this command; {overwrite_flag} replaces only "
+                         "files diffusers-bksdm wrote. Choose a new file.")
 
 
 class OutputFolderBusy(RuntimeError):
@@ -195,26 +338,34 @@ class OutputLock:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, argument: str = "path") -> Iterator[str]:
+def atomic_directory(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    argument: str = "path",
+    inputs: Inputs = (),
+    command: str | None = None,
+    ours: Callable[[str], bool] | None = None,
+    overwrite_flag: str = "overwrite=True",
+) -> Iterator[str]:
     """Yield a temporary folder beside `path`; when the block finishes it becomes `path` in one rename.
 
-    A crash or an exception leaves `path` as it was (absent, or the previous complete content) and removes the
-    temporary folder, so nobody ever takes a half-written folder for a complete one.
+    `path` is first checked by :func:`check_output_dir` (never an input or the current directory; an existing
+    non-empty folder only with `overwrite` and only if this package wrote it), and the new folder carries the marker
+    :data:`OUTPUT_MARKER` (`command` names the writer). A crash or an exception leaves `path` as it was (absent, or
+    the previous complete content) and removes the temporary folder, so nobody ever takes a half-written folder for a
+    complete one.
     """
+    check_output_dir(path, overwrite=overwrite, inputs=inputs, ours=ours, argument=argument,
+                     overwrite_flag=overwrite_flag)
     path = os.path.abspath(os.fspath(path))
-    if overwrite:  # replacing the current directory or one of its parents would delete the user's files
-        check_not_protected(path, argument=argument)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"`{argument}` {path!r} exists and is not a folder.")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise ValueError(f"`{argument}` {path!r} exists and is not empty; choose another folder or allow replacing it "
-                         "(`overwrite=True`; `--overwrite` on the command line).")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = _temporary_name(path)
     os.makedirs(tmp)
     try:
         yield tmp
+        write_marker(tmp, command or "diffusers_bksdm")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

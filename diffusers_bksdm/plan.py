@@ -236,6 +236,17 @@ def get_variant(name: str) -> RemovalPlan:
         raise ValueError(f"Unknown variant {name!r}; known variants: {list_variants()}.") from None
 
 
+def is_plan_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a removal plan file (:meth:`RemovalPlan.to_json`): what `bksdm plan` may replace."""
+    try:
+        with open(os.fspath(path), encoding="utf-8") as f:
+            data = json.load(f)
+        RemovalPlan.from_dict(data)
+    except (OSError, ValueError, TypeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "format_version" in data
+
+
 def load_plan_file(path: str | os.PathLike, argument: str = "path") -> str:
     """Read a removal plan from a JSON file (:meth:`RemovalPlan.to_json`), register it and return its variant name.
 

@@ -74,8 +74,12 @@ def test_errors_name_the_argument(tiny_pipeline_dir, tmp_path, capsys):
     assert "variant=huge" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
-    assert main(["compress", "--teacher", str(tmp_path), "--output_dir", str(tmp_path / "y")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["compress", "--teacher", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "y")]) == 2
     assert "neither model_index.json" in capsys.readouterr().err
+    # a new folder inside the teacher's folder is refused too: nothing is ever written into an input
+    assert main(["compress", "--teacher", str(tiny_pipeline_dir), "--output_dir", str(tiny_pipeline_dir / "y")]) == 2
+    assert "never writes into or over its inputs" in capsys.readouterr().err
 
     with pytest.raises(SystemExit):
         main(["compress", "--output_dir", str(tmp_path / "z")])  # --teacher is required

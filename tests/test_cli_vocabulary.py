@@ -18,7 +18,7 @@ COMMANDS = {"bench", "cache", "compress", "demo", "distill", "eval", "generate",
 READ_A_MODEL = {"bench", "cache", "compress", "demo", "distill", "generate", "lora"}
 WRITE_A_FOLDER = {"bench", "cache", "compress", "demo", "distill", "generate", "lora"}
 #: spellings of the previous release: only ever hidden, deprecated aliases
-OLD_SPELLINGS = {"--output", "--repo_id", "--private"}
+OLD_SPELLINGS = {"--output", "--repo_id", "--private", "--overwrite"}
 HUB_FLAGS = {"--hub_model_id", "--hub_private", "--hub_token"}
 
 
@@ -169,7 +169,8 @@ def test_lora_writes_a_folder_or_a_file(tmp_path, capsys):
     assert main([*args, "--output", str(tmp_path / "old.safetensors")]) == 0
     assert "warning: `--output` is deprecated" in capsys.readouterr().err and (tmp_path / "old.safetensors").is_file()
     assert main([*args, "--output_file", str(tmp_path / "one.safetensors")]) == 2
-    assert f"`--output_file`: {str(tmp_path / 'one.safetensors')!r} exists" in capsys.readouterr().err
+    assert f"`--output_file` {str(tmp_path / 'one.safetensors')!r} exists" in capsys.readouterr().err
+    assert main([*args, "--output_file", str(tmp_path / "one.safetensors"), "--overwrite_output_file"]) == 0
     with pytest.raises(SystemExit):  # one or the other
         main([*args, "--output_dir", str(tmp_path / "a"), "--output_file", str(tmp_path / "b.safetensors")])
 

@@ -28,6 +28,7 @@ __all__ = [
     "add_model_argument",
     "add_output_dir_argument",
     "add_output_file_argument",
+    "add_overwrite_argument",
     "add_hub_arguments",
     "flag_name",
 ]
@@ -77,7 +78,10 @@ def _shows_default(action: argparse.Action, text: str) -> bool:
 def add_command_parser(subparsers, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     """A subcommand parser with the shared conventions: no abbreviations, every default in `--help`."""
     kwargs.setdefault("formatter_class", HelpFormatter)
-    return subparsers.add_parser(name, allow_abbrev=False, **kwargs)
+    parser = subparsers.add_parser(name, allow_abbrev=False, **kwargs)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="Show the traceback of a failure instead of one line (also: BKSDM_DEBUG=1).")
+    return parser
 
 
 def _record(namespace: argparse.Namespace, dest: str, option_string: str | None) -> None:
@@ -170,6 +174,20 @@ def add_output_file_argument(
     """`--output_file FILE`: a single file the command writes (`args.output_file`)."""
     return add_argument(parser, "--output_file", deprecated=deprecated, dest="output_file", required=required,
                         default=default, metavar="FILE", help=help)
+
+
+def add_overwrite_argument(parser, *, output: str = "output_dir", help: str | None = None,
+                           deprecated: tuple[str, ...] = ("--overwrite",)) -> argparse.Action:
+    """`--overwrite_output_dir` (for an `--output_dir`, as in diffusers' scripts) or `--overwrite_output_file` (for
+    an `--output_file`): the one permission to replace an output, and only one this package wrote (see
+    :mod:`diffusers_bksdm.outputs`). Stored as `args.overwrite_output_dir` / `args.overwrite_output_file`."""
+    if output not in ("output_dir", "output_file"):
+        raise ValueError(f"`output` must be 'output_dir' or 'output_file', got {output!r}.")
+    what = "folder" if output == "output_dir" else "file"
+    return add_argument(parser, f"--overwrite_{output}", deprecated=deprecated, action="store_true",
+                        dest=f"overwrite_{output}",
+                        help=help or f"Replace --{output} if it exists: only a {what} diffusers-bksdm wrote, never an "
+                        "input (the teacher's files) or the current directory.")
 
 
 def add_hub_arguments(

@@ -6,7 +6,13 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    from ._flags import add_argument, add_command_parser, add_model_argument, add_output_dir_argument
+    from ._flags import (
+        add_argument,
+        add_command_parser,
+        add_model_argument,
+        add_output_dir_argument,
+        add_overwrite_argument,
+    )
 
     parser = add_command_parser(
         subparsers,
@@ -59,6 +65,8 @@ def add_parser(subparsers) -> None:
     add_output_dir_argument(parser, required=False,
                             help="Folder for bench.md, bench.json and bench.png; default: print the table only.")
     parser.add_argument("--no_chart", action="store_true", help="Do not draw bench.png.")
+    add_overwrite_argument(parser, deprecated=(), help="Replace --output_dir if it holds an earlier report (only "
+                           "bench.json, bench.md, bench.png).")
     parser.set_defaults(func=run)
 
 
@@ -67,12 +75,18 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..evaluation.bench import BenchmarkSettings, benchmark, report_markdown, save_report
+    from ..evaluation.bench import BenchmarkSettings, benchmark, is_bench_folder, report_markdown, save_report
+    from ..outputs import check_output_dir
     from ..pipelines import parse_device, parse_dtype
-
     from ._flags import flag_name
 
     parse_device(args.device, "--device")  # an unknown device or one this machine lacks fails with one line
+    policy = {"overwrite": args.overwrite_output_dir, "argument": flag_name(args, "output_dir"),
+              "overwrite_flag": "--overwrite_output_dir"}
+    if args.output_dir:  # before anything is measured
+        check_output_dir(args.output_dir, ours=is_bench_folder, **policy,
+                         inputs=[("the teacher (--teacher)", args.pretrained_model_name_or_path),
+                                 *(("a student (--student)", path) for path in args.student or ())])
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"`--threads` must be a positive integer, got {args.threads}.")
@@ -112,6 +126,6 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(report_markdown(report))
     if args.output_dir:
-        written = save_report(report, args.output_dir, chart=not args.no_chart)
+        written = save_report(report, args.output_dir, chart=not args.no_chart, **policy)
         print("wrote " + ", ".join(written.values()))
     return 0

@@ -7,7 +7,7 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    from ._flags import add_command_parser, add_model_argument, add_output_dir_argument
+    from ._flags import add_command_parser, add_model_argument, add_output_dir_argument, add_overwrite_argument
 
     parser = add_command_parser(
         subparsers,
@@ -40,14 +40,16 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--cache_dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="Storage dtype (fp16 halves the size; fp32 reproduces training from images exactly).")
     parser.add_argument("--device", default=None, help="Device for the encoders; default: cuda if available, else cpu.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing cache.")
+    add_overwrite_argument(parser, help="Replace an existing cache in --output_dir (only a cache; never the teacher's "
+                           "folder, the images or the current directory).")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..training.cache import build_cache, module_fingerprint
+    from ..outputs import check_output_dir
+    from ..training.cache import build_cache, cache_output_policy, module_fingerprint
     from ..training.data import HFDatasetSource, ImageFolderSource, ImageTransform
     from ..families import default_resolution
     from ..pipelines import load_teacher, parse_device, parse_dtype
@@ -59,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise ValueError(f"`--resolution` must be a multiple of 8 and >= 8, got {args.resolution}.")
     teacher_flag = flag_name(args, "pretrained_model_name_or_path")
+    output_flag, overwrite_flag = flag_name(args, "output_dir"), flag_name(args, "overwrite_output_dir")
+    # before the teacher loads: never the teacher's folder, the images or a folder that holds no cache
+    check_output_dir(args.output_dir, **cache_output_policy(
+        args.pretrained_model_name_or_path, argparse.Namespace(root=args.train_data_dir),
+        overwrite=args.overwrite_output_dir, argument=output_flag, overwrite_flag=overwrite_flag))
     pipe, _ = load_teacher(args.pretrained_model_name_or_path, revision=args.revision, argument=teacher_flag)
     if pipe is None or getattr(pipe, "vae", None) is None or getattr(pipe, "text_encoder", None) is None:
         raise ValueError(f"`{teacher_flag}` {args.pretrained_model_name_or_path!r} must be a pipeline with a VAE and a "
@@ -87,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
                         batch_size=args.batch_size, shard_size=args.shard_size,
                         dtype=parse_dtype(args.cache_dtype, "--cache_dtype"),
-                        teacher=args.pretrained_model_name_or_path, overwrite=args.overwrite,
-                        fingerprints=fingerprints, argument=flag_name(args, "output_dir"))
+                        teacher=args.pretrained_model_name_or_path, overwrite=args.overwrite_output_dir,
+                        fingerprints=fingerprints, argument=output_flag, overwrite_flag=overwrite_flag)
     skipped = index["skipped"]
     print(f"cached {index['num_samples']} samples at {resolution}px in {len(index['shards'])} shard(s) to "
           f"{args.output_dir}; skipped {len(skipped['reasons'])} unreadable sample(s)")

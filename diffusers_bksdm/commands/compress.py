@@ -7,7 +7,7 @@ import argparse
 
 def add_parser(subparsers) -> None:
     from ..training.args import add_variant_arguments
-    from ._flags import add_command_parser, add_model_argument, add_output_dir_argument
+    from ._flags import add_command_parser, add_model_argument, add_output_dir_argument, add_overwrite_argument
 
     parser = add_command_parser(
         subparsers,
@@ -26,16 +26,13 @@ def add_parser(subparsers) -> None:
     add_variant_arguments(parser)
     add_output_dir_argument(parser, help="Folder to write the student to.")
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="Load and save in this dtype.")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Replace --output_dir if it exists and is not empty (never the teacher's folder, a folder "
-                        "holding it, or the current directory).")
+    add_overwrite_argument(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..outputs import atomic_directory
+    from ..outputs import atomic_directory, check_output_dir
     from ..pipelines import count_parameters, load_teacher, parse_dtype
-    from ..outputs import check_not_protected
     from ..plan import get_variant
     from ..student import compress_pipeline, compress_unet
     from ..training.args import resolve_variant_arguments
@@ -44,14 +41,16 @@ def run(args: argparse.Namespace) -> int:
     resolve_variant_arguments(args)
     get_variant(args.student_variant)  # fail on a bad variant before loading anything
     teacher_flag, output_flag = flag_name(args, "pretrained_model_name_or_path"), flag_name(args, "output_dir")
-    # --overwrite replaces --output_dir whole: never the teacher, a folder holding it, or the current directory
-    check_not_protected(args.output_dir, protected=[(f"the teacher ({teacher_flag})", args.pretrained_model_name_or_path)],
-                        argument=output_flag)
+    # checked before the teacher loads: never the teacher, the current directory, or a folder we did not write
+    policy = {"overwrite": args.overwrite_output_dir, "argument": output_flag,
+              "inputs": [(f"the teacher ({teacher_flag})", args.pretrained_model_name_or_path)],
+              "overwrite_flag": flag_name(args, "overwrite_output_dir")}
+    check_output_dir(args.output_dir, **policy)
     pipe, teacher = load_teacher(
         args.pretrained_model_name_or_path, subfolder=args.subfolder, revision=args.revision,
         torch_dtype=parse_dtype(args.dtype, "--dtype"), variant=args.variant, argument=teacher_flag,
     )  # fmt: skip
-    with atomic_directory(args.output_dir, overwrite=args.overwrite, argument=output_flag) as tmp:
+    with atomic_directory(args.output_dir, command="bksdm compress", **policy) as tmp:
         if pipe is not None:
             student_pipe = compress_pipeline(pipe, args.student_variant)
             student = student_pipe.unet

@@ -67,11 +67,13 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from .. import __version__
-    from ..evaluation.generate import GenerationConfig, generate_images, load_pipeline, read_prompts
+    from ..evaluation.generate import GenerationConfig, check_image_folder, generate_images, load_pipeline, read_prompts
     from ..pipelines import parse_dtype
     from ._flags import flag_name
 
     model_flag, output_flag = flag_name(args, "pretrained_model_name_or_path"), flag_name(args, "output_dir")
+    inputs = [(f"the model ({model_flag})", args.pretrained_model_name_or_path), ("the UNet (--unet)", args.unet)]
+    check_image_folder(args.output_dir, inputs=inputs, argument=output_flag)  # before the model loads
     config = GenerationConfig(
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
@@ -103,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     }  # fmt: skip
     try:
         generated = generate_images(
-            pipe, prompts, args.output_dir, config, state=state, description=description, argument=output_flag
+            pipe, prompts, args.output_dir, config, state=state, description=description, argument=output_flag,
+            inputs=inputs,
         )
         state.wait_for_everyone()
         who = f"[process {state.process_index}] " if state.num_processes > 1 else ""

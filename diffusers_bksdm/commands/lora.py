@@ -11,7 +11,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 def add_parser(subparsers) -> None:
     from ..training.args import add_variant_arguments
-    from ._flags import add_argument, add_command_parser, add_model_argument
+    from ._flags import add_argument, add_command_parser, add_model_argument, add_overwrite_argument
 
     parser = add_command_parser(
         subparsers,
@@ -41,7 +41,9 @@ def add_parser(subparsers) -> None:
                  "reads).")
     add_argument(output, "--output_file", deprecated=("--output",), default=None, metavar="FILE",
                  help="The .safetensors file to write instead.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace the LoRA file if it exists.")
+    add_overwrite_argument(parser, output="output_file",
+                           help="Replace the student LoRA file if it exists (--output_file, or the file in "
+                           "--output_dir): only a LoRA file this command wrote, never the teacher's files or --lora.")
     parser.set_defaults(func=run)
 
 
@@ -80,7 +82,8 @@ def _output_path(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ecosystem.lora import save_lora, transfer_lora
+    from ..ecosystem.lora import is_student_lora, save_lora, transfer_lora
+    from ..outputs import check_output_file
     from ..plan import build_block_map, get_variant
     from ..training.args import resolve_variant_arguments
     from ._flags import flag_name
@@ -88,12 +91,14 @@ def run(args: argparse.Namespace) -> int:
     resolve_variant_arguments(args)
     get_variant(args.student_variant)  # fail on a bad variant before loading anything
     output, flag = _output_path(args)
-    if os.path.exists(output) and not args.overwrite:
-        raise ValueError(f"`{flag}`: {output!r} exists; choose another file or pass --overwrite.")
     if not os.path.exists(args.lora):
         raise FileNotFoundError(f"`--lora` {args.lora!r} does not exist.")
-    teacher = _unet_config(args.pretrained_model_name_or_path, args.subfolder, args.revision,
-                           flag_name(args, "pretrained_model_name_or_path"))
+    teacher_flag = flag_name(args, "pretrained_model_name_or_path")
+    check_output_file(output, overwrite=args.overwrite_output_file, ours=is_student_lora, argument=flag,
+                      overwrite_flag=flag_name(args, "overwrite_output_file"),
+                      inputs=[(f"the teacher ({teacher_flag})", args.pretrained_model_name_or_path),
+                              ("the teacher's LoRA (--lora)", args.lora)])
+    teacher = _unet_config(args.pretrained_model_name_or_path, args.subfolder, args.revision, teacher_flag)
     block_map = build_block_map(teacher, args.student_variant)
     state_dict, report = transfer_lora(args.lora, block_map, weight_name=args.weight_name)
     if os.path.dirname(output):

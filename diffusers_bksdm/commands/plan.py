@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    from ._flags import add_command_parser, add_output_file_argument
+    from ._flags import add_command_parser, add_output_file_argument, add_overwrite_argument
 
     parser = add_command_parser(
         subparsers,
@@ -27,16 +27,23 @@ def add_parser(subparsers) -> None:
                         help="Largest student UNet as a fraction of the teacher's, e.g. 0.6.")
     parser.add_argument("--top", type=int, default=5, help="How many of the largest fitting plans to list.")
     add_output_file_argument(parser, deprecated=(), help="Write the chosen plan here as JSON (for --plan).")
+    add_overwrite_argument(parser, output="output_file", deprecated=(),
+                           help="Replace --output_file if it exists: only a plan file, never the teacher's files.")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..configs import load_config
     from ..budget import parse_param_count, plan_for_budget, plans_within_budget
-    from ..outputs import atomic_write_text
+    from ..outputs import atomic_write_text, check_output_file
+    from ..plan import is_plan_file
 
     if args.top < 1:
         raise ValueError(f"`--top` must be at least 1, got {args.top}.")
+    if args.output_file:  # before the search: never the teacher's files, a folder, or a file that is not a plan
+        check_output_file(args.output_file, overwrite=args.overwrite_output_file, ours=is_plan_file,
+                          inputs=[("the teacher config (--teacher_config)", args.teacher_config)],
+                          argument="--output_file", overwrite_flag="--overwrite_output_file")
     config = load_config(args.teacher_config, "--teacher_config")
     if "down_block_types" not in config:
         raise ValueError(f"`--teacher_config` {args.teacher_config!r} is not a UNet config (no down_block_types).")

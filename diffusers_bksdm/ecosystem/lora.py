@@ -24,7 +24,7 @@ import torch
 
 from ..plan import BlockMap
 
-__all__ = ["LoraTransferReport", "transfer_lora", "save_lora"]
+__all__ = ["LoraTransferReport", "transfer_lora", "save_lora", "is_student_lora"]
 
 logger = logging.getLogger(__name__)
 
@@ -363,8 +363,39 @@ def save_lora(
     os.makedirs(folder, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
     try:
+        written = os.path.join(tmp, "lora.safetensors")
         loader.save_lora_weights(tmp, weight_name="lora.safetensors", **kwargs)
-        os.replace(os.path.join(tmp, "lora.safetensors"), path)
+        _stamp(written)
+        os.replace(written, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+#: the safetensors metadata key that marks a LoRA file written by :func:`save_lora` (what `bksdm lora
+#: --overwrite_output_file` may replace)
+STAMP_KEY = "diffusers_bksdm"
+
+
+def _stamp(path: str) -> None:
+    """Add :data:`STAMP_KEY` to the metadata of the safetensors file `path`, keeping its tensors and metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    with safe_open(path, framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    save_file(tensors, path, metadata={**metadata, STAMP_KEY: __version__})
+
+
+def is_student_lora(path: str | os.PathLike) -> bool:
+    """Whether `path` is a LoRA file written by :func:`save_lora`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return STAMP_KEY in (f.metadata() or {})
+    except (OSError, SafetensorError, ValueError):
+        return False

@@ -45,6 +45,7 @@ __all__ = [
     "benchmark",
     "report_markdown",
     "save_report",
+    "is_bench_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -696,25 +697,40 @@ def _bar_chart(report: BenchmarkReport, path: str) -> None:
     figure.savefig(path, dpi=100)
 
 
-def save_report(report: BenchmarkReport, output_dir: str | os.PathLike, chart: bool = True) -> dict[str, str]:
-    """Write `bench.json`, `bench.md` and (if matplotlib is installed) `bench.png` into `output_dir`.
+def is_bench_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a report of :func:`save_report` (and nothing else is at stake: only its files)."""
+    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    return "bench.json" in names and names <= {"bench.json", "bench.md", "bench.png"}
 
-    Each file is written to a temporary name and renamed into place. Returns the paths written.
-    """
-    from ..outputs import atomic_write, atomic_write_text
+
+def save_report(
+    report: BenchmarkReport,
+    output_dir: str | os.PathLike,
+    chart: bool = True,
+    *,
+    overwrite: bool = False,
+    argument: str = "output_dir",
+    overwrite_flag: str = "overwrite=True",
+) -> dict[str, str]:
+    """Write `bench.json`, `bench.md` and (if matplotlib is installed) `bench.png` into a new folder `output_dir`
+    (one rename: :func:`diffusers_bksdm.outputs.atomic_directory`). An existing non-empty folder is replaced only with
+    `overwrite`, and only a report folder. Returns the paths written."""
+    from ..outputs import atomic_directory
 
     output_dir = os.fspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    written = {name: os.path.join(output_dir, name) for name in ("bench.json", "bench.md")}
-    atomic_write_text(written["bench.json"], json.dumps(report.to_dict(), indent=2) + "\n")
-    atomic_write_text(written["bench.md"], report_markdown(report))
-    if chart:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            logger.warning("matplotlib is not installed: no bar chart (pip install matplotlib).")
-        else:
-            written["bench.png"] = os.path.join(output_dir, "bench.png")
-            with atomic_write(written["bench.png"]) as tmp:
-                _bar_chart(report, tmp)
-    return written
+    names = ["bench.json", "bench.md"]
+    with atomic_directory(output_dir, overwrite=overwrite, argument=argument, overwrite_flag=overwrite_flag,
+                          ours=is_bench_folder, command="bksdm bench") as tmp:
+        with open(os.path.join(tmp, "bench.json"), "w", encoding="utf-8") as f:
+            f.write(json.dumps(report.to_dict(), indent=2) + "\n")
+        with open(os.path.join(tmp, "bench.md"), "w", encoding="utf-8") as f:
+            f.write(report_markdown(report))
+        if chart:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                logger.warning("matplotlib is not installed: no bar chart (pip install matplotlib).")
+            else:
+                _bar_chart(report, os.path.join(tmp, "bench.png"))
+                names.append("bench.png")
+    return {name: os.path.join(output_dir, name) for name in names}

@@ -333,6 +333,25 @@ def _check_manifest(output_dir: str, settings: dict[str, Any], argument: str = "
     return previous if not changed else None  # a run that wrote no image does not bind the folder
 
 
+def check_image_folder(output_dir: str | os.PathLike, *, inputs=(), argument: str = "output_dir") -> None:
+    """Refuse `output_dir` for :func:`generate_images` before anything is loaded: a file, the current directory, an
+    input (the model's folder), or an existing non-empty folder that this package did not write (no
+    `generation.json`): a picture already there would be taken for a generated one and counted in FID."""
+    from ..outputs import check_inputs, check_not_protected, is_ours
+
+    output_dir = os.fspath(output_dir)
+    check_not_protected(output_dir, argument=argument)
+    check_inputs(output_dir, inputs, argument)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"`{argument}` {output_dir!r} is a file; name a new folder (or one an earlier run wrote).")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not (
+        os.path.isfile(os.path.join(output_dir, MANIFEST)) or is_ours(output_dir)
+    ):
+        raise ValueError(f"`{argument}` {output_dir!r} is not empty and was not written by `bksdm generate` (no "
+                         f"{MANIFEST}): images already there would be counted as generated ones. Choose a new or "
+                         "empty folder.")
+
+
 def _write_manifest(output_dir: str, settings: dict[str, Any]) -> None:
     atomic_write_text(os.path.join(output_dir, MANIFEST), json.dumps(settings, indent=2))
 
@@ -348,6 +367,7 @@ def generate_images(
     progress: Callable[[int, int], None] | None = None,
     progress_bar: bool = True,
     argument: str = "output_dir",
+    inputs=(),
 ) -> list[int]:
     """Generate one image per prompt into `output_dir`, skipping prompts whose images already exist.
 
@@ -370,6 +390,8 @@ def generate_images(
             time left; one line per process), and the pipeline's own bar over the denoising steps of each batch.
         argument (`str`, *optional*, defaults to `"output_dir"`): how errors name `output_dir` (a command passes its
             flag).
+        inputs (iterable of `(what, path)`, *optional*): folders `output_dir` must not be, hold or lie in (the
+            model's); see :func:`check_image_folder`, which also refuses a non-empty folder without `generation.json`.
 
     Returns:
         `list[int]`: the prompt indices this process generated (skipped ones excluded).
@@ -377,6 +399,7 @@ def generate_images(
     config = config or GenerationConfig()
     if len(prompts) == 0:
         raise ValueError("`prompts` is empty: nothing to generate.")
+    check_image_folder(output_dir, inputs=inputs, argument=argument)
     if config.resolution is None:
         config = dataclasses.replace(config, resolution=native_resolution(pipe))
         logger.info("Generating at %dx%d: the model's native size", config.resolution, config.resolution)

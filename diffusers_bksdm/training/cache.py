@@ -30,7 +30,7 @@ import torch
 
 from .data import SkippedSamples, sample_rng
 
-__all__ = ["CACHE_FORMAT", "module_fingerprint", "tokenizer_fingerprint", "build_cache", "LatentCache",
+__all__ = ["CACHE_FORMAT", "is_cache", "cache_output_policy", "module_fingerprint", "tokenizer_fingerprint", "build_cache", "LatentCache",
            "CachedSource", "CachedCollator"]
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,23 @@ def _encode_images(vae, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch
     return dist.mean, dist.std
 
 
+def is_cache(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a latent cache (its `index.json` with a format version)."""
+    try:
+        with open(os.path.join(os.fspath(folder), INDEX_FILE), encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and "format" in index and "shards" in index
+
+
+def cache_output_policy(teacher: str | None, source: Any = None, **policy: Any) -> dict[str, Any]:
+    """The output policy of a cache folder (:func:`diffusers_bksdm.outputs.check_output_dir` arguments): never the
+    teacher's folder or the images' folder; an existing cache is replaced only with `overwrite`."""
+    inputs = [("the teacher", teacher), ("the training images", getattr(source, "root", None))]
+    return {"inputs": inputs, "ours": is_cache, **policy}
+
+
 def build_cache(
     source,
     vae,
@@ -91,6 +108,7 @@ def build_cache(
     progress_bar: bool = True,
     text_encoder_2=None,
     tokenizer_2=None,
+    overwrite_flag: str = "overwrite=True",
 ) -> dict[str, Any]:
     """Encode every sample of a map-style source (:class:`~diffusers_bksdm.training.data.ImageFolderSource` or
     :class:`~diffusers_bksdm.training.data.HFDatasetSource`) into a cache folder.
@@ -101,7 +119,8 @@ def build_cache(
         vae (`AutoencoderKL`), text_encoder (`CLIPTextModel`), tokenizer (`CLIPTokenizer`): the teacher's.
         text_encoder_2, tokenizer_2 (*optional*): an SDXL teacher's second text encoder (with projection) and
             tokenizer; with them the cache holds SDXL's conditioning (see the module docstring).
-        output (`str`): the cache folder (must not exist or be empty unless `overwrite`).
+        output (`str`): the cache folder (must not exist or be empty unless `overwrite`, and then hold a cache; never
+            the teacher's folder or the source's images: :func:`cache_output_policy`).
         batch_size (`int`, *optional*, defaults to 8): images per VAE / text-encoder call.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): storage dtype (fp16 halves the size).
         shard_size (`int`, *optional*, defaults to 1024): samples per safetensors shard.
@@ -109,6 +128,7 @@ def build_cache(
         fingerprints (`dict`, *optional*): precomputed `{"vae", "text_encoder"}` (and `"text_encoder_2"`)
             fingerprints of the weights as loaded (pass them when the models were cast after loading).
         argument (`str`, *optional*, defaults to `"output"`): how errors name `output` (a command passes its flag).
+        overwrite_flag (`str`, *optional*): how errors name `overwrite` (a command passes its flag).
         progress_bar (`bool`, *optional*, defaults to `True`): a progress bar over the samples (stderr).
 
     Returns:
@@ -137,7 +157,8 @@ def build_cache(
     skipped = SkippedSamples()
     keys: list[str] = []
     bar = None
-    with atomic_directory(output, overwrite=overwrite, argument=argument) as tmp:
+    policy = cache_output_policy(teacher, source, overwrite=overwrite, argument=argument, overwrite_flag=overwrite_flag)
+    with atomic_directory(output, command="bksdm cache", **policy) as tmp:
         if progress_bar:
             from tqdm.auto import tqdm
 
