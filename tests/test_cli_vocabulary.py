@@ -13,10 +13,10 @@ from diffusers_bksdm.cli import build_parser, main
 from diffusers_bksdm.commands import command_modules
 from diffusers_bksdm.commands._flags import MODEL_FLAG
 
-COMMANDS = {"bench", "cache", "compress", "demo", "distill", "eval", "generate", "lora", "plan", "push"}
+COMMANDS = {"bench", "cache", "compress", "demo", "distill", "eval", "generate", "lcm", "lora", "plan", "push"}
 #: commands that read a teacher / model, and those that write a folder (`--output_dir`)
-READ_A_MODEL = {"bench", "cache", "compress", "demo", "distill", "generate", "lora"}
-WRITE_A_FOLDER = {"bench", "cache", "compress", "demo", "distill", "generate", "lora"}
+READ_A_MODEL = {"bench", "cache", "compress", "demo", "distill", "generate", "lcm", "lora"}
+WRITE_A_FOLDER = {"bench", "cache", "compress", "demo", "distill", "generate", "lcm", "lora"}
 #: spellings of the previous release: only ever hidden, deprecated aliases
 OLD_SPELLINGS = {"--output", "--repo_id", "--private", "--overwrite"}
 HUB_FLAGS = {"--hub_model_id", "--hub_private", "--hub_token"}
@@ -51,7 +51,7 @@ def test_the_shared_vocabulary(name):
             assert action.dest == "output_dir" and action.metavar == "DIR", name
         if "--output_file" in current:
             assert action.dest == "output_file" and action.metavar == "FILE", name
-        hub = {o for o in current if o.startswith("--hub")}
+        hub = {o for o in current if o.startswith("--hub_")}
         assert hub <= HUB_FLAGS, (name, hub)
         for old in getattr(action, "deprecated_options", ()):
             assert old in OLD_SPELLINGS, (name, old)
