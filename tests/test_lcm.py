@@ -126,7 +126,7 @@ def test_loss_equals_written_out_computation(loss_type):
     student.eval(), target.eval()
     scheduler = DDPMScheduler.from_config(tiny_scheduler("sd-v1").config)
     objective = LCMObjective(teacher, scheduler, num_ddim_timesteps=50, w_min=2.0, w_max=8.0, loss_type=loss_type,
-                             huber_c=0.05, time_cond_proj_dim=32)
+                             huber_c=0.05, timestep_scaling=0.05, time_cond_proj_dim=32)
     latents = torch.randn(3, 4, 8, 8, generator=g)
     hidden = torch.randn(3, 77, teacher.config.cross_attention_dim, generator=g)
     uncond = torch.randn(1, 77, teacher.config.cross_attention_dim, generator=g)
@@ -136,7 +136,7 @@ def test_loss_equals_written_out_computation(loss_type):
         out = objective(student, target, latents, hidden, uncond, draws)
         expected = _reference_loss(teacher, student, target, scheduler.alphas_cumprod, latents, hidden, uncond,
                                    draws.noise, draws.index, draws.w, n_ddim=50, loss_type=loss_type, huber_c=0.05,
-                                   scaling=10.0)
+                                   scaling=0.05)  # small: c_skip / c_out matter at every timestep
     assert out.start_timesteps[0] == 19 and out.timesteps[0] == 0
     assert expected > 1e-6
     assert float(out.loss) == pytest.approx(expected, rel=1e-4)
