@@ -38,24 +38,18 @@ _EPS = 1e-12
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module that holds the real submodules of `model`.
 
-    Strips `torch.compile`'s `OptimizedModule` (`_orig_mod`) and the `.module` of `DistributedDataParallel`,
-    `DataParallel`, FSDP and DeepSpeed engines, repeatedly, in any order. accelerate's mixed-precision forward wrapper
+    `accelerate.utils.extract_model_from_parallel` (DDP, DataParallel, FSDP and DeepSpeed engines; `torch.compile`'s
+    `OptimizedModule` dropped too), repeated until nothing is left to strip, so that the wrappers may nest in any order
+    (a compiled DDP module as well as DDP around a compiled module). accelerate's mixed-precision forward wrapper
     replaces `forward` only, so the module itself is already the unwrapped one.
     """
-    wrappers: tuple[type, ...] = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        orig = getattr(model, "_orig_mod", None)
-        if isinstance(orig, torch.nn.Module):
-            model = orig
-            continue
-        inner = getattr(model, "module", None)
-        if isinstance(inner, torch.nn.Module) and (
-            isinstance(model, wrappers) or type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine")
-        ):
-            model = inner
-    return model
+    from accelerate.utils import extract_model_from_parallel
+
+    while True:
+        inner = extract_model_from_parallel(model, keep_torch_compile=False)
+        if inner is model:
+            return model
+        model = inner
 
 
 def _first(output: Any) -> Any:

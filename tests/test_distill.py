@@ -401,6 +401,9 @@ def test_wrapped_students(teacher, students, monkeypatch):
         assert wrapped.calls == 1  # the forward goes through the wrapper (DDP's gradient sync)
         assert out.loss.item() == pytest.approx(expected, rel=1e-6)
     assert distill.unwrap_model(Wrapper(Wrapper(student))) is student
+    # accelerate's extract_model_from_parallel, repeated: compiled and parallel wrappers nest in any order
+    assert distill.unwrap_model(torch.compile(Wrapper(student))) is student
+    assert distill.unwrap_model(Wrapper(torch.compile(student))) is student
 
     # wrapping after the distiller was built: assign the wrapper
     with BKDistiller(teacher, student) as kd:
