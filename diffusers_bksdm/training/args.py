@@ -10,6 +10,7 @@ v1). This module imports nothing heavy, so `bksdm --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 
 from ..commands._flags import HelpFormatter, add_hub_arguments, add_model_argument, add_output_dir_argument
@@ -21,11 +22,28 @@ __all__ = [
     "build_train_parser",
     "parse_train_args",
     "check_train_args",
+    "check_optimizer_arguments",
+    "check_eval_arguments",
+    "parse_eval_metrics",
     "SECRET_ARGS",
+    "LR_SCHEDULERS",
+    "EVAL_METRICS",
 ]
 
 #: arguments never written to trackers, model cards, logs or checkpoints
 SECRET_ARGS = ("hub_token",)
+
+#: `--lr_scheduler` values (diffusers' `SchedulerType` without `piecewise_constant`, which needs step rules)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+#: `--eval_metrics` values: the judge's scores on the miniature world (cheap, no download), and `bksdm eval`'s
+#: FID / IS / CLIP score (FID and IS need the `eval` extras and Inception weights, CLIP score a CLIP model)
+EVAL_METRICS = ("accuracy", "position_accuracy", "full_accuracy", "fd", "fid", "is", "clip")
+#: the metrics `--eval_metrics` defaults to: the judge's with a `builtin:shapes-sd` teacher, else CLIP score
+DEFAULT_JUDGE_METRICS = ("accuracy", "position_accuracy", "fd")
+DEFAULT_PROMPT_METRICS = ("clip",)
+#: numpy's seed range, which `accelerate.utils.set_seed` seeds too
+MAX_SEED = 2**32 - 1
 
 
 def _positive_int(value: str) -> int:
@@ -50,7 +68,10 @@ def add_variant_arguments(group) -> None:
 
 def resolve_variant_arguments(args: argparse.Namespace, default: str = "small") -> None:
     """Read the old spelling `--variant small` as `--student_variant small` (with a `FutureWarning`); any other
-    `--variant` value stays the teacher's weight file variant. Sets `args.student_variant` (default `default`)."""
+    `--variant` value stays the teacher's weight file variant. Sets `args.student_variant` (default `default`).
+
+    A command that shares the trainer's optimizer flags (`bksdm demo`) also gets their checks here, before anything
+    is written (:func:`check_optimizer_arguments`; flags the namespace lacks are not checked)."""
     from ..plan import list_variants, load_plan_file
 
     if getattr(args, "plan", None) is not None:
@@ -69,6 +90,7 @@ def resolve_variant_arguments(args: argparse.Namespace, default: str = "small") 
         args.student_variant, args.variant = args.variant, None
     if args.student_variant is None:
         args.student_variant = default
+    check_optimizer_arguments(args)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -146,8 +168,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     train.add_argument("--scale_lr", action="store_true",
                        help="Scale the learning rate by GPUs x accumulation steps x batch size.")
     train.add_argument("--lr_scheduler", type=str, default="constant",
-                       help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
-                            '"constant_with_warmup".')
+                       help=f"One of {', '.join(LR_SCHEDULERS)}.")
     train.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps (BK-SDM: none).")
     train.add_argument("--use_8bit_adam", action="store_true", help="8-bit Adam from bitsandbytes.")
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 on Ampere GPUs.")
@@ -190,6 +211,32 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                          help="Denoising steps of the validation images.")
     logging.add_argument("--validation_guidance_scale", type=float, default=7.5,
                          help="Guidance scale of the validation images.")
+
+    evaluation = parser.add_argument_group("evaluation during training")
+    evaluation.add_argument("--eval_steps", type=int, default=None,
+                            help="Evaluate the student every X updates and at the end (scores in train_log.csv, the "
+                                 "trackers, eval_curve.png and the model card); default: no evaluation.")
+    evaluation.add_argument("--eval_prompts_file", type=str, default=None,
+                            help="Prompts to evaluate, one per line (UTF-8); default with a builtin:shapes-sd "
+                                 "teacher: the miniature world's held-out prompts, judged by builtin:shapes-judge.")
+    evaluation.add_argument("--eval_metrics", type=str, default=None,
+                            help=f"Comma-separated, from {', '.join(EVAL_METRICS)}. accuracy, position_accuracy, "
+                                 "full_accuracy and fd are the judge's (builtin:shapes-sd teacher only); fid, is and "
+                                 "clip are `bksdm eval`'s (fid needs --eval_real_images). Default: "
+                                 f"{','.join(DEFAULT_JUDGE_METRICS)} on the miniature world, else "
+                                 f"{','.join(DEFAULT_PROMPT_METRICS)}.")
+    evaluation.add_argument("--eval_num_prompts", type=int, default=8,
+                            help="Prompts evaluated (the first ones of the file or of the held-out list).")
+    evaluation.add_argument("--eval_images_per_prompt", type=int, default=1, help="Images per evaluated prompt.")
+    evaluation.add_argument("--eval_inference_steps", type=int, default=None,
+                            help="Denoising steps of the evaluation images; default: --validation_inference_steps.")
+    evaluation.add_argument("--eval_guidance_scale", type=float, default=None,
+                            help="Guidance scale of the evaluation images; default: --validation_guidance_scale.")
+    evaluation.add_argument("--eval_real_images", type=str, default=None,
+                            help="A folder of real images for fd / fid; default on the miniature world: held-out "
+                                 "pictures written to OUTPUT/eval/real.")
+    evaluation.add_argument("--eval_clip_model", type=str, default=None,
+                            help="CLIP model of the clip metric; default: bksdm eval's (ViT-g-14).")
 
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true", help="Push the final student pipeline to the hub.")
@@ -236,9 +283,17 @@ def check_train_args(args: argparse.Namespace) -> None:
             raise ValueError(f"`--{name}` must be >= {minimum}, got {value!r}.")
     if args.resolution is not None and args.resolution % 8:
         raise ValueError(f"`--resolution` must be a multiple of 8, got {args.resolution}.")
-    for name in ("learning_rate", "max_grad_norm"):
-        if not getattr(args, name) > 0:
-            raise ValueError(f"`--{name}` must be > 0, got {getattr(args, name)!r}.")
+    if not args.max_grad_norm > 0:
+        raise ValueError(f"`--max_grad_norm` must be > 0, got {args.max_grad_norm!r}.")
+    check_optimizer_arguments(args)
+    lambdas = {name: getattr(args, name) for name in ("lambda_task", "lambda_out", "lambda_feat")}
+    for name, value in lambdas.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"`--{name}` must be a finite number >= 0, got {value!r}.")
+    if not any(lambdas.values()):
+        raise ValueError("`--lambda_task`, `--lambda_out` and `--lambda_feat` are all 0: the loss would be 0 and the "
+                         "student would never change; give at least one of them a weight > 0 (BK-SDM: 1, 1, 1).")
+    check_eval_arguments(args)
     if not 0.0 <= args.ema_decay <= 1.0:
         raise ValueError(f"`--ema_decay` must be in [0, 1], got {args.ema_decay!r}.")
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
@@ -250,3 +305,94 @@ def check_train_args(args: argparse.Namespace) -> None:
         )
     if args.hub_model_id and not args.push_to_hub:
         raise ValueError("--hub_model_id needs --push_to_hub.")
+
+
+def _finite(args: argparse.Namespace, name: str, low: float, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = True) -> None:
+    value = getattr(args, name, None)
+    if value is None:
+        return
+    above = value > low if low_open else value >= low
+    below = high is None or (value < high if high_open else value <= high)
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and above and below):
+        accepted = f"{'>' if low_open else '>='} {low:g}" if high is None else (
+            f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+        raise ValueError(f"`--{name}` must be a finite number {accepted}, got {value!r}.")
+
+
+def check_optimizer_arguments(args: argparse.Namespace) -> None:
+    """Check the optimizer, schedule and seed flags present on `args` (`--learning_rate`, `--adam_*`,
+    `--lr_scheduler`, `--seed`): a `ValueError` names the flag, the value and what is accepted. Called by
+    :func:`check_train_args` and, for commands that share these flags, by :func:`resolve_variant_arguments`."""
+    _finite(args, "learning_rate", 0.0, low_open=True)
+    _finite(args, "adam_beta1", 0.0, 1.0)
+    _finite(args, "adam_beta2", 0.0, 1.0)
+    _finite(args, "adam_epsilon", 0.0)
+    _finite(args, "adam_weight_decay", 0.0)
+    scheduler = getattr(args, "lr_scheduler", None)
+    if scheduler is not None and scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"`--lr_scheduler` must be one of {', '.join(LR_SCHEDULERS)}; got {scheduler!r}.")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"`--seed` must be an integer in [0, {MAX_SEED}] (numpy's seed range), got {seed!r}.")
+
+
+def parse_eval_metrics(value: str | None, judge: bool) -> list[str]:
+    """The metrics of `--eval_metrics` (comma-separated), or the default for the world (`judge`: a
+    `builtin:shapes-sd` teacher). Unknown names, repeats and judge metrics without the judge are refused."""
+    if value is None:
+        return list(DEFAULT_JUDGE_METRICS if judge else DEFAULT_PROMPT_METRICS)
+    metrics = [m.strip().lower() for m in value.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in EVAL_METRICS]
+    if not metrics or unknown or len(set(metrics)) != len(metrics):
+        raise ValueError(f"`--eval_metrics` must be a comma-separated list of distinct names from "
+                         f"{', '.join(EVAL_METRICS)}; got {value!r}.")
+    judged = [m for m in metrics if m in ("accuracy", "position_accuracy", "full_accuracy", "fd")]
+    if judged and not judge:
+        raise ValueError(f"`--eval_metrics` {','.join(judged)}: the judge only reads the miniature world; these need "
+                         "--pretrained_model_name_or_path builtin:shapes-sd. Accepted for other teachers: fid, is, "
+                         "clip.")
+    return metrics
+
+
+def check_eval_arguments(args: argparse.Namespace) -> None:
+    """Check the `--eval_*` flags (before anything is loaded): each error names the flag, the value and what is
+    accepted. Prompts come from `--eval_prompts_file`, or from the miniature world with a `builtin:shapes-sd`
+    teacher."""
+    import os
+
+    steps = getattr(args, "eval_steps", None)
+    given = [n for n in ("eval_prompts_file", "eval_metrics", "eval_real_images", "eval_clip_model")
+             if getattr(args, n, None) is not None]
+    if steps is None:
+        if given:
+            raise ValueError(f"`--{given[0]}` needs `--eval_steps` (evaluate every N updates, N >= 1).")
+        return
+    if steps < 1:
+        raise ValueError(f"`--eval_steps` must be an integer >= 1, got {steps!r}.")
+    for name in ("eval_num_prompts", "eval_images_per_prompt", "eval_inference_steps"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"`--{name}` must be an integer >= 1, got {value!r}.")
+    if args.eval_guidance_scale is not None:
+        _finite(args, "eval_guidance_scale", 0.0)
+    judge = args.pretrained_model_name_or_path == "builtin:shapes-sd"
+    if args.eval_prompts_file is None and not judge:
+        raise ValueError("`--eval_steps` needs `--eval_prompts_file` (one prompt per line) with the teacher "
+                         f"{args.pretrained_model_name_or_path!r}; only a builtin:shapes-sd teacher has built-in "
+                         "evaluation prompts.")
+    if args.eval_prompts_file is not None and not os.path.isfile(args.eval_prompts_file):
+        raise FileNotFoundError(f"`--eval_prompts_file` {args.eval_prompts_file!r} is not a file; accepted: a UTF-8 "
+                                "text file with one prompt per line.")
+    metrics = parse_eval_metrics(args.eval_metrics, judge)
+    if args.eval_real_images is not None and not os.path.isdir(args.eval_real_images):
+        raise FileNotFoundError(f"`--eval_real_images` {args.eval_real_images!r} is not a folder of images.")
+    if "fid" in metrics and args.eval_real_images is None:
+        raise ValueError("`--eval_metrics` fid needs `--eval_real_images` (a folder of real images).")
+    if "is" in metrics and args.eval_num_prompts * args.eval_images_per_prompt < 10:
+        raise ValueError(f"`--eval_metrics` is needs at least 10 images (10 splits); --eval_num_prompts "
+                         f"{args.eval_num_prompts} x --eval_images_per_prompt {args.eval_images_per_prompt} gives "
+                         f"{args.eval_num_prompts * args.eval_images_per_prompt}.")
+    if "fd" in metrics and args.eval_num_prompts * args.eval_images_per_prompt < 2:
+        raise ValueError("`--eval_metrics` fd needs at least 2 images: raise --eval_num_prompts or "
+                         "--eval_images_per_prompt.")

@@ -5,7 +5,9 @@ card (:func:`save_model_card`) and the final student pipeline (:func:`save_final
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import time
 from typing import Any
 
 import torch
@@ -15,7 +17,26 @@ from ..outputs import atomic_write, update_folder
 from ..pipelines import with_components
 from .progress import _logger
 
-__all__ = ["FinalSaveError", "log_validation", "save_model_card", "save_final_pipeline"]
+__all__ = [
+    "FinalSaveError",
+    "log_validation",
+    "read_eval_prompts",
+    "eval_history",
+    "eval_summary",
+    "plot_eval_curve",
+    "save_model_card",
+    "save_final_pipeline",
+    "EVAL_DIR",
+    "EVAL_CURVE",
+]
+
+#: evaluation during training (`--eval_steps`): images and real pictures under `OUTPUT/eval/`, the curve beside them
+EVAL_DIR = "eval"
+EVAL_CURVE = "eval_curve.png"
+#: metrics where lower is better (the others: higher is better)
+LOWER_IS_BETTER = ("fd", "fid")
+#: held-out real pictures written for `fd` on the miniature world when `--eval_real_images` is not given
+EVAL_REAL_IMAGES = 100
 
 
 class FinalSaveError(RuntimeError):
@@ -103,11 +124,265 @@ class _Validation:
         self.accelerator.wait_for_everyone()
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluation during training (`--eval_steps`)
+
+
+def read_eval_prompts(path: str, argument: str = "--eval_prompts_file") -> list[str]:
+    """The prompts of a prompt file, one per line (blank lines skipped); a non-UTF-8 or empty file is refused with an
+    error naming the file and the line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ValueError(f"`{argument}` {path!r} line {line} is not UTF-8 text ({error.reason} at byte "
+                         f"{error.start}); save the file as UTF-8, one prompt per line.") from error
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"`{argument}` {path!r} holds no prompt; accepted: a UTF-8 text file, one prompt per line.")
+    return prompts
+
+
+@contextlib.contextmanager
+def _untouched_random_state():
+    """Python's, numpy's and torch's global random states (CPU and CUDA) are as they were after the block: evaluation
+    never shifts a training stream, so a resumed run stays bit-exact."""
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class _Evaluation:
+    """Evaluation during training (`--eval_steps`, main process only): the student (its EMA weights with `--use_ema`)
+    renders the evaluation prompts from fixed seeds into `OUTPUT/eval/step-N/`, which are scored with the judge's
+    extractors (miniature world) or `bksdm eval`'s (FID / IS / CLIP score). The random streams of training are left
+    untouched (:func:`_untouched_random_state`). Calling it returns the `eval/<metric>` values for the log row."""
+
+    def __init__(self, args: argparse.Namespace, accelerator, pipe, student, ema, *, resolution: int,
+                 output_dir: str):
+        from .args import parse_eval_metrics
+
+        self.args, self.accelerator, self.pipe, self.student, self.ema = args, accelerator, pipe, student, ema
+        self.resolution, self.output_dir = resolution, output_dir
+        self.enabled = args.eval_steps is not None
+        self.last_step = -1
+        if not self.enabled:
+            self.metrics: list[str] = []
+            return
+        self.world = args.pretrained_model_name_or_path == "builtin:shapes-sd"
+        self.metrics = parse_eval_metrics(args.eval_metrics, self.world)
+        if args.eval_prompts_file is not None:
+            prompts = read_eval_prompts(args.eval_prompts_file)
+        else:
+            from ..miniature import shapes
+
+            prompts = shapes.eval_prompts("heldout")
+            prompts = prompts[:: max(1, len(prompts) // args.eval_num_prompts)]  # spread over the combinations
+        prompts = prompts[: args.eval_num_prompts]
+        self.prompts = [p for p in prompts for _ in range(args.eval_images_per_prompt)]
+        self.steps = args.eval_inference_steps or (50 if self.world else args.validation_inference_steps)
+        self.guidance = (args.eval_guidance_scale if args.eval_guidance_scale is not None
+                         else args.validation_guidance_scale)
+        self._judge = self._clip = None
+        self._real: str | None = args.eval_real_images
+
+    @property
+    def fields(self) -> list[str]:
+        """The log columns of the evaluation (`eval/<metric>`)."""
+        return [f"eval/{m}" for m in self.metrics]
+
+    def due(self, step: int, max_train_steps: int) -> bool:
+        return self.enabled and (step % self.args.eval_steps == 0 or step >= max_train_steps)
+
+    def _real_images(self) -> str | None:
+        if self._real is None and self.world and "fd" in self.metrics:
+            from ..miniature import shapes
+
+            folder = os.path.join(self.output_dir, EVAL_DIR, "real")
+            if not os.path.isfile(os.path.join(folder, "metadata.csv")):
+                shapes.write_shapes_dataset(folder, num_images=EVAL_REAL_IMAGES, seed=0, split="heldout")
+            self._real = folder
+        return self._real
+
+    def _render(self, folder: str) -> None:
+        from ..distill import unwrap_model
+        from ..evaluation.generate import image_name
+        from ..miniature.world import EVAL_SEED
+        from ..outputs import atomic_write
+
+        student = unwrap_model(self.student)
+        if self.ema is not None:
+            self.ema.store(student.parameters())
+            self.ema.copy_to(student.parameters())
+        student.eval()
+        try:
+            pipe = with_components(self.pipe, unet=student)
+            pipe.set_progress_bar_config(disable=True)
+            device = self.accelerator.device
+            batch = 16
+            with self.accelerator.autocast(), torch.no_grad():
+                for start in range(0, len(self.prompts), batch):
+                    prompts = self.prompts[start:start + batch]
+                    generators = [torch.Generator(device=device).manual_seed(EVAL_SEED + start + i)
+                                  for i in range(len(prompts))]
+                    images = pipe(prompts, num_inference_steps=self.steps, guidance_scale=self.guidance,
+                                  generator=generators, height=self.resolution, width=self.resolution).images
+                    for i, image in enumerate(images):
+                        with atomic_write(os.path.join(folder, image_name(start + i))) as tmp:
+                            image.save(tmp, format="PNG")
+        finally:
+            student.train()
+            if self.ema is not None:
+                self.ema.restore(student.parameters())
+
+    def _score(self, folder: str) -> dict[str, float]:
+        from ..evaluation.metrics import evaluate_images
+
+        scores: dict[str, float] = {}
+        judged = {"accuracy": ("color", "shape"), "position_accuracy": ("position",),
+                  "full_accuracy": ("color", "shape", "position")}
+        if any(m in judged or m == "fd" for m in self.metrics):
+            from ..miniature.judge import JudgeEmbedder, JudgeFeatures, load_judge
+
+            self._judge = self._judge or load_judge()
+            for name, keys in judged.items():
+                if name in self.metrics:
+                    out = evaluate_images(folder, self.prompts, metrics=["clip"], progress_bar=False,
+                                          clip_embedder=JudgeEmbedder(self._judge, keys))
+                    scores[name] = out["clip"]
+            if "fd" in self.metrics:
+                out = evaluate_images(folder, metrics=["fid"], real_images=self._real_images(), progress_bar=False,
+                                      fid_extractor=JudgeFeatures(self._judge))
+                scores["fd"] = out["fid"]
+        standard = [m for m in self.metrics if m in ("fid", "is", "clip")]
+        if standard:
+            if "clip" in standard and self._clip is None:
+                from ..evaluation.metrics import DEFAULT_CLIP_MODEL, CLIPEmbedder
+
+                self._clip = CLIPEmbedder.from_pretrained(self.args.eval_clip_model or DEFAULT_CLIP_MODEL,
+                                                          device=self.accelerator.device,
+                                                          argument="--eval_clip_model")
+            out = evaluate_images(folder, self.prompts, metrics=standard, real_images=self.args.eval_real_images,
+                                  clip_embedder=self._clip, device=self.accelerator.device, progress_bar=False,
+                                  is_splits=min(10, len(self.prompts)),
+                                  argument_names={"real_images": "--eval_real_images",
+                                                  "clip_model": "--eval_clip_model"})
+            scores.update({m: out[m] for m in standard})
+        return scores
+
+    def __call__(self, step: int) -> dict[str, float]:
+        if not self.enabled:
+            return {}
+        self.last_step = step
+        row: dict[str, float] = {}
+        if self.accelerator.is_main_process:
+            folder = os.path.join(self.output_dir, EVAL_DIR, f"step-{step:06d}")
+            os.makedirs(folder, exist_ok=True)
+            started = time.perf_counter()
+            with _untouched_random_state():
+                self._render(folder)
+                scores = self._score(folder)
+            row = {f"eval/{m}": float(scores[m]) for m in self.metrics}
+            shown = ", ".join(f"{m} {scores[m]:.4g}" for m in self.metrics)
+            _logger().info(f"step {step}: evaluation on {len(self.prompts)} images ({shown}; "
+                           f"{time.perf_counter() - started:.1f} s)")
+        self.accelerator.wait_for_everyone()
+        return row
+
+    def plot(self, log_csv: str) -> str | None:
+        """Redraw `OUTPUT/eval_curve.png` from the log (main process)."""
+        if not self.enabled or not self.accelerator.is_main_process:
+            return None
+        return plot_eval_curve(log_csv, os.path.join(self.output_dir, EVAL_CURVE), self.metrics)
+
+
+def eval_history(log_csv: str, metrics: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """`{metric: [(step, value), ...]}` of the evaluation columns of a `train_log.csv` (rows without a value
+    skipped)."""
+    import csv
+
+    history: dict[str, list[tuple[int, float]]] = {m: [] for m in metrics}
+    if not os.path.isfile(log_csv):
+        return history
+    with open(log_csv, encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            for metric in metrics:
+                value = row.get(f"eval/{metric}")
+                if value not in (None, ""):
+                    history[metric].append((int(row["step"]), float(value)))
+    return history
+
+
+def eval_summary(history: dict[str, list[tuple[int, float]]]) -> dict[str, str]:
+    """The last and the best value of each metric, with their steps (for the model card); lower is better for
+    FD / FID, higher for the others."""
+    summary = {}
+    for metric, points in history.items():
+        if not points:
+            continue
+        last_step, last = points[-1]
+        pick = min if metric in LOWER_IS_BETTER else max
+        best_step, best = pick(points, key=lambda point: (point[1], -point[0]))  # the earliest of equal values
+        summary[f"{metric} (during training)"] = (f"last {last:.4g} at step {last_step}; best {best:.4g} at step "
+                                                  f"{best_step}")
+    return summary
+
+
+def plot_eval_curve(log_csv: str, path: str, metrics: list[str]) -> str | None:
+    """A PNG of each evaluation metric over the optimizer steps (one panel per metric). Without matplotlib, a log
+    line says so and `None` is returned."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        import logging
+
+        from .progress import LOGGER_NAME
+
+        logging.getLogger(LOGGER_NAME).info(
+            "matplotlib is not installed: no %s (`pip install \"diffusers-bksdm[eval]\"` or `pip install "
+            "matplotlib`); the scores are in the log.", os.path.basename(path))
+        return None
+    history = eval_history(log_csv, metrics)
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3), squeeze=False)
+    for axis, metric in zip(axes[0], metrics, strict=True):
+        points = history[metric]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_xlabel("optimizer step")
+        axis.set_title(f"{metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    with atomic_write(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model card
+
+
 def save_model_card(args: argparse.Namespace, accelerator, dataset, teacher, parameters: tuple[int, int], *,
                     global_step: int, resolution: int, seed: int, skipped_samples: int, grid: str | None,
-                    output_dir: str):
+                    output_dir: str, evaluation: dict[str, str] | None = None):
     """The student's model card: teacher, variant, parameter counts `(teacher, student)`, the training recipe, the
-    last validation grid and the license of the teacher's family."""
+    last validation grid, the license of the teacher's family and, with `--eval_steps`, the last and best
+    evaluation scores (`evaluation`, :func:`eval_summary`) and the curve."""
     from ..families import detect_family
     from ..hub import build_model_card
 
@@ -127,13 +402,21 @@ def save_model_card(args: argparse.Namespace, accelerator, dataset, teacher, par
         "seed": seed,
         "skipped samples": skipped_samples,
     }
+    if getattr(args, "eval_steps", None) is not None:
+        curve = os.path.join(output_dir, EVAL_CURVE)
+        recipe["evaluation during training"] = (
+            f"every {args.eval_steps} steps and at the end; {args.eval_num_prompts} prompts x "
+            f"{args.eval_images_per_prompt} image(s); "
+            + (f"prompts: {os.path.basename(args.eval_prompts_file)}" if args.eval_prompts_file
+               else "held-out prompts of the miniature world, judged by builtin:shapes-judge")
+            + (f"; curve: {EVAL_CURVE}" if os.path.isfile(curve) else ""))
     return build_model_card(
         teacher=args.pretrained_model_name_or_path, variant=args.student_variant, teacher_parameters=parameters[0],
         student_parameters=parameters[1], recipe=recipe,
         license=getattr(detect_family(teacher.config), "license", None),
         extra_tags=["stable-diffusion-xl"] if teacher.config.get("addition_embed_type") == "text_time" else [],
         validation_image=os.path.relpath(grid, output_dir) if grid else None,
-        validation_prompts=list(args.validation_prompts or []),
+        validation_prompts=list(args.validation_prompts or []), evaluation=evaluation or None,
         repo_id=args.hub_model_id if args.push_to_hub else None)
 
 

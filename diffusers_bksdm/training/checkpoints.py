@@ -285,10 +285,18 @@ class CheckpointManager:
         from safetensors.torch import load_file
 
         self.logger.info(f"Resuming from checkpoint {checkpoint}")
-        self.accelerator.load_state(checkpoint)
         generator_file = self._generator_file(checkpoint)
-        if os.path.isfile(generator_file):
-            self.generator.set_state(load_file(generator_file)["state"])
+        try:
+            self.accelerator.load_state(checkpoint)
+            generator_state = load_file(generator_file)["state"] if os.path.isfile(generator_file) else None
+        except Exception as error:  # noqa: BLE001 - a truncated or damaged file of any kind, named with the folder
+            raise ValueError(
+                f"`--resume_from_checkpoint`: the checkpoint {checkpoint!r} cannot be loaded ({type(error).__name__}: "
+                f"{error}); one of its files is truncated or damaged. Resume from another checkpoint-N folder, or "
+                "delete this one to resume from the one before."
+            ) from error
+        if generator_state is not None:
+            self.generator.set_state(generator_state)
         else:
             self.logger.warning(f"{generator_file} is missing (a different process count?): the noise will not "
                                 "match.", main_process_only=False)

@@ -235,14 +235,23 @@ class _MapSource(torch.utils.data.Dataset):
                 continue
             sample = self.transform.apply(image, sample_rng(self.seed, epoch, name))
             return {**sample, "caption": caption, "key": name, "index": current, "skipped": skipped}
-        raise RuntimeError(
+        where = getattr(self, "description", {})
+        source = where.get("train_data_dir") or where.get("dataset_name")
+        if len(skipped) == len(self):
+            raise ValueError(
+                f"None of the {len(self)} samples of {repr(source) if source else 'the data'} can be read (e.g. "
+                f"{skipped[0][0]!r}: {skipped[0][1]}); check that the images exist and open, and that every sample "
+                "has a caption."
+            )
+        raise ValueError(
             f"{len(skipped)} samples in a row from index {index} are unreadable (last: {skipped[-1]}); check the data."
         )
 
 
-def _csv_rows(path: str, text: str) -> list[dict[str, Any]]:
+def _csv_rows(path: str, text: str) -> list[tuple[int, dict[str, Any]]]:
+    """`(line number, row)` of every record of a metadata.csv."""
     reader = csv.reader(io.StringIO(text, newline=""))
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[int, dict[str, Any]]] = []
     header: list[str] | None = None
     try:
         for fields in reader:
@@ -254,14 +263,15 @@ def _csv_rows(path: str, text: str) -> list[dict[str, Any]]:
             if len(fields) != len(header):
                 raise ValueError(f"{path} line {reader.line_num} has {len(fields)} fields but the header has "
                                  f"{len(header)} ({', '.join(header)}); quote fields that hold commas.")
-            rows.append(dict(zip(header, fields, strict=True)))
+            rows.append((reader.line_num, dict(zip(header, fields, strict=True))))
     except csv.Error as error:
         raise ValueError(f"{path} line {reader.line_num} is not valid CSV: {error}") from error
     return rows
 
 
-def _jsonl_rows(path: str, text: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def _jsonl_rows(path: str, text: str) -> list[tuple[int, dict[str, Any]]]:
+    """`(line number, row)` of every record of a metadata.jsonl."""
+    rows: list[tuple[int, dict[str, Any]]] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -272,7 +282,7 @@ def _jsonl_rows(path: str, text: str) -> list[dict[str, Any]]:
         if not isinstance(row, dict):
             raise ValueError(f"{path} line {number} is a JSON {type(row).__name__}, not an object; each line must "
                              'be an object such as {"file_name": "0001.png", "text": "a caption"}.')
-        rows.append(row)
+        rows.append((number, row))
     return rows
 
 
@@ -302,7 +312,8 @@ def read_metadata(
         line = raw[: error.start].count(b"\n") + 1
         raise ValueError(f"{path} line {line} is not UTF-8 text ({error.reason} at byte {error.start}); save the "
                          "file as UTF-8.") from error
-    rows = _csv_rows(path, text) if found[0].endswith(".csv") else _jsonl_rows(path, text)
+    numbered = _csv_rows(path, text) if found[0].endswith(".csv") else _jsonl_rows(path, text)
+    rows = [row for _, row in numbered]
     columns = sorted({k for row in rows for k in row})
     for column, argument in (("file_name", None), (caption_column, names("caption_column"))):
         if rows and column not in columns:
@@ -310,7 +321,23 @@ def read_metadata(
             raise ValueError(f"{path}: {what} is not a column; columns: {', '.join(columns)}.")
     if not rows:
         raise ValueError(f"{path} lists no samples.")
-    return [(str(row.get("file_name") or ""), row.get(caption_column)) for row in rows]
+    records = [(str(row.get("file_name") or ""), row.get(caption_column)) for row in rows]
+    for (line, _), (file_name, _) in zip(numbered, records, strict=True):
+        _check_inside(file_name, train_data_dir, path, line, names("train_data_dir"))
+    return records
+
+
+def _check_inside(file_name: str, root: str, metadata: str, line: int, argument: str) -> None:
+    """Refuse a `file_name` that is absolute or leads out of the image folder (`../x.png`, `/etc/passwd`)."""
+    if not file_name:
+        return  # an empty name is a bad sample, skipped and reported like a missing file
+    normalized = os.path.normpath(file_name.replace("\\", "/"))
+    if os.path.isabs(file_name) or os.path.splitdrive(file_name)[0] or normalized == ".." or \
+            normalized.startswith(".." + os.sep) or normalized.startswith("../"):
+        raise ValueError(
+            f"{metadata} line {line}: `file_name` {file_name!r} is outside `{argument}` {root!r}; accepted: a path "
+            "relative to that folder and inside it (subfolders allowed, no '..' out of it, no absolute path)."
+        )
 
 
 class ImageFolderSource(_MapSource):
@@ -540,7 +567,13 @@ def webdataset_source(
         shuffle_buffer (`int`, *optional*, defaults to 1000): samples in the shuffle buffer (0 disables shuffling).
         argument (`str`, *optional*, defaults to `"urls"`): how errors name `urls` (a command passes its flag).
     """
-    import webdataset as wds
+    try:
+        import webdataset as wds
+    except ImportError as error:
+        raise ImportError(
+            f"`{argument}` needs webdataset, which is not installed: `pip install \"diffusers-bksdm[train]\"` (or "
+            "`pip install webdataset`)."
+        ) from error
 
     if isinstance(urls, str):
         shard_list = list(wds.shardlists.expand_urls(urls)) if hasattr(wds, "shardlists") else [urls]

@@ -40,9 +40,14 @@ from ..outputs import STAGING_PREFIX
 from .args import SECRET_ARGS, check_train_args, parse_train_args
 from .progress import LOSS_TERMS, StepStatistics, TrainLog, _logger, _logs_above_progress_bar, _StopRequest
 from .artifacts import (
+    EVAL_CURVE,
+    EVAL_DIR,
     FinalSaveError,
     _check_final_weights,
+    _Evaluation,
     _Validation,
+    eval_history,
+    eval_summary,
     log_validation,
     save_final_pipeline,
     save_model_card,
@@ -87,6 +92,8 @@ def _check_output_dir(args: argparse.Namespace, output_dir: str, resume_path: st
                      if n != LOCK_FILE and not n.startswith((".checkpoint-", STAGING_PREFIX)))
     if not entries or (resume_path is not None and is_within(resume_path, output_dir)):
         return
+    if args.resume_from_checkpoint == "latest" and _interrupted_before_a_checkpoint(args, entries):
+        return  # a run killed before its first checkpoint (even during it): `latest` starts it over
     if not args.overwrite_output_dir:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         hint = (" (its checkpoints belong to an earlier run: pass --resume_from_checkpoint latest to continue it)"
@@ -98,14 +105,25 @@ def _check_output_dir(args: argparse.Namespace, output_dir: str, resume_path: st
         )
 
 
+def _run_records(args: argparse.Namespace) -> set[str]:
+    """What a run writes into its folder as it goes, before any checkpoint (see :func:`_interrupted_before_a_checkpoint`)."""
+    return {LOG_FILE, "validation", EVAL_DIR, EVAL_CURVE, os.path.normpath(args.logging_dir).split(os.sep)[0]}
+
+
+def _interrupted_before_a_checkpoint(args: argparse.Namespace, entries: list[str]) -> bool:
+    """`entries` (the folder's names, without the lock and half-written checkpoints) are only what an unfinished run
+    of this trainer writes as it goes: no checkpoint, no final pipeline (`model_index.json`), nothing of the user's."""
+    return set(entries) <= _run_records(args)
+
+
 def _clear_previous_run(output_dir: str, logger) -> None:
     """`--overwrite_output_dir`: remove what would make the folder look like the old run (checkpoints, log, index)."""
     for name in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, name)
-        if (CHECKPOINT_PATTERN.match(name) or name == "validation") and os.path.isdir(path):
+        if (CHECKPOINT_PATTERN.match(name) or name in ("validation", EVAL_DIR)) and os.path.isdir(path):
             logger.info(f"--overwrite_output_dir: removing {path}")
             shutil.rmtree(path)
-        elif name in (LOG_FILE, "model_index.json") and os.path.isfile(path):
+        elif name in (LOG_FILE, "model_index.json", EVAL_CURVE) and os.path.isfile(path):
             logger.info(f"--overwrite_output_dir: removing {path}")
             os.remove(path)
 
@@ -335,6 +353,12 @@ def _prepare(args: argparse.Namespace, accelerator, student, optimizer, train_da
 
     processes, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
     batches = None if streamed else math.ceil(len(train_dataloader) / processes)
+    if batches is not None and accumulation > batches:
+        # accelerate would end every window at the end of the epoch: updates of a loss divided by `accumulation`
+        raise ValueError(
+            f"`--gradient_accumulation_steps` {accumulation} is larger than the {batches} batch(es) of an epoch "
+            f"({len(train_dataloader.dataset)} samples, --train_batch_size {args.train_batch_size} x {processes} "
+            f"process(es)); accepted: 1 to {batches}, or a smaller --train_batch_size.")
     schedule = training_schedule(args.max_train_steps, args.num_train_epochs, batches, accumulation)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * processes,
@@ -573,9 +597,10 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
                            samples=int(resume_state.get("samples", 0)),
                            skipped_steps=int(resume_state.get("skipped_steps", 0)),
                            nonfinite_in_a_row=int(resume_state.get("nonfinite_in_a_row", 0)))
-    log_file = None
+    evaluate = _Evaluation(args, accelerator, pipe, student, ema, resolution=models.resolution, output_dir=output_dir)
+    log_file, log_path = None, os.path.join(output_dir, LOG_FILE)
     if main_process:
-        log_file = TrainLog(os.path.join(output_dir, LOG_FILE), stats.fields,
+        log_file = TrainLog(log_path, stats.fields + evaluate.fields,
                             resume_step=global_step if resume_path is not None else 0)
     validate = _Validation(args, accelerator, pipe, teacher, student, ema, seed=seed, resolution=models.resolution,
                            output_dir=output_dir)
@@ -632,8 +657,13 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
                     logger.warning(f"step {global_step}: non-finite loss or gradient, optimizer step skipped "
                                    f"({stats.nonfinite_in_a_row} in a row; --max_nonfinite_skips "
                                    f"{args.max_nonfinite_skips})")
+                evaluated = evaluate.due(global_step, max_train_steps)
+                if evaluated:  # its own random streams: the training streams are left as they were
+                    row.update(evaluate(global_step))
                 if log_file is not None:
                     log_file.write(row)
+                    if evaluated:
+                        evaluate.plot(log_path)
                 accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
                 progress.set_postfix(loss=f"{row['loss']:.4g}")
                 _check_nonfinite_streak(stats, global_step, args.max_nonfinite_skips, output_dir)
@@ -681,9 +711,14 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
                                                            batches_in_epoch=batches_in_epoch))
     accelerator.wait_for_everyone()
     if main_process:
+        evaluation = None
+        if evaluate.enabled:
+            evaluate.plot(log_path)
+            evaluation = eval_summary(eval_history(log_path, evaluate.metrics))
+            result["evaluation"] = evaluation
         card = save_model_card(args, accelerator, dataset, teacher, models.parameters, global_step=global_step,
                                resolution=models.resolution, seed=seed, skipped_samples=len(total_skipped.reasons),
-                               grid=validate.grid, output_dir=output_dir)
+                               grid=validate.grid, output_dir=output_dir, evaluation=evaluation)
         full_precision = models.weight_dtype == torch.float32
         url = save_final_pipeline(args, student, ema, pipe if full_precision or teacher_pipeline is not None else None,
                                   card, output_dir=output_dir, training_saved_in=last or resume_path)
