@@ -227,6 +227,7 @@ def push_folder(
     ignore_patterns: Sequence[str] | None = None,
     api=None,
     argument: str = "repo_id",
+    model_card=None,
 ) -> str:
     """Create `repo_id` (if needed) and upload `folder` to it.
 
@@ -240,6 +241,8 @@ def push_folder(
             tracker logs, :data:`UPLOAD_IGNORE_PATTERNS`).
         api (`HfApi`, *optional*): an API object to use instead of `HfApi(token=token)`.
         argument (`str`, *optional*, defaults to `"repo_id"`): how errors name `repo_id` (a command passes its flag).
+        model_card (`ModelCard`, *optional*): uploaded as the repo's `README.md` (for a folder without one); the
+            local folder is not written to.
 
     Returns:
         `str`: the repo URL.
@@ -261,6 +264,9 @@ def push_folder(
         url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
                           ignore_patterns=patterns, repo_type="model")
+        if model_card is not None:
+            api.upload_file(path_or_fileobj=str(model_card).encode("utf-8"), path_in_repo="README.md",
+                            repo_id=repo_id, repo_type="model", commit_message=f"{commit_message}: model card")
     except Exception as error:  # noqa: BLE001 - any hub failure gets the retry instructions
         message = str(error)
         if token:

@@ -24,6 +24,7 @@ class FakeHfApi:
         self.token = token
         self.created: list[dict] = []
         self.uploaded: list[str] = []
+        self.files: dict[str, bytes] = {}
         FakeHfApi.instances.append(self)
 
     def create_repo(self, repo_id, **kwargs):
@@ -39,6 +40,10 @@ class FakeHfApi:
                  for root, _, names in os.walk(folder_path) for name in names]
         self.uploaded = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
         return f"https://huggingface.co/{repo_id}/commit/0"
+
+    def upload_file(self, *, path_or_fileobj, path_in_repo, repo_id, **kwargs):
+        self.files[path_in_repo] = path_or_fileobj
+        return f"https://huggingface.co/{repo_id}/blob/main/{path_in_repo}"
 
 
 @pytest.fixture
@@ -75,8 +80,10 @@ def test_push_creates_repo_and_uploads_exactly_the_folder(fake_hub, student_dir)
     assert api.created == [{"repo_id": "me/bk-sdm-small", "private": True, "exist_ok": True, "repo_type": "model"}]
     expected = [f for f in _files(student_dir) if not f.startswith(("checkpoint-", "."))]
     assert api.uploaded == expected
-    assert "README.md" in expected and "model_index.json" in expected and "unet/config.json" in expected
-    card = (student_dir / "README.md").read_text()
+    assert "model_index.json" in expected and "unet/config.json" in expected
+    # compress writes no card: push uploads one beside the folder, without writing it there
+    assert not (student_dir / "README.md").exists()
+    card = api.files["README.md"].decode("utf-8")
     assert "bk-sdm-small" in card and TOKEN not in card
 
 
@@ -87,8 +94,21 @@ def test_failed_upload_keeps_the_folder_and_says_how_to_retry(fake_hub, student_
     err = capsys.readouterr().err
     assert f"retry with: bksdm push {student_dir} --hub_model_id me/x" in err and "local folder is intact" in err
     assert TOKEN not in err
-    after = {f: (student_dir / f).read_bytes() for f in _files(student_dir) if f != "README.md"}
+    after = {f: (student_dir / f).read_bytes() for f in _files(student_dir)}
     assert after == before
+
+
+def test_a_folder_without_a_card_gets_one_on_the_hub_not_on_disk(fake_hub, student_dir, capsys):
+    assert not (student_dir / "README.md").exists()
+    before = {f: (student_dir / f).read_bytes() for f in _files(student_dir)}
+    fake_hub.fail_with = ConnectionError("offline")
+    assert main(["push", str(student_dir), "--hub_model_id", "me/x"]) == 1
+    assert {f: (student_dir / f).read_bytes() for f in _files(student_dir)} == before  # no README.md added
+    fake_hub.fail_with = None
+    assert main(["push", str(student_dir), "--hub_model_id", "me/x"]) == 0
+    api = fake_hub.instances[-1]
+    assert "README.md" not in api.uploaded and b"bk-sdm-small" in api.files["README.md"]
+    assert {f: (student_dir / f).read_bytes() for f in _files(student_dir)} == before
 
 
 def test_model_card_has_the_required_fields():

@@ -9,7 +9,7 @@ import sys
 
 
 def add_parser(subparsers) -> None:
-    from ._flags import add_command_parser, add_output_file_argument
+    from ._flags import add_command_parser, add_output_file_argument, add_overwrite_argument
 
     parser = add_command_parser(
         subparsers,
@@ -36,6 +36,9 @@ def add_parser(subparsers) -> None:
         parser, help="JSON file for the scores (a .md table is written beside it); default: "
         "eval_<images folder>.json beside the images folder.",
     )  # fmt: skip
+    add_overwrite_argument(parser, output="output_file", deprecated=(),
+                           help="Replace --output_file (and the .md beside it) or --save_real_stats if it exists: "
+                           "only scores or statistics `bksdm eval` wrote, never an input or another file.")
     parser.add_argument("--name", default=None, help="Name of the evaluated model in the table; default: the model.")
     parser.add_argument(
         "--paper_family",
@@ -98,6 +101,31 @@ def _check_card_source(model_card: str, images: str, settings: dict) -> None:
         )
 
 
+def _output_file(args: argparse.Namespace, images: str) -> str:
+    """Where the scores go: `--output_file`, else `eval_<images folder>.json` beside the images folder."""
+    return args.output_file or os.path.join(os.path.dirname(images) or ".", f"eval_{os.path.basename(images)}.json")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """The output policy for the scores (JSON + .md) and `--save_real_stats`, before anything is computed: never an
+    input, an existing file only with --overwrite_output_file and only one `bksdm eval` wrote."""
+    from ..evaluation.metrics import is_eval_results, is_real_statistics
+    from ..outputs import check_output_file
+
+    inputs = [("the images (--images)", args.images), ("the prompts (--prompts)", args.prompts),
+              ("the real images (--real_images)", args.real_images), ("the real statistics (--real_stats)",
+                                                                     args.real_stats)]
+    common = {"overwrite": args.overwrite_output_file, "inputs": inputs, "overwrite_flag": "--overwrite_output_file"}
+    if args.save_real_stats:
+        check_output_file(args.save_real_stats, ours=is_real_statistics, argument="--save_real_stats", **common)
+    if args.images is not None:
+        output = _output_file(args, os.path.normpath(args.images))
+        argument = "--output_file" if args.output_file else "the scores file (default of --output_file)"
+        check_output_file(output, ours=is_eval_results, argument=argument, **common)
+        check_output_file(os.path.splitext(output)[0] + ".md", ours=lambda _: is_eval_results(output),
+                          argument=argument.replace("--output_file", "the .md beside --output_file"), **common)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -113,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
     )
 
     parse_device(args.device, "--device")  # before anything is loaded
+    if args.model_card and args.images is not None:  # before anything is computed or written
+        images = os.path.normpath(args.images)
+        _check_card_source(args.model_card, images, _generation_settings(images))
+    _check_outputs(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     names = {k: f"--{k}" for k in ("images", "prompts", "metrics", "real_stats", "real_images", "clip_model")}
@@ -138,8 +170,6 @@ def run(args: argparse.Namespace) -> int:
 
         images = os.path.normpath(args.images)
         settings = _generation_settings(images)
-        if args.model_card:  # before anything is computed
-            _check_card_source(args.model_card, images, settings)
         prompts = None
         if args.prompts:
             from ..evaluation.generate import read_prompts
@@ -169,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     name = _model_name(args, settings, images)
     table = results_markdown(results, name=name, family=None if family == "none" else family)
     record = {**results, "name": name, "images": images, "generation": settings or None}
-    output = args.output_file or os.path.join(os.path.dirname(images) or ".", f"eval_{os.path.basename(images)}.json")
+    output = _output_file(args, images)
     json_path, md_path = write_results(record, output, table)
     print(table)
     print(f"wrote {json_path} and {md_path}")
@@ -192,7 +222,7 @@ def _run_judge(args: argparse.Namespace, images: str, prompts: list[str]) -> int
     name = _model_name(args, settings, images)
     table = judge_markdown(results, name)
     record = {**results, "name": name, "images": images, "judge": args.judge, "generation": settings or None}
-    output = args.output_file or os.path.join(os.path.dirname(images) or ".", f"eval_{os.path.basename(images)}.json")
+    output = _output_file(args, images)
     json_path, md_path = write_results(record, output, table)
     print(table)
     print(f"wrote {json_path} and {md_path}")

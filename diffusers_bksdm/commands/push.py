@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     import os
     import sys
 
-    from ..hub import PushError, build_model_card, push_folder, write_model_card
+    from ..hub import PushError, build_model_card, push_folder
     from ..student import student_info
     from ._flags import flag_name
 
@@ -41,12 +41,15 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise ValueError(f"{error} It has no README.md either: add a model card, or push a folder written by "
                              "bksdm distill / bksdm compress.") from None
+        # uploaded beside the folder, never written into it: a failed push leaves the folder as it was
         card = build_model_card(teacher=str(info.get("teacher") or "unknown"), variant=str(info.get("variant")),
                                 repo_id=args.hub_model_id)
-        write_model_card(args.folder, card)
+    else:
+        card = None
     try:
         url = push_folder(args.folder, args.hub_model_id, token=args.hub_token, private=args.hub_private,
-                          argument=flag_name(args, "hub_model_id"), commit_message=args.commit_message)
+                          argument=flag_name(args, "hub_model_id"), commit_message=args.commit_message,
+                          model_card=card)
     except PushError as error:  # the message says how to retry and never holds the token
         print(f"bksdm push: error: {error}", file=sys.stderr)
         return 1

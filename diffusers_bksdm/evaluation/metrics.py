@@ -32,6 +32,9 @@ from ..families import FAMILIES
 from ..outputs import atomic_write, atomic_write_text
 
 __all__ = [
+    "RESULTS_MARKER",
+    "is_eval_results",
+    "is_real_statistics",
     "IMAGE_EXTENSIONS",
     "DEFAULT_CLIP_MODEL",
     "PAPER_RESULTS",
@@ -652,11 +655,36 @@ def update_model_card(
     return atomic_write_text(path, text)
 
 
+#: the key that marks a scores file as written by `bksdm eval` (what `--overwrite_output_file` may replace)
+RESULTS_MARKER = "written_by"
+
+
+def is_eval_results(path: str | os.PathLike) -> bool:
+    """Whether `path` is a scores file that :func:`write_results` wrote (a JSON object with its marker)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and str(record.get(RESULTS_MARKER, "")).startswith("diffusers-bksdm")
+
+
+def is_real_statistics(path: str | os.PathLike) -> bool:
+    """Whether `path` is an .npz of real-image statistics as :meth:`RealStatistics.save` writes it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {"mu", "sigma", "num_samples", "feature_extractor"} <= set(data.files)
+    except (OSError, ValueError, EOFError):
+        return False
+
+
 def write_results(results: Mapping[str, Any], json_path: str | os.PathLike, markdown: str) -> tuple[str, str]:
-    """Write `results` as JSON and `markdown` beside it (`.md`), each through a temporary file."""
+    """Write `results` as JSON (marked as ours, :func:`is_eval_results`) and `markdown` beside it (`.md`), each
+    through a temporary file."""
     json_path = os.fspath(json_path)
     md_path = os.path.splitext(json_path)[0] + ".md"
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    atomic_write_text(json_path, json.dumps(dict(results), indent=2) + "\n")
+    record = {**dict(results), RESULTS_MARKER: "diffusers-bksdm eval"}
+    atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
     atomic_write_text(md_path, markdown)
     return json_path, md_path
