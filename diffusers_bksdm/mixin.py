@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from .distill import BKDistiller, DistillationOutput, noisy_batch, unwrap_model
-from .outputs import update_folder
+from .outputs import save_pipeline, update_folder
 from .pipelines import with_components
 from .plan import RemovalPlan
 from .student import compress_unet
@@ -340,9 +340,13 @@ class BKDistillationMixin:
         if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
             kwargs["repo_id"] = os.path.basename(target)
         with update_folder(target, argument="save_directory") as tmp:
-            self.stock_pipeline().save_pretrained(tmp, *args, **kwargs)
+            save_pipeline(self.stock_pipeline(), tmp, *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any) -> str:
         """Push the stock pipeline class with the student UNet (never the teacher) to the Hub; same arguments as
         `DiffusionPipeline.push_to_hub`."""
-        return self.stock_pipeline().push_to_hub(repo_id, *args, **kwargs)
+        stock = self.stock_pipeline()
+        # diffusers' push_to_hub saves with `save_pretrained` into a temporary folder: the package's save, there too
+        object.__setattr__(stock, "save_pretrained",
+                           lambda directory, *a, **k: save_pipeline(stock, directory, *a, **k))
+        return stock.push_to_hub(repo_id, *args, **kwargs)

@@ -15,6 +15,10 @@ takes a half-written file or folder for a complete one: :func:`atomic_write` (on
 :func:`atomic_directory` (a whole folder, checked by :func:`check_output_dir` and marked as ours), :func:`update_folder`
 (a pipeline saved into an existing folder: each component replaced whole, `model_index.json` last) and
 :func:`replace_path` (the rename step shared by all of them).
+
+What: every pipeline this package writes goes through :func:`save_pipeline`, which keeps each tokenizer in both of
+its forms (transformers 5 writes only the fast `tokenizer.json`; transformers 4's slow `CLIPTokenizer`, e.g. in
+optimum's ONNX exporter, needs `vocab.json` and `merges.txt`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 __all__ = [
     "LOCK_FILE",
@@ -47,6 +52,9 @@ __all__ = [
     "update_folder",
     "STAGING_PREFIX",
     "replace_path",
+    "SLOW_TOKENIZER_FILES",
+    "write_slow_tokenizer_files",
+    "save_pipeline",
 ]
 
 logger = logging.getLogger(__name__)
@@ -456,3 +464,44 @@ def update_folder(path: str | os.PathLike, *, argument: str = "save_directory") 
             os.rmdir(path)
         raise
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pipelines that load elsewhere
+
+#: the slow (vocabulary) form of a BPE tokenizer such as CLIP's, written beside its fast `tokenizer.json`
+SLOW_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def write_slow_tokenizer_files(tokenizer: Any, folder: str | os.PathLike) -> list[str]:
+    """Write :data:`SLOW_TOKENIZER_FILES` of a fast BPE tokenizer (CLIP's) into `folder` (created if needed), from
+    the same model its `tokenizer.json` holds, so the slow `CLIPTokenizer` of transformers 4 loads the folder and
+    encodes exactly like the fast one. Returns the paths written: none for anything else (no tokenizer, a slow
+    tokenizer, which writes these files itself, or a non-BPE model)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return []
+    from tokenizers.models import BPE
+
+    if not isinstance(backend.model, BPE):
+        return []
+    os.makedirs(folder, exist_ok=True)
+    return [os.fspath(path) for path in backend.model.save(os.fspath(folder))]
+
+
+def save_pipeline(pipe: Any, folder: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+    """`pipe.save_pretrained(folder, *args, **kwargs)`, with every tokenizer component also in its slow form
+    (:func:`write_slow_tokenizer_files`: `tokenizer/vocab.json` and `tokenizer/merges.txt` beside the fast
+    `tokenizer/tokenizer.json`). Every pipeline this package saves goes through here; the slow files are written
+    first, so `push_to_hub=True` uploads them too.
+
+    Example:
+
+    ```py
+    >>> save_pipeline(compress_pipeline(pipe, "small"), "bk-sdm-small")  # loads with transformers 4 and 5
+    ```
+    """
+    for name, component in pipe.components.items():
+        write_slow_tokenizer_files(component, os.path.join(os.fspath(folder), name))
+    # the class's method: an instance whose `save_pretrained` routes here (the mixin's push) does not loop
+    type(pipe).save_pretrained(pipe, folder, *args, **kwargs)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusers_bksdm.miniature import shapes
-from diffusers_bksdm.outputs import atomic_directory
+from diffusers_bksdm.outputs import atomic_directory, save_pipeline
 from diffusers_bksdm.miniature.tiny import tiny_tokenizer
 
 TEXT_HIDDEN = 64
@@ -372,7 +372,7 @@ def main(argv=None) -> int:
                 quick_eval,
             )
         )
-        pipe.save_pretrained(out, safe_serialization=True)
+        save_pipeline(pipe, out, safe_serialization=True)
     log(f"saved the teacher to {teacher_dir}")
 
     # the teacher on the held-out prompts, at the pipeline's default settings

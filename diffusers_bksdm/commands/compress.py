@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..outputs import atomic_directory, check_output_dir
+    from ..outputs import atomic_directory, check_output_dir, save_pipeline
     from ..pipelines import count_parameters, load_teacher, parse_dtype
     from ..plan import get_variant
     from ..student import compress_pipeline, compress_unet
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         if pipe is not None:
             student_pipe = compress_pipeline(pipe, args.student_variant)
             student = student_pipe.unet
-            student_pipe.save_pretrained(tmp)
+            save_pipeline(student_pipe, tmp)
         else:
             student = compress_unet(teacher, args.student_variant)
             student.save_pretrained(tmp)

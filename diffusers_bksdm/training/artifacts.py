@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .checkpoints import latest_checkpoint
-from ..outputs import atomic_write, update_folder
+from ..outputs import atomic_write, save_pipeline, update_folder
 from ..pipelines import with_components
 from .progress import _logger
 
@@ -478,7 +478,7 @@ def save_final_pipeline(args: argparse.Namespace, student, ema, components, card
     final_pipe = _reload_components(args, unwrapped, components)
     try:
         with update_folder(output_dir, argument="--output_dir") as tmp:  # the model index goes last
-            final_pipe.save_pretrained(tmp, safe_serialization=True)
+            save_pipeline(final_pipe, tmp, safe_serialization=True)
             write_model_card(tmp, card)
     except OSError as error:
         raise FinalSaveError(

@@ -697,12 +697,12 @@ def _train_lcm(args: argparse.Namespace, teacher_pipeline, locks: list) -> dict[
     if main_process:
         import copy
 
-        from ..outputs import atomic_write_text
+        from ..outputs import atomic_write_text, save_pipeline
 
         final = _final_pipeline(args, models["pipe"], copy.deepcopy(target),
                                 models["weight_dtype"] == torch.float32 or teacher_pipeline is not None)
         with update_folder(output_dir, argument="--output_dir") as tmp:  # the model index goes last
-            final.save_pretrained(tmp, safe_serialization=True)
+            save_pipeline(final, tmp, safe_serialization=True)
             atomic_write_text(os.path.join(tmp, "README.md"), _model_card(args, global_step, models["resolution"]))
         logger.info(f"few-step (LCM) pipeline written to {output_dir}")
         if args.push_to_hub:
