@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -168,10 +169,81 @@ def load_teacher(
         kwargs["torch_dtype"] = torch_dtype
     if variant is not None:  # diffusers' weight file variant: diffusion_pytorch_model.fp16.safetensors, ...
         kwargs["variant"] = variant
+    if subfolder and os.path.isdir(name_or_path) and not os.path.isdir(os.path.join(name_or_path, subfolder)):
+        folders = sorted(n for n in os.listdir(name_or_path) if os.path.isdir(os.path.join(name_or_path, n)))
+        raise ValueError(f"`--subfolder` {subfolder!r} is not a folder of `{argument}` {name_or_path!r}; its folders: "
+                         f"{', '.join(folders) or 'none'}.")
     if _is_pipeline(name_or_path, subfolder, revision, argument):
-        pipe = DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
+        if os.path.isdir(name_or_path):
+            check_pipeline_folder(name_or_path, argument)
+        with named_load_errors(name_or_path, argument, "pipeline"):
+            pipe = DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
         if getattr(pipe, "unet", None) is None:
             raise ValueError(f"`{argument}` {name_or_path!r} is a {type(pipe).__name__} without a `unet` component.")
+        check_text_conditioning(pipe, name_or_path, argument)
         return pipe, pipe.unet
-    unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder=subfolder, **kwargs)
+    with named_load_errors(name_or_path, argument, "UNet", subfolder):
+        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder=subfolder, **kwargs)
     return None, unet
+
+
+def check_pipeline_folder(folder: str, argument: str) -> None:
+    """A pipeline folder's model_index.json is valid JSON and every component it lists has its folder."""
+    import json
+
+    index = os.path.join(folder, "model_index.json")
+    try:
+        with open(index, encoding="utf-8") as f:
+            components = json.load(f)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"`{argument}` {folder!r}: model_index.json is not valid JSON ({error}); accepted: the "
+                         "model_index.json a diffusers pipeline's save_pretrained writes.") from None
+    if not isinstance(components, dict):
+        raise ValueError(f"`{argument}` {folder!r}: model_index.json is a JSON {type(components).__name__}, not an "
+                         "object of pipeline components.")
+    missing = [name for name, value in components.items() if not name.startswith("_") and isinstance(value, list)
+               and len(value) == 2 and value[0] is not None and not os.path.isdir(os.path.join(folder, name))]
+    if missing:
+        raise ValueError(f"`{argument}` {folder!r}: model_index.json lists the component(s) {', '.join(missing)} but "
+                         f"the folder has no {', '.join(m + '/' for m in missing)}; copy the whole pipeline (every "
+                         "component folder).")
+
+
+def check_text_conditioning(pipe, name_or_path: str, argument: str) -> None:
+    """The UNet reads what the pipeline's text encoder(s) write: an SDXL UNet in an SD pipeline (or the reverse) is
+    refused here, not at the first denoising step."""
+    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+    encoders = [e for e in encoders if e is not None and hasattr(getattr(e, "config", None), "hidden_size")]
+    dim = pipe.unet.config.get("cross_attention_dim")
+    if not encoders or not isinstance(dim, int):
+        return
+    width = sum(e.config.hidden_size for e in encoders)
+    if dim != width:
+        sizes = " + ".join(str(e.config.hidden_size) for e in encoders) + (f" = {width}" if len(encoders) > 1 else "")
+        raise ValueError(
+            f"`{argument}` {name_or_path!r}: its UNet's cross_attention_dim is {dim} but its text encoder(s) give "
+            f"{sizes} features (a UNet of another family, e.g. SDXL's in an SD pipeline?); accepted: a "
+            "pipeline whose unet/ was trained with its text_encoder/."
+        )
+
+
+@contextlib.contextmanager
+def named_load_errors(name_or_path: str, argument: str, what: str, subfolder: str | None = None):
+    """A model that cannot be loaded (a truncated or garbage .safetensors file, a broken model_index.json or
+    config.json, a missing component, weights only in pickle form, a wrong `--subfolder`) is one `ValueError` naming
+    the flag, the value, the cause and what is accepted."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            raise
+        cause = " ".join(str(error).split()) or type(error).__name__
+        where = f" (subfolder {subfolder!r})" if subfolder else ""
+        accepted = ("a diffusers pipeline folder or hub repo (model_index.json and its components: unet/, vae/, "
+                    "text_encoder/, tokenizer/, scheduler/) with .safetensors weights" if what == "pipeline" else
+                    "a diffusers UNet folder (config.json and diffusion_pytorch_model.safetensors)")
+        raise ValueError(
+            f"`{argument}` {name_or_path!r}{where}: the {what} cannot be loaded ({type(error).__name__}: {cause}). "
+            f"Accepted: {accepted}; weights are read from safetensors only (convert pickle .bin weights, re-download "
+            "a truncated file)."
+        ) from error

@@ -12,7 +12,7 @@ GRID_PROMPTS = 8
 
 
 def add_parser(subparsers) -> None:
-    from ._flags import add_command_parser, add_model_argument, add_output_dir_argument
+    from ._flags import add_command_parser, add_model_argument, add_output_dir_argument, add_overwrite_argument
 
     parser = add_command_parser(
         subparsers,
@@ -41,9 +41,9 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--judge", default="builtin:shapes-judge", help="The judge (a ShapesJudge folder).")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--overwrite_output_dir", action="store_true", help="Replace the student of an earlier demo in --output_dir."
-    )
+    add_overwrite_argument(parser, deprecated=(),
+                           help="Replace an earlier demo in --output_dir (only a folder bksdm demo wrote, never the "
+                           "teacher's folder or the current directory).")
     parser.set_defaults(func=run)
 
 
@@ -59,6 +59,19 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"`--{name}` must be >= 1, got {value}.")
+
+
+def is_demo_folder(folder: str) -> bool:
+    """A demo folder written before the output marker existed: its summary.json names its student."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(folder, "summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and "student_dir" in summary and "results" in summary
 
 
 def _reload_in_stock_diffusers(student_dir: str, prompt: str) -> str:
@@ -106,9 +119,18 @@ def run(args: argparse.Namespace) -> int:
     from ..training.train import LOG_FILE, train
     from ..training.args import parse_train_args
 
+    from ..outputs import atomic_write_text, check_output_dir, write_marker
+
     _check(args)
+    # the output policy, before anything is written: never the teacher's folder or the cwd; an earlier demo only
+    # with --overwrite_output_dir
+    check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, ours=is_demo_folder,
+                     inputs=[("the teacher (--pretrained_model_name_or_path)", args.pretrained_model_name_or_path)],
+                     argument="--output_dir", overwrite_flag="--overwrite_output_dir")
     torch.manual_seed(args.seed)
     out = os.path.abspath(args.output_dir)
+    os.makedirs(out, exist_ok=True)
+    write_marker(out, "bksdm demo")
     student_dir = os.path.join(out, "student")
     print(f"[1/5] writing the shapes dataset ({args.num_images} training images, held-out real images) to {out}/data")
     world = miniature.write_world(os.path.join(out, "data"), args.num_images, seed=args.seed)
@@ -196,9 +218,7 @@ def run(args: argparse.Namespace) -> int:
         "loss_curve": curve,
     }
     summary_path = os.path.join(out, "summary.json")
-    with open(summary_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(summary_path + ".tmp", summary_path)
+    atomic_write_text(summary_path, json.dumps(summary, indent=2))
 
     print()
     print(_table(rows))

@@ -217,7 +217,8 @@ def _run_judge(args: argparse.Namespace, images: str, prompts: list[str]) -> int
     from ..miniature.judge import judge_markdown, score_images
     from ..evaluation.metrics import write_results
 
-    results = score_images(images, prompts, real_images=args.real_images, judge=args.judge, batch_size=args.batch_size)
+    results = score_images(images, prompts, real_images=args.real_images, judge=args.judge, batch_size=args.batch_size,
+                           argument_names={k: f"--{k}" for k in ("images", "prompts", "real_images")})
     settings = _generation_settings(images)
     name = _model_name(args, settings, images)
     table = judge_markdown(results, name)

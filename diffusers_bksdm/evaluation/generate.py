@@ -223,6 +223,7 @@ def load_pipeline(
     revision: str | None = None,
     disable_safety_checker: bool = False,
     argument: str = "model",
+    unet_argument: str = "unet",
 ):
     """Load a text-to-image pipeline for generation: a folder, a hub repo id, or a built-in teacher
     (`builtin:tiny-sd`, `builtin:shapes-sd`).
@@ -235,11 +236,13 @@ def load_pipeline(
         disable_safety_checker (`bool`, *optional*, defaults to `False`): drop the safety checker, whose black
             images would count in FID.
         argument (`str`, *optional*, defaults to `"model"`): how errors name `model` (a command passes its flag).
+        unet_argument (`str`, *optional*, defaults to `"unet"`): how errors name `unet`.
     """
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     from .._quiet import silence_library_noise
     from ..miniature.tiny import BUILTIN_PREFIX, builtin_teacher
+    from ..pipelines import check_pipeline_folder, check_text_conditioning, named_load_errors
 
     silence_library_noise()
     if model.startswith(BUILTIN_PREFIX):
@@ -258,9 +261,15 @@ def load_pipeline(
         kwargs: dict[str, Any] = {"revision": revision, "use_safetensors": True}
         if disable_safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
-        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+        if os.path.isdir(model):
+            check_pipeline_folder(model, argument)
+        with named_load_errors(model, argument, "pipeline"):
+            pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
     if unet is not None:
-        pipe.unet = UNet2DConditionModel.from_pretrained(unet, use_safetensors=True)
+        with named_load_errors(unet, unet_argument, "UNet"):
+            pipe.unet = UNet2DConditionModel.from_pretrained(unet, use_safetensors=True)
+    if getattr(pipe, "unet", None) is not None:
+        check_text_conditioning(pipe, unet or model, unet_argument if unet is not None else argument)
     if disable_safety_checker and getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     if torch_dtype is not None:

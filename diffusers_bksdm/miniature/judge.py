@@ -15,6 +15,8 @@ The shipped judge is `builtin:shapes-judge` (:func:`load_judge`); it is trained 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -161,8 +163,10 @@ def score_images(
     real_images: str | os.PathLike | None = None,
     judge: ShapesJudge | str = f"builtin:{JUDGE_NAME}",
     batch_size: int = 50,
+    argument_names: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Judge a folder of generated images (named by prompt index, as `bksdm generate` writes them).
+    `argument_names` is how errors name `images`, `prompts` and `real_images` (a command passes its flags).
 
     Returns `accuracy` (colour and shape right), `position_accuracy`, `full_accuracy` (colour, shape and position),
     `fd` when `real_images` is given, and `num_images`.
@@ -178,12 +182,14 @@ def score_images(
         ("full_accuracy", ("color", "shape", "position")),
     ):
         out = evaluate_images(
-            images, prompts, metrics=["clip"], clip_embedder=JudgeEmbedder(judge, keys), batch_size=batch_size
+            images, prompts, metrics=["clip"], clip_embedder=JudgeEmbedder(judge, keys), batch_size=batch_size,
+            argument_names=argument_names,
         )
         results[name], results["num_images"] = out["clip"], out["num_images"]
     if real_images is not None:
         out = evaluate_images(
-            images, metrics=["fid"], real_images=real_images, fid_extractor=JudgeFeatures(judge), batch_size=batch_size
+            images, metrics=["fid"], real_images=real_images, fid_extractor=JudgeFeatures(judge), batch_size=batch_size,
+            argument_names=argument_names,
         )
         results["fd"] = out["fid"]
     return results
