@@ -257,3 +257,18 @@ def test_student_init_random_is_the_ablation_and_teacher_is_the_default(tiny_pip
     assert torch.allclose(students["teacher"].conv_in.weight, teacher.conv_in.weight, rtol=0, atol=1e-9)
     assert not torch.allclose(students["random"].conv_in.weight, teacher.conv_in.weight, rtol=0, atol=1e-3)
     assert students["random"].config == students["teacher"].config
+
+
+def test_the_loss_curve_is_skipped_with_a_warning_without_matplotlib(tmp_path, monkeypatch, caplog):
+    import logging
+    import sys
+
+    from diffusers_bksdm.miniature.world import loss_curve
+
+    (tmp_path / "log.csv").write_text("step,loss\n1,0.5\n2,0.4\n", encoding="utf-8")
+    assert loss_curve(tmp_path / "log.csv", tmp_path / "with.png") == str(tmp_path / "with.png")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the core install has no matplotlib
+    with caplog.at_level(logging.WARNING):
+        assert loss_curve(tmp_path / "log.csv", tmp_path / "without.png") is None
+    assert not (tmp_path / "without.png").exists()
+    assert any("matplotlib is not installed: no without.png" in r.getMessage() for r in caplog.records)

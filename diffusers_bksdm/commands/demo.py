@@ -228,5 +228,5 @@ def run(args: argparse.Namespace) -> int:
         "better); seen acc.: accuracy on combinations seen in training (a control)."
     )
     print(f"student pipeline (reloads in stock diffusers: {reload}): {student_dir}")
-    print(f"pictures: {grid}, {curve}; numbers: {summary_path}")
+    print(f"pictures: {', '.join(p for p in (grid, curve) if p)}; numbers: {summary_path}")
     return 0

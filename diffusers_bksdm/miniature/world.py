@@ -135,15 +135,23 @@ def comparison_grid(
     return path
 
 
-def loss_curve(log_csv: str | os.PathLike, path: str | os.PathLike, terms: Sequence[str] | None = None) -> str:
-    """A PNG of every loss term of a `train_log.csv` (one line per term, a moving average over 10 steps)."""
+def loss_curve(log_csv: str | os.PathLike, path: str | os.PathLike,
+               terms: Sequence[str] | None = None) -> str | None:
+    """A PNG of every loss term of a `train_log.csv` (one line per term, a moving average over 10 steps). Without
+    matplotlib (not in the core install) a log line says how to get it and `None` is returned: the losses stay in
+    the CSV."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError("The loss curve needs matplotlib: `pip install matplotlib`.") from error
+    except ImportError:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "matplotlib is not installed: no %s (`pip install \"diffusers-bksdm[eval]\"` or `pip install "
+            "matplotlib`); the losses are in %s.", os.path.basename(os.fspath(path)), os.fspath(log_csv))
+        return None
     import numpy as np
 
     from ..training.progress import LOSS_TERMS
