@@ -53,7 +53,9 @@ def refused(capsys, argv: list[str], *fragments: str) -> str:
 
 def test_cache_never_replaces_the_teacher(teacher, data, capsys):
     before = snapshot(teacher)
-    for target in (teacher, teacher / "unet"):
+    link = teacher.parent / "looks-new"
+    link.symlink_to(teacher, target_is_directory=True)  # a symlink to the teacher is the teacher
+    for target in (teacher, teacher / "unet", link):
         refused(capsys, ["cache", "--pretrained_model_name_or_path", str(teacher), "--train_data_dir", str(data),
                          "--output_dir", str(target), "--overwrite_output_dir"], "`--output_dir`", "teacher")
     assert snapshot(teacher) == before
