@@ -36,7 +36,7 @@ def test_two_process_cpu_run(tiny_pipeline_dir, tmp_path):
     argv = base_args(tiny_pipeline_dir, out, "--checkpointing_steps", "2", "--report_to", "tensorboard",
                      "--validation_prompts", "a cat", "--validation_steps", "2", "--validation_inference_steps", "1",
                      data=images, steps=3)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(weights), *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env_offline())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
