@@ -122,6 +122,7 @@ EXTRAS = {
     "peft": "pip install peft",
     "onnx": 'pip install "diffusers-bksdm[onnx]"',
     "onnxruntime": 'pip install "diffusers-bksdm[onnx]"',
+    "onnxscript": 'pip install "diffusers-bksdm[onnx]"',
 }
 
 

@@ -13,10 +13,11 @@ from diffusers_bksdm.cli import build_parser, main
 from diffusers_bksdm.commands import command_modules
 from diffusers_bksdm.commands._flags import MODEL_FLAG
 
-COMMANDS = {"bench", "cache", "compress", "demo", "distill", "eval", "generate", "lcm", "lora", "plan", "push"}
+COMMANDS = {"bench", "cache", "compress", "demo", "distill", "eval", "export", "generate", "lcm", "lora", "plan",
+            "push"}
 #: commands that read a teacher / model, and those that write a folder (`--output_dir`)
-READ_A_MODEL = {"bench", "cache", "compress", "demo", "distill", "generate", "lcm", "lora"}
-WRITE_A_FOLDER = {"bench", "cache", "compress", "demo", "distill", "generate", "lcm", "lora"}
+READ_A_MODEL = {"bench", "cache", "compress", "demo", "distill", "export", "generate", "lcm", "lora"}
+WRITE_A_FOLDER = {"bench", "cache", "compress", "demo", "distill", "export", "generate", "lcm", "lora"}
 #: spellings of the previous release: only ever hidden, deprecated aliases
 OLD_SPELLINGS = {"--output", "--repo_id", "--private", "--overwrite"}
 HUB_FLAGS = {"--hub_model_id", "--hub_private", "--hub_token"}
