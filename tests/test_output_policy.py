@@ -261,3 +261,20 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     bad_json.write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         main(["plan", "--teacher_config", str(bad_json), "--max_param_ratio", "0.5", "--debug"])
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_written_student(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    import safetensors.torch
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = tmp_path / "student"
+    line = refused(capsys, ["compress", "--teacher", str(tiny_pipeline_dir), "--output_dir", str(out)],
+                   "No space left on device")
+    assert ".safetensors" in line
+    assert sorted(os.listdir(tmp_path)) == []  # neither the student nor a temporary folder beside it
