@@ -6,6 +6,7 @@ per-stage lists) at a size that runs in milliseconds on a CPU. Use them as `bksd
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -184,7 +185,7 @@ def tiny_tokenizer(directory: str | None = None, words: tuple[str, ...] = ()):
             merges[f"{current} {piece}"] = None
             current += piece
             vocab.setdefault(current, len(vocab) + 1)
-    with tempfile.TemporaryDirectory() if directory is None else _nullcontext(directory) as folder:
+    with tempfile.TemporaryDirectory() if directory is None else contextlib.nullcontext(directory) as folder:
         os.makedirs(folder, exist_ok=True)
         vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
         with open(vocab_file, "w", encoding="utf-8") as f:
@@ -192,17 +193,6 @@ def tiny_tokenizer(directory: str | None = None, words: tuple[str, ...] = ()):
         with open(merges_file, "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n" + "".join(f"{m}\n" for m in merges))
         return CLIPTokenizer(vocab_file, merges_file, model_max_length=MAX_TOKENS, pad_token="<|endoftext|>")
-
-
-class _nullcontext:
-    def __init__(self, value):
-        self.value = value
-
-    def __enter__(self):
-        return self.value
-
-    def __exit__(self, *exc):
-        return False
 
 
 def tiny_scheduler(family: str = "sd-v1"):
