@@ -36,6 +36,9 @@ EVAL_SECTION_START, EVAL_SECTION_END = "<!-- bksdm-eval:start -->", "<!-- bksdm-
 #: what a training output folder holds that does not belong in the model repo
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", ".*/**", "logs/**", "**/.ipynb_checkpoints/**"]
 
+#: the card: huggingface_hub renders `card_data` (the YAML front matter of a `ModelCardData`); the body is ours
+_CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
+
 
 class PushError(RuntimeError):
     """An upload to the hub failed; the local folder is intact and the message says how to retry (never the token)."""
@@ -49,12 +52,21 @@ BUILTIN_TEACHERS = {
     "shapes)",
     "builtin:tiny-sd": "a tiny random-weight teacher built locally by diffusers-bksdm (for tests and demos)",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def is_hub_id(name: str) -> bool:
-    """Whether `name` reads as a hub repo id (`user/name`) rather than a local folder or a built-in teacher."""
-    return bool(_HUB_ID.match(name)) and ".." not in name and not os.path.exists(name)
+    """Whether `name` reads as a hub repo id (`user/name`, by `huggingface_hub.utils.validate_repo_id`) rather than a
+    local folder or a built-in teacher."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(name, str) or name.count("/") != 1 or os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _teacher_name(teacher: str) -> str:
@@ -204,7 +216,7 @@ def build_model_card(
         license=license or FAMILIES["sd-v1"].license, library_name="diffusers", inference=True, base_model=base_model,
         pipeline_tag="text-to-image", tags=list(dict.fromkeys([*MODEL_CARD_TAGS, f"bk-sdm-{variant}", *extra_tags])),
     )  # fmt: skip
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    return ModelCard.from_template(data, template_str=_CARD_TEMPLATE, body="\n".join(lines) + "\n")
 
 
 def write_model_card(folder: str, card) -> str:

@@ -47,6 +47,9 @@ def test_card_of_a_run_on_a_builtin_teacher_and_a_local_image_folder(tmp_path):
 def test_teacher_links_only_for_hub_ids(tmp_path):
     assert is_hub_id("CompVis/stable-diffusion-v1-4") and not is_hub_id("builtin:shapes-sd")
     assert not is_hub_id(str(tmp_path)) and not is_hub_id("../models/sd")
+    # the hub's own rules (huggingface_hub.utils.validate_repo_id): no `--`, no `.git` suffix, at most 96 characters
+    for not_an_id in ("user/na--me", "user/name.git", "user/" + "x" * 100, "a-/b", "gpt2", "a/b/c"):
+        assert not is_hub_id(not_an_id), not_an_id
     local = tmp_path / "models" / "my-teacher"
     local.mkdir(parents=True)
     hub = str(build_model_card(teacher="CompVis/stable-diffusion-v1-4", variant="small"))
