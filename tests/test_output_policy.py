@@ -278,3 +278,39 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_written_student(tiny_pipelin
                    "No space left on device")
     assert ".safetensors" in line
     assert sorted(os.listdir(tmp_path)) == []  # neither the student nor a temporary folder beside it
+
+
+@pytest.mark.parametrize("case", ["nan", "rank", "empty", "pickle", "several"])
+def test_a_bad_lora_is_refused_with_what_is_wrong(case, lora_file, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    good = load_file(lora_file)
+    bad = tmp_path / "bad.safetensors"
+    if case == "nan":
+        save_file({k: torch.full_like(v, float("nan")) for k, v in good.items()}, bad)
+        expected = "non-finite values"
+    elif case == "rank":
+        down = next(k for k in good if k.endswith("lora_A.weight"))
+        save_file({**good, down: torch.zeros(good[down].shape[0] + 3, good[down].shape[1])}, bad)
+        expected = "has rank 5 but lora_B.weight has rank 2"
+    elif case == "empty":
+        bad.write_bytes(b"")
+        expected = "is empty, truncated or not a safetensors file"
+    elif case == "pickle":
+        bad = tmp_path / "lora.bin"
+        torch.save(good, bad)
+        expected = "is not a .safetensors file"
+    else:
+        bad = tmp_path / "folder"
+        bad.mkdir()
+        for name in ("a.safetensors", "b.safetensors"):
+            shutil.copy(lora_file, bad / name)
+        expected = "holds 2 .safetensors files (a.safetensors, b.safetensors); name the LoRA with `weight_name`"
+    out = tmp_path / "out.safetensors"
+    refused(capsys, ["lora", "--pretrained_model_name_or_path", "builtin:tiny-sd", "--lora", str(bad),
+                     "--output_file", str(out)], expected)
+    assert not out.exists()
+    if case == "several":  # naming one of them is enough
+        assert main(["lora", "--pretrained_model_name_or_path", "builtin:tiny-sd", "--lora", str(bad),
+                     "--weight_name", "a.safetensors", "--output_file", str(out)]) == 0

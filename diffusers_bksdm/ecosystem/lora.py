@@ -100,6 +100,10 @@ def _check_shapes(module_name: str, module: torch.nn.Module, tensors: Mapping[st
             return f"{module_name}.{suffix} has shape {tuple(tensor.shape)}, but the teacher's layer is {kind}"
         if suffix in ("lora_B.weight", "lora_B.bias", "lora_magnitude_vector") and tensor.shape[0] != fan_out:
             return f"{module_name}.{suffix} has shape {tuple(tensor.shape)}, but the teacher's layer is {kind}"
+    down, up = tensors.get("lora_A.weight"), tensors.get("lora_B.weight")
+    if down is not None and up is not None and up.ndim >= 2 and down.shape[0] != up.shape[1]:
+        return (f"{module_name}: lora_A.weight has rank {down.shape[0]} but lora_B.weight has rank {up.shape[1]} "
+                f"(shapes {tuple(down.shape)} and {tuple(up.shape)})")
     return None
 
 
@@ -218,12 +222,26 @@ def _read_lora(lora: Any, block_map: BlockMap, loader: type, weight_name: str | 
         lora = dict(lora)
     elif not isinstance(lora, (str, os.PathLike)):
         raise TypeError(f"`lora` must be a state dict or a path, got {type(lora).__name__}.")
+    else:
+        _check_lora_path(os.fspath(lora), weight_name)
     extra = {"unet_config": dict(block_map.teacher_config)} if loader.__name__.startswith("StableDiffusionXL") else {}
-    state_dict, network_alphas, metadata = loader.lora_state_dict(
-        lora, weight_name=weight_name, use_safetensors=True, return_lora_metadata=True, **extra
-    )
+    try:
+        state_dict, network_alphas, metadata = loader.lora_state_dict(
+            lora, weight_name=weight_name, use_safetensors=True, return_lora_metadata=True, **extra
+        )
+    except Exception as error:
+        if type(error).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"`lora` {os.fspath(lora)!r} cannot be read ({error}): the file is empty, truncated or not a "
+                         "safetensors file; accepted: a LoRA saved as .safetensors (e.g. by `save_lora_weights`).") \
+            from None
     if not state_dict:
         raise ValueError(f"`lora` {lora if not isinstance(lora, dict) else 'state dict'!r} holds no tensors.")
+    nonfinite = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()
+                 and not torch.isfinite(v).all()]
+    if nonfinite:
+        raise ValueError(f"`lora` holds non-finite values (NaN or inf) in {len(nonfinite)} tensor(s), e.g. "
+                         f"{nonfinite[0]!r}: a diverged training run; it would turn every image into NaN.")
     not_lora = [k for k in state_dict if "lora" not in k]
     if not_lora:
         raise ValueError(
@@ -231,6 +249,20 @@ def _read_lora(lora: Any, block_map: BlockMap, loader: type, weight_name: str | 
             f"{not_lora[:3]}."
         )
     return state_dict, network_alphas, metadata
+
+
+def _check_lora_path(path: str, weight_name: str | None) -> None:
+    """Refuse what `lora_state_dict` would misread: pickle files, and a folder of several LoRA files without
+    `weight_name` (which one would be an accident)."""
+    if os.path.isfile(path) and not path.endswith(".safetensors"):
+        raise ValueError(f"`lora` {path!r} is not a .safetensors file; weights are read from safetensors only (pickle "
+                         "files can run code): convert it, e.g. `safetensors.torch.save_file(torch.load(path, "
+                         "weights_only=True), 'lora.safetensors')` where you trust the file.")
+    if os.path.isdir(path) and weight_name is None:
+        files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        if len(files) > 1:
+            raise ValueError(f"`lora` {path!r} holds {len(files)} .safetensors files ({', '.join(files[:5])}); name "
+                             "the LoRA with `weight_name` (--weight_name).")
 
 
 def _split_components(
