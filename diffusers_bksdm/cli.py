@@ -13,11 +13,12 @@ import logging
 import sys
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 from .commands import command_modules
 from .commands._flags import HelpFormatter
 
-__all__ = ["build_parser", "main", "setup_logging", "command_logging"]
+__all__ = ["build_parser", "main", "setup_logging", "command_logging", "logs_above_progress_bars"]
 
 #: loggers whose INFO lines are noise at the command line (accelerate logs every checkpoint it saves or loads)
 QUIET_LOGGERS = ("accelerate",)
@@ -39,33 +40,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _TqdmHandler(logging.Handler):
-    """Writes log lines to stderr above the progress bars instead of through them."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            from tqdm import tqdm
-
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # noqa: BLE001 - logging must never raise
-            self.handleError(record)
+#: the console format of a command's log lines
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+_CONSOLE = "bksdm-console"  # the name of the handler `setup_logging` / `command_logging` add to the root logger
 
 
-def _console_handler() -> logging.Handler:
-    handler = _TqdmHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+def logs_above_progress_bars(tqdm_class: Any = None) -> contextlib.AbstractContextManager:
+    """While entered, and when the root logger prints to the console (stdout / stderr), its lines go through
+    `tqdm_class.write` above the progress bars instead of through them (tqdm's `logging_redirect_tqdm`, with the
+    console handler's format); otherwise nothing changes. The one place that routes log lines around progress bars:
+    every command (:func:`command_logging`) and the trainers' loops use it."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    if tqdm_class is None:
+        from tqdm.auto import tqdm as tqdm_class
+    console = any(isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr)
+                  for handler in logging.root.handlers)
+    return logging_redirect_tqdm(tqdm_class=tqdm_class) if console else contextlib.nullcontext()
+
+
+def _add_console_handler(root: logging.Logger) -> logging.Handler | None:
+    """Add the stderr handler to `root` unless it has it already; returns the handler added."""
+    if any(handler.get_name() == _CONSOLE for handler in root.handlers):
+        return None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_CONSOLE)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
     return handler
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """For a whole process (e.g. a launcher's entry point): INFO lines written above the progress bars, accelerate's
-    per-checkpoint INFO lines hidden, and the library notices that are noise for us silenced
-    (:func:`diffusers_bksdm._quiet.silence_library_noise`). `main` does the same for the time of one command."""
+    """For a whole process (e.g. a launcher's entry point): INFO lines on stderr (kept above the trainer's progress
+    bar by :func:`logs_above_progress_bars`), accelerate's per-checkpoint INFO lines hidden, and the library notices
+    that are noise for us silenced (:func:`diffusers_bksdm._quiet.silence_library_noise`). `main` does the same for
+    the time of one command (:func:`command_logging`)."""
     from ._quiet import silence_library_noise
 
     root = logging.getLogger()
-    if not any(isinstance(h, _TqdmHandler) for h in root.handlers):
-        root.addHandler(_console_handler())
+    _add_console_handler(root)
     root.setLevel(level)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -74,21 +87,21 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 @contextlib.contextmanager
 def command_logging(level: int = logging.INFO) -> Iterator[None]:
-    """:func:`setup_logging` for the time of one command; the logging configuration is restored afterwards (a
-    program or a test that calls `main` several times gets no extra handler)."""
+    """:func:`setup_logging` for the time of one command, its log lines above every progress bar
+    (:func:`logs_above_progress_bars`); the logging configuration is restored afterwards (a program or a test that
+    calls `main` several times gets no extra handler)."""
     from ._quiet import silence_library_noise
 
     root = logging.getLogger()
     saved = root.level, {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
-    handler = None if any(isinstance(h, _TqdmHandler) for h in root.handlers) else _console_handler()
-    if handler is not None:
-        root.addHandler(handler)
+    handler = _add_console_handler(root)
     root.setLevel(level)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     silence_library_noise()
     try:
-        yield
+        with logs_above_progress_bars():
+            yield
     finally:
         if handler is not None:
             root.removeHandler(handler)

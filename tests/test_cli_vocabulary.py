@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 from conftest import run_python
@@ -194,6 +195,28 @@ def test_log_lines_go_above_progress_bars_and_accelerate_info_is_hidden(capsys):
     (line,) = [line for line in err.split("\n") if "saved a checkpoint" in line]
     assert line.split("\r")[-1] == "INFO diffusers_bksdm.example: saved a checkpoint"  # not glued to the bar
     assert "Model weights saved" not in err
+
+
+def test_a_program_that_prints_its_own_logs_gets_each_line_once_above_the_bars(capsys):
+    import logging
+
+    from tqdm import tqdm
+
+    from diffusers_bksdm.cli import command_logging
+
+    own = logging.StreamHandler(sys.stderr)  # as `logging.basicConfig` sets up
+    own.setFormatter(logging.Formatter("mine %(name)s: %(message)s"))
+    logging.getLogger().addHandler(own)
+    try:
+        with command_logging():
+            bar = tqdm(total=1, desc="Steps")
+            logging.getLogger("diffusers_bksdm.example").info("saved a checkpoint")
+            bar.update(1)
+            bar.close()
+    finally:
+        logging.getLogger().removeHandler(own)
+    lines = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n") if "saved a checkpoint" in line]
+    assert lines == ["mine diffusers_bksdm.example: saved a checkpoint"]
 
 
 def test_a_command_leaves_the_logging_configuration_as_it_found_it(tmp_path):

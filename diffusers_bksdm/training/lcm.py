@@ -542,7 +542,8 @@ def _train_lcm(args: argparse.Namespace, teacher_pipeline, locks: list) -> dict[
     from ..distill import unwrap_model
     from ..outputs import update_folder
     from .checkpoints import _choose_seed, _resume_position, check_resume_settings, data_fingerprint, resolve_resume
-    from .progress import TrainLog, _logger, _logs_above_progress_bar, _StopRequest
+    from ..cli import logs_above_progress_bars
+    from .progress import TrainLog, _logger, _StopRequest
     from .train import _accelerator, _claim_output_dir, _data_loader, _epoch_batches, _latents_and_embeddings
     from .train import _prepare, _public_args, _training_data
 
@@ -614,7 +615,7 @@ def _train_lcm(args: argparse.Namespace, teacher_pipeline, locks: list) -> dict[
     epoch, batches_in_epoch = first_epoch, resume_batches
     window_losses: list[torch.Tensor] = []
     with contextlib.ExitStack() as cleanup:
-        cleanup.enter_context(_logs_above_progress_bar(tqdm))
+        cleanup.enter_context(logs_above_progress_bars(tqdm))
         if log_file is not None:
             cleanup.callback(log_file.close)
         cleanup.callback(progress.close)

@@ -1,15 +1,13 @@
 """What a training run records as it goes: the CSV log (:class:`TrainLog`), the per-step loss statistics gathered
-over processes (:class:`StepStatistics`), a SIGTERM / SIGINT turned into a checkpoint-then-exit request, and log lines
-kept above the progress bar. Used by :mod:`diffusers_bksdm.training.train`."""
+over processes (:class:`StepStatistics`) and a SIGTERM / SIGINT turned into a checkpoint-then-exit request (log lines
+are kept above the progress bar by :func:`diffusers_bksdm.cli.logs_above_progress_bars`). Used by :mod:`diffusers_bksdm.training.train`."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import logging
 import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -169,13 +167,3 @@ class StepStatistics:
                          "update_skipped": int(update_skipped),
                          **{f"feat/{p}": v for p, v in zip(self.pair_names, means[len(LOSS_TERMS):], strict=True)}}
         return self.last_row
-
-
-def _logs_above_progress_bar(tqdm_class) -> contextlib.AbstractContextManager:
-    """While the progress bar shows: when the root logger prints to the console, its lines go through
-    `tqdm_class.write` (above the bar) instead of breaking the bar; otherwise nothing changes."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    console = any(isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr)
-                  for handler in logging.root.handlers)
-    return logging_redirect_tqdm(tqdm_class=tqdm_class) if console else contextlib.nullcontext()

@@ -38,7 +38,7 @@ import torch
 from .checkpoints import CHECKPOINT_PATTERN, _choose_seed, _resume_position, _resume_state, latest_checkpoint
 from ..outputs import STAGING_PREFIX
 from .args import SECRET_ARGS, check_train_args, parse_train_args
-from .progress import LOSS_TERMS, StepStatistics, TrainLog, _logger, _logs_above_progress_bar, _StopRequest
+from .progress import LOSS_TERMS, StepStatistics, TrainLog, _logger, _StopRequest
 from .artifacts import (
     EVAL_CURVE,
     EVAL_DIR,
@@ -540,6 +540,7 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    from ..cli import logs_above_progress_bars
     from .checkpoints import CheckpointManager, check_resume_settings, data_fingerprint, resolve_resume, resume_settings
     from .data import SkippedSamples
     from ..distill import BKDistiller, noisy_batch, unwrap_model
@@ -617,7 +618,7 @@ def _train(args: argparse.Namespace, teacher_pipeline, save_final: bool, locks: 
     interrupted: int | None = None
     epoch, batches_in_epoch = first_epoch, resume_batches
     with contextlib.ExitStack() as cleanup:  # on the way out: signal handlers, progress bar, log file
-        cleanup.enter_context(_logs_above_progress_bar(tqdm))
+        cleanup.enter_context(logs_above_progress_bars(tqdm))
         if log_file is not None:
             cleanup.callback(log_file.close)
         cleanup.callback(progress.close)
