@@ -60,8 +60,8 @@ OUTPUT_NAME = "out_sample"
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_SUFFIX = ".data"
 RECORD_FILE = "onnx_export.json"
-#: ONNX's 2 GiB protobuf limit: larger weights go to an external data file
-_PROTOBUF_LIMIT = 2**31 - 2**26
+#: weights above this go to an external data file (ONNX files are protobufs, limited to 2 GiB with the graph)
+EXTERNAL_DATA_BYTES = 2**30
 
 
 class ExportValidationError(ValueError):
@@ -203,10 +203,10 @@ def _dynamic_shapes(names: Sequence[str], factor: int) -> tuple[Any, ...]:
 
 
 def _check_opset(opset: int, exporter: str, argument: str) -> None:
-    import onnx
+    from onnx import defs
 
     low = MIN_OPSET[exporter]
-    high = MAX_TORCHSCRIPT_OPSET if exporter == "torchscript" else onnx.defs.onnx_opset_version()
+    high = MAX_TORCHSCRIPT_OPSET if exporter == "torchscript" else defs.onnx_opset_version()
     if not isinstance(opset, int) or not low <= opset <= high:
         raise ValueError(f"`{argument}` {opset!r} is not an opset the {exporter} exporter writes; accepted: {low} to "
                          f"{high}.")
@@ -248,8 +248,8 @@ def export_unet_onnx(
         opset (`int`, defaults to 18): the ONNX opset (18 and up for `dynamo`, 14 to 20 for `torchscript`).
         exporter (`str`, defaults to `"dynamo"`): `"dynamo"` (torch.export-based, PyTorch's default) or
             `"torchscript"` (the older TorchScript-based exporter: faster, deprecated by PyTorch).
-        external_data (`bool`, *optional*): weights in a separate file; default: only when they exceed ONNX's
-            2 GiB limit.
+        external_data (`bool`, *optional*): weights in a separate file; default: only above 1 GiB (an ONNX file
+            holds at most 2 GiB).
 
     Returns:
         :class:`OnnxExportResult` (no check yet: see :func:`validate_onnx_unet`).
@@ -266,7 +266,7 @@ def export_unet_onnx(
     args = tuple(inputs[name] for name in names)
     wrapper = _ExportedUNet(model, names).eval()
     if external_data is None:
-        external_data = _parameter_bytes(model) > _PROTOBUF_LIMIT
+        external_data = _parameter_bytes(model) > EXTERNAL_DATA_BYTES
     start = time.perf_counter()
     with torch.no_grad(), _quiet_exporter():
         if exporter == "dynamo":
@@ -489,7 +489,7 @@ def export_onnx(
     """Export the UNet of a saved pipeline (e.g. a student from `bksdm compress` / `bksdm distill`, or the LCM
     pipeline of `bksdm lcm`), a bare UNet folder or `builtin:<name>` to `output_dir`, checked in onnxruntime.
 
-    `output_dir` receives `unet/model.onnx` (and `unet/model.onnx.data` for weights over 2 GiB), `unet/config.json`,
+    `output_dir` receives `unet/model.onnx` (and `unet/model.onnx.data` for weights over 1 GiB), `unet/config.json`,
     the pipeline's `scheduler/scheduler_config.json` (an LCM pipeline's LCMScheduler) and `onnx_export.json` (inputs,
     outputs, opset, the check's largest difference). It follows the output policy of
     :mod:`diffusers_bksdm.outputs` (never the model's own folder, the current directory, or a folder this package did
