@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import inspect
 import logging
+import pickle
 import weakref
 from pathlib import Path
 
@@ -270,8 +272,6 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(teacher, stude
         with BKDistiller(teacher, student) as kd:
             out = kd(noisy, timesteps, text, target)
             out.loss.backward()
-            # recomputation during backward must not leave features behind
-            assert kd._features == {"teacher": {}, "student": {}}
         losses.append(out.loss.item())
         grads.append({n: p.grad.clone() for n, p in student.named_parameters()})
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
@@ -319,29 +319,62 @@ def test_v_prediction_distillation():
 # Hooks and wrappers
 
 
-def count_hooks(module: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) for m in module.modules())
+def picklable(module: torch.nn.Module) -> bool:
+    """Whether `module` pickles (`torch.save(model)`): a forward hook a distiller left behind does not."""
+    try:
+        pickle.dumps(module)
+    except (AttributeError, TypeError, pickle.PicklingError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def watched_features(kd: BKDistiller):
+    """Weak references to every output of the modules `kd` pairs, teacher and student side, taken by hooks of our own
+    while they are registered."""
+    refs, handles = [], []
+
+    def hook(module, args, output):
+        first = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(first, torch.Tensor):
+            refs.append(weakref.ref(first))
+
+    for teacher_name, student_name in kd.feature_pairs:
+        handles.append(kd.teacher.get_submodule(teacher_name).register_forward_hook(hook))
+        handles.append(kd.student_module.get_submodule(student_name).register_forward_hook(hook))
+    try:
+        yield refs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def assert_released(refs: list) -> None:
+    """No feature is still alive: the distiller holds none between calls (the caller dropped the outputs)."""
+    gc.collect()
+    alive = sum(ref() is not None for ref in refs)
+    assert refs and alive == 0, f"{alive} of {len(refs)} recorded features are still held"
 
 
 def test_hooks_register_once_and_are_removed(teacher, students):
     student = students["tiny"]
-    assert count_hooks(teacher) == 0 and count_hooks(student) == 0
+    assert picklable(teacher) and picklable(student)
     kd = BKDistiller(teacher, student)
-    assert count_hooks(teacher) == 6 and count_hooks(student) == 6
-    kd.register_hooks()
+    assert kd.hooks_registered and not picklable(teacher) and not picklable(student)
+    kd.register_hooks()  # again: nothing changes
     noisy, timesteps, text, target = noisy_inputs(teacher)
-    kd(noisy, timesteps, text, target)
-    kd(noisy, timesteps, text, target)
-    assert count_hooks(teacher) == 6 and count_hooks(student) == 6
-    assert kd._features == {"teacher": {}, "student": {}}
+    with watched_features(kd) as features:
+        first = kd(noisy, timesteps, text, target).loss.item()
+        assert kd(noisy, timesteps, text, target).loss.item() == first
+    assert_released(features)
     kd.remove_hooks()
-    assert count_hooks(teacher) == 0 and count_hooks(student) == 0
+    assert not kd.hooks_registered and picklable(teacher) and picklable(student)  # every hook is gone
     with pytest.raises(RuntimeError, match="register_hooks"):
         kd(noisy, timesteps, text, target)
     with kd:
-        assert count_hooks(student) == 6
-        kd(noisy, timesteps, text, target)
-    assert count_hooks(teacher) == 0 and count_hooks(student) == 0
+        assert kd.hooks_registered and not picklable(student)
+        assert kd(noisy, timesteps, text, target).loss.item() == first
+    assert not kd.hooks_registered and picklable(teacher) and picklable(student)
 
 
 def test_hooks_go_away_with_the_distiller(teacher, students):
@@ -350,25 +383,33 @@ def test_hooks_go_away_with_the_distiller(teacher, students):
     del kd
     gc.collect()
     assert ref() is None
-    assert count_hooks(teacher) == 0 and count_hooks(students["base"]) == 0
+    assert picklable(teacher) and picklable(students["base"])
 
 
-def test_features_cleared_when_the_forward_fails(teacher, students):
-    with BKDistiller(teacher, students["small"]) as kd:
-        noisy, timesteps, text, target = noisy_inputs(teacher)
+def test_features_released_when_the_forward_fails(teacher, students):
+    student = students["small"]
+    noisy, timesteps, text, target = noisy_inputs(teacher)
+    with BKDistiller(teacher, student) as kd, watched_features(kd) as features:
         with pytest.raises(ValueError, match="target"):
             kd(noisy, timesteps, text, target[:, :2])  # channel mismatch is found after the forward
-        assert kd._features == {"teacher": {}, "student": {}}
-        assert kd._recording is None
+        assert_released(features)
+        # nor is it left recording: forwards outside its calls keep nothing
+        student(noisy, timesteps, text)
+        teacher(noisy, timesteps, text)
+        assert_released(features)
 
 
 def test_other_forwards_are_not_recorded(teacher, students):
     student = students["small"]
-    with BKDistiller(teacher, student) as kd:
-        noisy, timesteps, text, _ = noisy_inputs(teacher)
+    with BKDistiller(teacher, student) as kd, watched_features(kd) as features:
+        noisy, timesteps, text, target = noisy_inputs(teacher)
         student(noisy, timesteps, text)
         teacher(noisy, timesteps, text)
-        assert kd._features == {"teacher": {}, "student": {}}
+        assert_released(features)
+        kd(noisy, timesteps, text, target)  # before and after one of its own calls
+        student(noisy, timesteps, text)
+        teacher(noisy, timesteps, text)
+        assert_released(features)
 
 
 class Wrapper(torch.nn.Module):
@@ -396,10 +437,10 @@ def test_wrapped_students(teacher, students, monkeypatch):
     wrapped = Wrapper(student)
     with BKDistiller(teacher, wrapped) as kd:
         assert kd.student is wrapped and kd.student_module is student
-        assert count_hooks(student) == 6 and count_hooks(wrapped) == 6  # the hooks live on the inner modules
-        out = kd(noisy, timesteps, text, target)
+        out = kd(noisy, timesteps, text, target)  # the features of the inner modules are recorded: same loss
         assert wrapped.calls == 1  # the forward goes through the wrapper (DDP's gradient sync)
         assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    assert picklable(student)
     assert distill.unwrap_model(Wrapper(Wrapper(student))) is student
     # accelerate's extract_model_from_parallel, repeated: compiled and parallel wrappers nest in any order
     assert distill.unwrap_model(torch.compile(Wrapper(student))) is student
@@ -408,9 +449,10 @@ def test_wrapped_students(teacher, students, monkeypatch):
     # wrapping after the distiller was built: assign the wrapper
     with BKDistiller(teacher, student) as kd:
         other = Wrapper(student)
-        kd.student = other
-        kd(noisy, timesteps, text, target)
-        assert other.calls == 1 and count_hooks(student) == 6
+        kd.student = other  # the same inner model: the hooks stay where they are
+        assert kd(noisy, timesteps, text, target).loss.item() == pytest.approx(expected, rel=1e-6)
+        assert other.calls == 1
+    assert picklable(student)  # and go away with the distiller's
 
 
 def test_torch_compiled_student(teacher, students):
@@ -482,7 +524,7 @@ def test_mismatched_teacher_and_student_raise(teacher, students):
         BKDistiller(other_teacher, students["small"])
     with pytest.raises(ValueError, match="same module"):
         BKDistiller(teacher, teacher)
-    assert count_hooks(teacher) == 0
+    assert picklable(teacher)  # a refused distiller leaves no hook
 
 
 def test_explicit_pairs_are_validated(teacher, students):
@@ -523,12 +565,12 @@ def test_bad_arguments(teacher, students):
             BKDistiller(teacher, student, **kwargs)
     with pytest.raises(TypeError, match="student_unet"):
         BKDistiller(teacher, "unet")
-    assert count_hooks(teacher) == 0 and count_hooks(student) == 0
+    assert picklable(teacher) and picklable(student)  # a refused distiller leaves no hook
 
 
 def test_batch_shape_mismatches_name_the_tensors(teacher, students):
     noisy, timesteps, text, target = noisy_inputs(teacher, batch=2)
-    with BKDistiller(teacher, students["small"]) as kd:
+    with BKDistiller(teacher, students["small"]) as kd, watched_features(kd) as features:
         with pytest.raises(ValueError, match="`target` has shape \\(3, 4, 8, 8\\).*`noisy_latents`"):
             kd(noisy, timesteps, text, torch.randn(3, 4, 8, 8))
         with pytest.raises(ValueError, match="`target`.*\\(2, 4, 4, 4\\)"):
@@ -548,12 +590,12 @@ def test_batch_shape_mismatches_name_the_tensors(teacher, students):
         # a scalar timestep and a single one broadcast
         kd(noisy, torch.tensor(10), text, target)
         kd(noisy, torch.tensor([10]), text, target)
-        assert kd._features == {"teacher": {}, "student": {}}
+        assert_released(features)
 
 
 def test_nonfinite_raises_naming_the_term(teacher, students):
     noisy, timesteps, text, target = noisy_inputs(teacher)
-    with BKDistiller(teacher, students["small"]) as kd:
+    with BKDistiller(teacher, students["small"]) as kd, watched_features(kd) as features:
         bad_target = target.clone()
         bad_target[0, 0, 0, 0] = float("nan")
         with pytest.raises(FloatingPointError, match="\\['task_loss'\\].*on_nonfinite='skip'"):
@@ -562,7 +604,7 @@ def test_nonfinite_raises_naming_the_term(teacher, students):
         bad_noisy[1] = float("inf")
         with pytest.raises(FloatingPointError, match="task_loss.*output_kd_loss.*feature_kd_loss.*student prediction"):
             kd(bad_noisy, timesteps, text, target)
-        assert kd._features == {"teacher": {}, "student": {}}
+        assert_released(features)
 
 
 def test_nonfinite_skip_returns_a_zero_loss_with_zero_gradients(teacher, students, caplog):

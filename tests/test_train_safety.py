@@ -123,18 +123,18 @@ def test_failed_final_save_keeps_the_training(tiny_pipeline_dir, images, tmp_pat
 
 
 def poison_losses(monkeypatch, bad_calls) -> list[int]:
-    """Make the task target NaN on the given (1-based) calls of the distiller's loss."""
+    """Make the task target NaN on the given (1-based) calls of the distiller (its public `__call__`)."""
     from diffusers_bksdm.distill import BKDistiller
 
-    original, calls = BKDistiller._loss, []
+    original, calls = BKDistiller.__call__, []
 
-    def poisoned(self, student_pred, teacher_pred, target, features):
+    def poisoned(self, noisy_latents, timesteps, encoder_hidden_states, target, *args, **kwargs):
         calls.append(1)
         if bad_calls(len(calls)):
             target = target * float("nan")
-        return original(self, student_pred, teacher_pred, target, features)
+        return original(self, noisy_latents, timesteps, encoder_hidden_states, target, *args, **kwargs)
 
-    monkeypatch.setattr(BKDistiller, "_loss", poisoned)
+    monkeypatch.setattr(BKDistiller, "__call__", poisoned)
     return calls
 
 
