@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +127,30 @@ def test_cache_shows_progress_and_uses_the_native_size(tiny_pipeline_dir, tmp_pa
     captured = capsys.readouterr()
     assert "encoding" in captured.err and "3/3" in captured.err
     assert "at 16px" in captured.out
+
+
+@pytest.mark.parametrize("damage", ["index", "index_keys", "truncated_shard", "missing_shard"])
+def test_a_damaged_cache_is_named_before_training(cached, tmp_path, damage):
+    import shutil
+
+    _, cache = cached
+    copy = Path(shutil.copytree(cache, tmp_path / "latents"))
+    LatentCache(str(copy), argument="--latent_cache_dir")  # intact: opens
+    shards = sorted(copy.glob("shard-*.safetensors"))
+    assert len(shards) == 2
+    if damage == "index":
+        (copy / "index.json").write_text("{bad")
+        expected = r"index.json is not valid JSON"
+    elif damage == "index_keys":
+        index = json.loads((copy / "index.json").read_text())
+        del index["shards"]
+        (copy / "index.json").write_text(json.dumps(index))
+        expected = r"index.json lacks shards"
+    elif damage == "truncated_shard":
+        shards[1].write_bytes(shards[1].read_bytes()[:300])
+        expected = rf"the shard '{shards[1].name}' cannot be read .*truncated"
+    else:
+        shards[0].unlink()
+        expected = rf"the shard '{shards[0].name}' cannot be read"
+    with pytest.raises(ValueError, match=rf"`--latent_cache_dir` '.*latents': {expected}.*bksdm cache"):
+        LatentCache(str(copy), argument="--latent_cache_dir")

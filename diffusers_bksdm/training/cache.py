@@ -295,8 +295,17 @@ class LatentCache:
             raise FileNotFoundError(
                 f"`{argument}` {path!r} is not a latent cache (no {INDEX_FILE}); build one with `bksdm cache`."
             )
-        with open(index_path, encoding="utf-8") as f:
-            self.index = json.load(f)
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                self.index = json.load(f)
+        except (UnicodeDecodeError, ValueError) as error:
+            raise ValueError(f"`{argument}` {path!r}: {INDEX_FILE} is not valid JSON ({error}); the cache is damaged. "
+                             "Rebuild it with `bksdm cache`.") from None
+        missing = [k for k in ("keys", "shards", "num_samples", "fingerprint")
+                   if not isinstance(self.index, dict) or k not in self.index]
+        if missing:
+            raise ValueError(f"`{argument}` {path!r}: {INDEX_FILE} lacks {', '.join(missing)}; the cache is damaged. "
+                             "Rebuild it with `bksdm cache`.")
         if self.index.get("format") != CACHE_FORMAT:
             raise ValueError(
                 f"`{argument}` {path!r} has cache format {self.index.get('format')!r}; this version reads "
@@ -311,6 +320,24 @@ class LatentCache:
             self.offsets.append(total)
             total += shard["num_samples"]
         self._handles: dict[str, Any] = {}
+        self._check_shards()
+
+    def _check_shards(self) -> None:
+        """Every shard the index lists opens (a truncated or missing shard is named before training starts)."""
+        from safetensors import safe_open
+
+        for shard in self.index["shards"]:
+            file = os.path.join(self.path, shard["file"])
+            try:
+                with safe_open(file, framework="pt") as f:
+                    rows = f.get_slice("latent_mean").get_shape()[0]
+            except Exception as error:  # noqa: BLE001 - SafetensorError, OSError, a missing tensor: all "damaged"
+                raise ValueError(f"`{self.argument}` {self.path!r}: the shard {shard['file']!r} cannot be read "
+                                 f"({type(error).__name__}: {error}); it is missing, truncated or damaged. Rebuild "
+                                 "the cache with `bksdm cache`.") from None
+            if rows != shard["num_samples"]:
+                raise ValueError(f"`{self.argument}` {self.path!r}: the shard {shard['file']!r} holds {rows} samples, "
+                                 f"{INDEX_FILE} says {shard['num_samples']}; rebuild the cache with `bksdm cache`.")
 
     def __len__(self) -> int:
         return int(self.index["num_samples"])
