@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
+import statistics
+from types import SimpleNamespace
 
 import pytest
+from _counts import (
+    CLIP_VIT_L_TEXT_PARAMS, OPENCLIP_BIGG_TEXT_PARAMS, TINY_SD_UNET_PARAMS, UNET_PARAMS, bench_names,
+)  # fmt: skip
 from PIL import Image
 
 from diffusers_bksdm.evaluation.bench import BenchmarkSettings, benchmark, count_macs, load_config, measure_latency
 from diffusers_bksdm.cli import main
 
-# ../shared/SPEC.md section 2 (UNet) and section 7 (SDXL)
-EXPECTED_UNET_PARAMS = {
-    "sd-v1-4": {"teacher": 859_520_964, "bk-base": 579_384_964, "bk-small": 482_346_884, "bk-tiny": 323_384_964},
-    "sd-v2-1": {"teacher": 865_910_724, "bk-base": 583_480_964, "bk-small": 485_787_524, "bk-tiny": 326_825_604},
-    "sdxl-base-1.0": {"teacher": 2_567_463_684, "bk-koala-1b": 1_161_184_324, "bk-koala-700m": 782_822_724},
-}
+EXPECTED_UNET_PARAMS = {config: bench_names(config) for config in ("sd-v1-4", "sd-v2-1", "sdxl-base-1.0")}
 
 
 @pytest.mark.parametrize("config", list(EXPECTED_UNET_PARAMS), ids=list(EXPECTED_UNET_PARAMS))
@@ -35,8 +35,8 @@ def test_sd_v1_4_macs_and_pipeline_params_match_the_paper(capsys):
     assert macs["bk-base"] == pytest.approx(223.8e9, rel=0.02)
     assert macs["bk-tiny"] < macs["bk-small"] < macs["bk-base"]
     teacher = report.models[0]
-    assert teacher.text_encoder_params == 123_060_480  # CLIP ViT-L/14 text model
-    assert teacher.pipeline_params == 859_520_964 + 123_060_480 + teacher.vae_decoder_params
+    assert teacher.text_encoder_params == CLIP_VIT_L_TEXT_PARAMS
+    assert teacher.pipeline_params == UNET_PARAMS["sd-v1-4"]["teacher"] + CLIP_VIT_L_TEXT_PARAMS + teacher.vae_decoder_params
     assert "| teacher | 859.5M | 1,032.1M | 338.6G | 1.00x |" in table
     assert "| bk-base | 579.4M | 751.9M | 223.7G | 0.66x |" in table
 
@@ -44,11 +44,11 @@ def test_sd_v1_4_macs_and_pipeline_params_match_the_paper(capsys):
 def test_sdxl_pipeline_params_from_configs():
     report = benchmark(teacher_config="sdxl-base-1.0", measure=False)
     teacher = report.models[0]
-    # the published sizes of SDXL base 1.0's text encoders: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (with projection)
-    assert teacher.text_encoder_params == 123_060_480 + 694_659_840
-    assert teacher.pipeline_params == 2_567_463_684 + 817_720_320 + teacher.vae_decoder_params
+    text = CLIP_VIT_L_TEXT_PARAMS + OPENCLIP_BIGG_TEXT_PARAMS  # SDXL base 1.0's two text encoders
+    assert teacher.text_encoder_params == text
+    assert teacher.pipeline_params == UNET_PARAMS["sdxl-base-1.0"]["teacher"] + text + teacher.vae_decoder_params
     assert {m.name: m.pipeline_params - m.unet_params for m in report.models} == {
-        name: 817_720_320 + teacher.vae_decoder_params for name in ("teacher", "bk-koala-1b", "bk-koala-700m")
+        name: text + teacher.vae_decoder_params for name in ("teacher", "bk-koala-1b", "bk-koala-700m")
     }
 
 
@@ -63,8 +63,7 @@ def test_sdxl_pipelines_built_from_configs_are_timed(tmp_path):
     )  # fmt: skip
     assert [m.name for m in report.models] == ["teacher", "bk-koala-1b", "bk-koala-700m"]
     for model in report.models:
-        assert len(model.pipeline_latency_s) == 1 and model.pipeline_latency_s[0] > 0
-        assert model.unet_latency_s
+        assert len(model.pipeline_latency_s) == 1 and len(model.unet_latency_s) == 1  # as the settings ask
 
 
 def test_macs_scale_with_resolution_and_count_attention_apart():
@@ -78,13 +77,29 @@ def test_macs_scale_with_resolution_and_count_attention_apart():
     assert at_512["macs"] + at_512["attention_macs"] == pytest.approx(sum(at_512["by_op"].values()))
 
 
-def test_measure_latency_warms_up_and_rotates_the_order():
-    calls = []
-    report = measure_latency({k: (lambda k=k: calls.append(k)) for k in "abc"}, repeats=4, warmup=2)
-    assert calls[:6] == list("abcabc")  # warm-up
+def test_measure_latency_warms_up_rotates_the_order_and_times_each_call(monkeypatch):
+    from diffusers_bksdm.evaluation import bench
+
+    clock, calls = [0.0], []
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def call(name, seconds):
+        def run():
+            calls.append(name)
+            clock[0] += seconds * (1 + len(calls) / 1000)  # each run a little longer than the one before
+        return run
+
+    report = measure_latency({"a": call("a", 1.0), "b": call("b", 2.0), "c": call("c", 4.0)}, repeats=4, warmup=2)
+    assert calls[:6] == list("abcabc")  # warm-up, not timed
     assert calls[6:] == list("abcbcacababc")
-    assert {k: len(v) for k, v in report.items()} == {"a": 4, "b": 4, "c": 4}
-    assert all(t >= 0 for v in report.values() for t in v)
+    # exactly the time of each timed run (the n-th call took seconds * (1 + n / 1000)), in the order of the rounds
+    expected = {name: [] for name in "abc"}
+    for n, name in enumerate(calls, start=1):
+        if n > 6:
+            expected[name].append({"a": 1.0, "b": 2.0, "c": 4.0}[name] * (1 + n / 1000))
+    assert report.keys() == expected.keys()
+    for name, seconds in expected.items():
+        assert report[name] == pytest.approx(seconds), name
 
 
 def test_bench_cli_times_tiny_teacher_and_students_and_writes_reports(tmp_path, capsys):
@@ -96,10 +111,11 @@ def test_bench_cli_times_tiny_teacher_and_students_and_writes_reports(tmp_path, 
     names = [m["name"] for m in data["models"]]
     assert names == ["teacher", "bk-base", "bk-small", "bk-tiny"]
     for model in data["models"]:
-        assert len(model["unet_latency_s"]) == 2 and model["unet_latency_median_s"] > 0
-        assert len(model["pipeline_latency_s"]) == 1
+        assert len(model["unet_latency_s"]) == 2 and len(model["pipeline_latency_s"]) == 1
+        assert model["unet_latency_median_s"] == pytest.approx(statistics.median(model["unet_latency_s"]))
     assert data["models"][0]["ratios_to_teacher"]["macs"] == 1.0
-    assert data["models"][1]["ratios_to_teacher"]["params"] == pytest.approx(2_140_036 / 3_222_692)
+    assert data["models"][1]["ratios_to_teacher"]["params"] == pytest.approx(
+        TINY_SD_UNET_PARAMS["base"] / TINY_SD_UNET_PARAMS["teacher"])
     assert data["settings"]["unet_batch"] == 2 and data["settings"]["latent_size"] == 8
     markdown = (output / "bench.md").read_text()
     assert markdown.count("\n| bk-") == 3 and "pipeline latency" in markdown
@@ -123,7 +139,8 @@ def test_bench_a_saved_student(tmp_path):
     assert [m.name for m in report.models] == ["teacher", "my-tiny"]
     assert report.models[1].unet_params == sum(p.numel() for p in compress_unet(teacher, "tiny").parameters())
     assert report.models[0].pipeline_params is None  # a bare UNet: no text encoder or VAE
-    assert report.ratios(report.models[1])["unet_latency"] > 0
+    teacher_s, student_s = report.models[0].unet_latency_s, report.models[1].unet_latency_s
+    assert report.ratios(report.models[1])["unet_latency"] == pytest.approx(student_s[0] / teacher_s[0])  # one round
 
 
 def test_bench_bad_input(tmp_path):

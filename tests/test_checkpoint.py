@@ -78,7 +78,9 @@ def test_save_and_reload_in_stock_diffusers(tmp_path):
         "UNet2DConditionModel",
         "StableDiffusionPipeline",
     )
-    assert "not expected" not in report["log"], report["log"]  # the private metadata key loads silently
+    # diffusers warns about nothing while loading a student (e.g. not about the `_bksdm` metadata key), whatever
+    # its wording
+    assert report["log"] == "", report["log"]
     outs = torch.load(out_path)
     with torch.no_grad():
         expected_unet = unet_only(inputs["sample"], inputs["t"], inputs["text"]).sample

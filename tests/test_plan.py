@@ -8,17 +8,12 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from _counts import UNET_PARAMS
 from conftest import load_shipped_config
 from diffusers_bksdm import BKUNet2DConditionModel, RemovalPlan, build_block_map, compress_unet, list_variants
 from diffusers_bksdm.plan import get_variant, register_variant, unregister_variant
 
-# SPEC §2 and §7: exact UNet parameter counts
-COUNTS = {
-    "sd-v1-4": {"teacher": 859_520_964, "base": 579_384_964, "small": 482_346_884, "tiny": 323_384_964},
-    "sd-v2-1-base": {"teacher": 865_910_724, "base": 583_480_964, "small": 485_787_524, "tiny": 326_825_604},
-    "sd-v2-1": {"teacher": 865_910_724, "base": 583_480_964, "small": 485_787_524, "tiny": 326_825_604},
-    "sdxl-base-1.0": {"teacher": 2_567_463_684, "koala-1b": 1_161_184_324, "koala-700m": 782_822_724},
-}
+COUNTS = UNET_PARAMS  # exact UNet parameter counts (tests/_counts.py)
 CASES = [(family, variant) for family, counts in COUNTS.items() for variant in counts if variant != "teacher"]
 
 
@@ -235,7 +230,8 @@ def test_compress_unet_takes_a_block_map_of_its_own_teacher_only():
     student = compress_unet(teacher, block_map)
     reference = compress_unet(teacher, "small")
     assert dict(student.config) == dict(reference.config)
-    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), reference.state_dict().values()))
+    pairs = zip(student.state_dict().values(), reference.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     other = tiny_unet_config("sd-v1")
     other["cross_attention_dim"] = 16
     with pytest.raises(ValueError, match="`variant` is a BlockMap built from another teacher config.*cross_attention"):

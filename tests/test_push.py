@@ -6,6 +6,7 @@ import logging
 import os
 
 import pytest
+from _counts import UNET_PARAMS
 from _train_utils import base_args, run_train, write_image_folder
 
 from diffusers_bksdm.cli import main
@@ -113,9 +114,10 @@ def test_a_folder_without_a_card_gets_one_on_the_hub_not_on_disk(fake_hub, stude
 
 def test_model_card_has_the_required_fields():
     card = build_model_card(
-        teacher="CompVis/stable-diffusion-v1-4", variant="small", teacher_parameters=859_520_964,
-        student_parameters=482_346_884, recipe={"data": "laion_aes_212k", "optimizer steps": 50000, "batch": 256,
-                                                "lambdas (task, out, feat)": "1.0, 1.0, 1.0"},
+        teacher="CompVis/stable-diffusion-v1-4", variant="small", teacher_parameters=UNET_PARAMS["sd-v1-4"]["teacher"],
+        student_parameters=UNET_PARAMS["sd-v1-4"]["small"],
+        recipe={"data": "laion_aes_212k", "optimizer steps": 50000, "batch": 256,
+                "lambdas (task, out, feat)": "1.0, 1.0, 1.0"},
         validation_image="validation/step-050000.png", validation_prompts=["a golden vase with different flowers"],
         evaluation={"FID": 16.98, "CLIP score": 0.2677}, repo_id="me/bk-sdm-small")
     data = card.data.to_dict()

@@ -4,6 +4,7 @@ a change to what training computes: with evaluation on, a resumed run is bit-exa
 from __future__ import annotations
 
 import argparse
+import math
 
 import pytest
 from _train_utils import assert_same_weights, load_unet_weights, read_log, run_train
@@ -37,7 +38,10 @@ def test_eval_scores_go_to_the_log_the_tracker_the_curve_and_the_card(world_imag
     for metric in ("accuracy", "position_accuracy", "fd"):
         values = [r[f"eval/{metric}"] for r in rows]
         assert values[0] == "" and values[1] != "" and values[2] != ""
-        assert all(float(v) >= 0 for v in values[1:])
+        if metric == "fd":
+            assert all(math.isfinite(float(v)) for v in values[1:])
+        else:  # shares of the 3 judged images: whole numbers of images
+            assert all(float(v) * 3 == pytest.approx(round(float(v) * 3), abs=1e-6) for v in values[1:]), values
     assert (out / "eval_curve.png").stat().st_size > 0
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["real", "step-000002", "step-000003"]
     assert len(list((out / "eval" / "step-000003").glob("*.png"))) == 3
