@@ -18,8 +18,9 @@ IDS = [f"{f}-{v}" for f, v in CASES]
 
 
 def expected_teacher_key(student_key: str, variant: str) -> str:
-    """SPEC §3 written out independently of the package: down stages keep layer 0, up stages keep layers 0 and 2,
-    tiny shifts up blocks by one, everything else keeps its name."""
+    """The BK-SDM block removal (Kim et al., 2023, arXiv:2305.15798) written out independently of the
+    package: down stages keep layer 0, up stages keep layers 0 and 2, tiny shifts up blocks by one, everything else
+    keeps its name."""
     shift = 1 if variant == "tiny" else 0
     match = re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", student_key)
     if match:

@@ -18,7 +18,9 @@ from diffusers import DDPMScheduler, PNDMScheduler, UNet2DConditionModel
 from diffusers_bksdm import BKDistiller, DistillationOutput, RemovalPlan, compress_unet, training_target
 from diffusers_bksdm.miniature.tiny import tiny_scheduler, tiny_unet, tiny_unet_config
 
-# SPEC §4, written out literally: (teacher module, student module).
+# The feature pairs of BK-SDM's feature-level KD (arXiv:2305.15798): the output of each block stage (for the tiny
+# student, whose innermost down stage lost its downsampler, its last attention's projection), written out literally:
+# (teacher module, student module).
 OFFICIAL_PAIRS = {
     "base": [
         ("down_blocks.0", "down_blocks.0"),
@@ -61,7 +63,8 @@ def noisy_inputs(unet, batch: int = 2, seed: int = 0):
 
 
 def reference_losses(teacher, student, pairs, noisy, timesteps, text, target, normalize=False):
-    """The loss of SPEC §4 computed independently: hooks on the named modules, float64 mean squared errors."""
+    """The BK-SDM loss (task + output-level + feature-level KD) computed independently: hooks on the named modules,
+    float64 mean squared errors."""
     recorded = {"teacher": {}, "student": {}}
     handles = []
 
