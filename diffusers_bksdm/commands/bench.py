@@ -58,6 +58,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="Untimed forwards per model first.")
     parser.add_argument("--steps", type=int, default=0, help="Also time whole pipeline calls of N steps (0: no).")
     parser.add_argument("--pipeline_repeats", type=int, default=1, help="Timed pipeline calls per model.")
+    parser.add_argument("--student_steps", type=int, default=None,
+                        help="Steps of the students' pipeline calls (default: --steps), e.g. 4 for a `bksdm lcm` "
+                        "student against the teacher's --steps 50; a student pipeline runs with its own scheduler.")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch; default: torch's choice.")
     parser.add_argument(
         "--counts_only", action="store_true", help="Only parameters and MACs (meta device, no timing)."
@@ -93,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     settings = BenchmarkSettings(
         resolution=args.resolution, batch_size=args.batch_size, cfg=not args.no_cfg, repeats=args.repeats,
-        warmup=args.warmup, steps=args.steps, pipeline_repeats=args.pipeline_repeats, device=args.device,
+        warmup=args.warmup, steps=args.steps, pipeline_repeats=args.pipeline_repeats,
+        student_steps=args.student_steps, device=args.device,
         dtype=parse_dtype(args.dtype, "--dtype"),
     )  # fmt: skip
     students = None

@@ -68,6 +68,9 @@ class BenchmarkSettings:
         warmup (`int`, *optional*, defaults to 1): untimed forwards per model first.
         steps (`int`, *optional*, defaults to 0): denoising steps of the whole-pipeline latency (0: not measured).
         pipeline_repeats (`int`, *optional*, defaults to 1): timed pipeline calls per model.
+        student_steps (`int`, *optional*): denoising steps of the students' pipeline calls (default: `steps`), e.g. 4
+            for a latent-consistency student against the teacher's 50. A student saved as a pipeline runs with its own
+            scheduler (an `LCMScheduler` for `bksdm lcm`'s output).
         device (`str`, *optional*, defaults to `"cpu"`).
         dtype (`torch.dtype`, *optional*): defaults to float16 on CUDA and float32 elsewhere.
     """
@@ -79,6 +82,7 @@ class BenchmarkSettings:
     warmup: int = 1
     steps: int = 0
     pipeline_repeats: int = 1
+    student_steps: int | None = None
     device: str = "cpu"
     dtype: torch.dtype | None = None
 
@@ -92,6 +96,10 @@ class BenchmarkSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+        if self.student_steps is not None and (not isinstance(self.student_steps, int) or self.student_steps < 1
+                                               or not self.steps):
+            raise ValueError(f"`student_steps` must be a positive integer and needs `steps` > 0 (the teacher's "
+                             f"steps), got student_steps {self.student_steps!r} with steps {self.steps!r}.")
         if self.dtype is None:
             self.dtype = torch.float16 if torch.device(self.device).type == "cuda" else torch.float32
 
@@ -417,7 +425,8 @@ def _teacher_from_model(teacher: str, names) -> _Teacher:
 
 
 def _time_pipelines(
-    teacher: _Teacher, entries, settings: BenchmarkSettings, progress: bool = False
+    teacher: _Teacher, entries, settings: BenchmarkSettings, progress: bool = False,
+    schedulers: Mapping[str, Any] | None = None,
 ) -> dict[str, list[float]]:
     device = torch.device(settings.device)
     for component in teacher.pipe.components.values():
@@ -425,19 +434,25 @@ def _time_pipelines(
             _move(component, device, settings.dtype)
     from ..pipelines import with_components
 
-    pipes = {"teacher": teacher.pipe, **{name: with_components(teacher.pipe, unet=unet) for name, _, unet in entries}}
+    schedulers = schedulers or {}
+    pipes = {"teacher": teacher.pipe}
+    for name, _, unet in entries:
+        own = {"scheduler": schedulers[name]} if name in schedulers else {}
+        pipes[name] = with_components(teacher.pipe, unet=unet, **own)
+    steps = {name: settings.steps if name == "teacher" else (settings.student_steps or settings.steps)
+             for name in pipes}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     prompt = ["a golden vase with different flowers"] * settings.batch_size
 
-    def call(pipe):
+    def call(pipe, name):
         return lambda: pipe(
-            prompt=prompt, num_inference_steps=settings.steps, height=settings.resolution, width=settings.resolution,
+            prompt=prompt, num_inference_steps=steps[name], height=settings.resolution, width=settings.resolution,
             guidance_scale=7.5 if settings.cfg else 1.0, output_type="np", generator=torch.Generator().manual_seed(0),
         )  # fmt: skip
 
-    logger.info("Timing %d pipelines: %d steps", len(pipes), settings.steps)
-    calls = {name: call(pipe) for name, pipe in pipes.items()}
+    logger.info("Timing %d pipelines: %s", len(pipes), ", ".join(f"{n} {k} steps" for n, k in steps.items()))
+    calls = {name: call(pipe, name) for name, pipe in pipes.items()}
     return measure_latency(calls, settings.pipeline_repeats or 1, min(settings.warmup, 1), device,
                            desc="pipeline latency" if progress else None)
 
@@ -523,10 +538,14 @@ def benchmark(
     latent = settings.resolution // base.vae_factor
 
     entries: list[tuple[str, dict[str, Any], Any]] = []  # (name, UNet config, UNet module or None)
+    schedulers: dict[str, Any] = {}  # the own scheduler of a student saved as a pipeline
     if students:
         for name, path in students.items():
             student_unet = _load_student_unet(path, settings.dtype, names("students"))
             entries.append((name, dict(student_unet.config), student_unet))
+            scheduler = _load_student_scheduler(path)
+            if scheduler is not None:
+                schedulers[name] = scheduler
     else:
         for variant in variants or default_variants(base.unet_config):
             config = BKUNet2DConditionModel.config_from_teacher(base.unet_config, variant)
@@ -553,7 +572,7 @@ def benchmark(
                                 desc="UNet latency" if progress else None)
         pipe_times = {}
         if settings.steps and base.pipe is not None:
-            pipe_times = _time_pipelines(base, entries, settings, progress)
+            pipe_times = _time_pipelines(base, entries, settings, progress, schedulers)
         elif settings.steps:
             logger.warning("No text encoder / VAE configs for this teacher: whole-pipeline latency is not measured; "
                            "pass them (vae_config, text_encoder_config) or benchmark a whole pipeline (a folder, a "
@@ -575,6 +594,8 @@ def benchmark(
         "repeats": settings.repeats,
         "warmup": settings.warmup,
         "steps": settings.steps,
+        "student_steps": settings.student_steps or settings.steps,
+        "schedulers": {name: type(scheduler).__name__ for name, scheduler in schedulers.items()},
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "weights": "random (from config)" if teacher_config is not None else "loaded",
@@ -607,6 +628,22 @@ def _meta_component_params(vae_cfg, text_cfg, text_cfg_2=None) -> tuple[int | No
             vae = AutoencoderKL.from_config(dict(vae_cfg))
             decoder_params = _count(vae.decoder) + (_count(getattr(vae, "post_quant_conv", None)) or 0)
     return text_params, decoder_params
+
+
+def _load_student_scheduler(path: str):
+    """The scheduler of a student saved as a pipeline (`scheduler/scheduler_config.json`), else `None`."""
+    import diffusers
+
+    folder = os.path.join(path, "scheduler")
+    config_file = os.path.join(folder, "scheduler_config.json")
+    if not os.path.isfile(os.path.join(path, "model_index.json")) or not os.path.isfile(config_file):
+        return None
+    with open(config_file, encoding="utf-8") as f:
+        name = json.load(f).get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        return None
+    return cls.from_pretrained(folder)
 
 
 def _load_student_unet(path: str, dtype: torch.dtype | None, argument: str = "students"):
@@ -659,7 +696,10 @@ def report_markdown(report: BenchmarkReport) -> str:
         )
         if s.get("steps"):
             pipe = "-" if m.pipeline_latency is None else f"{m.pipeline_latency:,.2f} s"
-            row += f"| {pipe} ({s['steps']} steps) | {_fmt_ratio(r['pipeline_latency'])} "
+            own = s["steps"] if m.name == "teacher" else s.get("student_steps") or s["steps"]
+            scheduler = (s.get("schedulers") or {}).get(m.name)
+            row += (f"| {pipe} ({own} steps{', ' + scheduler if scheduler else ''}) "
+                    f"| {_fmt_ratio(r['pipeline_latency'])} ")
         lines.append(row + "|")
     lines.append("")
     lines.append(
