@@ -25,6 +25,7 @@ def test_counts_on_real_configs_are_exact(config):
     assert all(m.unet_latency_s == [] for m in report.models)
 
 
+@pytest.mark.slow
 def test_sd_v1_4_macs_and_pipeline_params_match_the_paper(capsys):
     code = main(["bench", "--teacher_config", "sd-v1-4", "--counts_only", "--resolution", "512"])
     assert code == 0
@@ -52,6 +53,7 @@ def test_sdxl_pipeline_params_from_configs():
     }
 
 
+@pytest.mark.slow
 def test_sdxl_pipelines_built_from_configs_are_timed(tmp_path):
     from diffusers_bksdm.miniature.tiny import _tiny_text_config, tiny_unet_config, tiny_vae
 
@@ -102,6 +104,7 @@ def test_measure_latency_warms_up_rotates_the_order_and_times_each_call(monkeypa
         assert report[name] == pytest.approx(seconds), name
 
 
+@pytest.mark.slow
 def test_bench_cli_times_tiny_teacher_and_students_and_writes_reports(tmp_path, capsys):
     output = tmp_path / "report"
     argv = ["bench", "--teacher", "builtin:tiny-sd", "--resolution", "16", "--repeats", "2", "--steps", "1",
@@ -124,6 +127,7 @@ def test_bench_cli_times_tiny_teacher_and_students_and_writes_reports(tmp_path, 
     assert "wrote" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_a_saved_student(tmp_path):
     from diffusers_bksdm import compress_unet
     from diffusers_bksdm.miniature.tiny import tiny_unet
@@ -170,6 +174,7 @@ def test_bench_cli_errors_name_the_flags(capsys):
     assert "`--resolution` must be a multiple of 8 (the VAE factor), got 500" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_uses_the_teachers_native_size_by_default(tmp_path):
     # builtin:tiny-sd: UNet sample_size 8 x VAE factor 2 = 16 px (not 512: a 256x256 latent for this VAE)
     assert main(["bench", "--teacher", "builtin:tiny-sd", "--counts_only", "--output_dir", str(tmp_path)]) == 0

@@ -35,7 +35,7 @@ def test_counts_from_the_block_map_are_the_published_ones(config, variant):
     assert count_student_params(load_shipped_config(config), variant) == UNET_PARAMS[config][variant]
 
 
-@pytest.mark.parametrize("config", ["sd-v1-4", "sdxl-base-1.0"])
+@pytest.mark.parametrize("config", ["sd-v1-4", pytest.param("sdxl-base-1.0", marks=pytest.mark.slow)])
 def test_counts_equal_the_built_students_for_every_candidate(config):
     teacher_config = load_shipped_config(config)
     plans = candidate_plans(teacher_config)

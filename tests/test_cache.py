@@ -50,6 +50,7 @@ def test_cache_layout_and_contents(tiny_pipeline_dir, tmp_path):
     assert cache.get(4)["encoder_hidden_states"].shape == (77, 32)
 
 
+@pytest.mark.slow
 def test_training_from_cache_matches_training_from_images(tiny_pipeline_dir, cached, tmp_path):
     images, cache_dir = cached
     flip = "--no-random_flip"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import run_python
@@ -43,6 +44,7 @@ json.dump({
 """
 
 
+@pytest.mark.slow
 def test_save_and_reload_in_stock_diffusers(tmp_path):
     teacher_pipe = tiny_pipeline("sd-v1", seed=0)
     student_pipe = compress_pipeline(teacher_pipe, "tiny")

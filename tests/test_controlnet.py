@@ -252,6 +252,7 @@ print(json.dumps({"bksdm": any(m.startswith("diffusers_bksdm") for m in sys.modu
 """
 
 
+@pytest.mark.slow
 def test_student_controlnet_pipeline_runs_and_reloads_in_stock_diffusers(tmp_path):
     pipe = tiny_pipeline("sd-v1", seed=0)
     torch.manual_seed(3)

@@ -219,6 +219,7 @@ def test_training_from_webdataset_shards(tiny_pipeline_dir, shards, tmp_path):
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resume_on_webdataset_shards_is_exact(tiny_pipeline_dir, tmp_path):
     from _train_utils import assert_same_weights, load_unet_weights
 

@@ -458,6 +458,7 @@ def test_wrapped_students(teacher, students, monkeypatch):
     assert picklable(student)  # and go away with the distiller's
 
 
+@pytest.mark.slow
 def test_torch_compiled_student(teacher, students):
     student = perturb(copy.deepcopy(students["tiny"]), seed=12)
     noisy, timesteps, text, target = noisy_inputs(teacher)

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 from diffusers_bksdm import BKDistiller
 
+pytestmark = pytest.mark.slow  # two processes under torchrun
+
 SCRIPT = Path(__file__).parent / "scripts" / "distill_ddp.py"
 REPO_ROOT = Path(__file__).parent.parent
 

@@ -182,6 +182,7 @@ def test_bad_generation_settings():
         GenerationConfig(batch_size=0)
 
 
+@pytest.mark.slow
 def test_two_processes_shard_prompts_and_match_one_process(reference, tmp_path):
     """`bksdm generate` under torchrun (2 CPU processes): each image once, identical to the 1-process run."""
     prompts = tmp_path / "prompts.txt"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import run_python
 
 # accelerate and peft are not in the list: diffusers itself imports them. CUDA: `torch.cuda._lazy_init` is what every
@@ -22,6 +24,7 @@ print(json.dumps({"modules": mods, "cuda_calls": len(cuda_calls),
 """
 
 
+@pytest.mark.slow
 def test_import_is_cheap():
     report = json.loads(run_python(CODE).stdout.strip().splitlines()[-1])
     # exactly the block plans and what `compress_unet` needs: no training, evaluation, ecosystem or CLI module

@@ -142,6 +142,7 @@ def test_loss_equals_written_out_computation(loss_type):
     assert float(out.loss) == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_run_saves_stock_lcm_pipeline(tmp_path, shapes_data):
     out = tmp_path / "lcm"
     result = _run(*_base(out, shapes_data, 3))
@@ -174,6 +175,7 @@ def test_run_saves_stock_lcm_pipeline(tmp_path, shapes_data):
     assert any(not torch.equal(saved[k], teacher[k]) for k in teacher)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path, shapes_data):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _run(*_base(straight, shapes_data, 4, "--checkpointing_steps", "1000"))

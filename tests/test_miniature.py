@@ -142,6 +142,7 @@ def test_shipped_models_are_small_safetensors():
     assert total < 20 * 2**20
 
 
+@pytest.mark.slow
 def test_shipped_teacher_loads_in_stock_diffusers_and_draws_what_it_is_asked(judge, tmp_path):
     """Stock diffusers (a process that never imports this package) draws the held-out prompts; the judge reads
     colour and shape right far above chance (1/18) at the pipeline's default settings (50 steps, guidance 7.5); on
@@ -196,6 +197,7 @@ def test_builtin_shapes_teacher_is_accepted_as_a_teacher(tmp_path):
 # ------------------------------------------------------------------------------------------------------------- demo
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_writes_its_pictures_and_summary(tmp_path, capsys):
     from diffusers import StableDiffusionPipeline
 

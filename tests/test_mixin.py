@@ -196,6 +196,7 @@ def check_stock_folder(path, student):
     assert info == {"unet_params": n_params(student), "unet_class": "UNet2DConditionModel"}
 
 
+@pytest.mark.slow
 def test_save_pretrained_writes_the_stock_class_with_the_student(tmp_path):
     pipe = make_pipe("tiny")
     with torch.no_grad():
@@ -215,6 +216,7 @@ def test_save_pretrained_writes_the_stock_class_with_the_student(tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_save_pretrained_of_a_prepared_student(tmp_path):
     """After `pipe.unet = wrapper(pipe.unet)` (accelerate/DDP) the saved folder still holds the plain student."""
     pipe = make_pipe("small")
@@ -242,6 +244,7 @@ def test_save_pretrained_of_a_prepared_student(tmp_path):
     check_stock_folder(tmp_path / "saved", student)
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_the_stock_folder(tmp_path, monkeypatch):
     import diffusers.utils.hub_utils as hub_utils
     from diffusers.pipelines import pipeline_utils

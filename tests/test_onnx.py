@@ -81,6 +81,7 @@ def torchscript_export(student, tmp_path_factory):
     return folder, result
 
 
+@pytest.mark.slow
 def test_the_lcm_student_exports_with_the_command_and_matches_pytorch(lcm_student, tmp_path, capsys):
     from diffusers import UNet2DConditionModel
 
@@ -115,6 +116,7 @@ def test_the_lcm_student_exports_with_the_command_and_matches_pytorch(lcm_studen
         np.testing.assert_allclose(moved, _torch_out(unet, changed), rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_the_student_exports_with_torchscript_and_external_data(student, torchscript_export):
     from diffusers import UNet2DConditionModel
 
@@ -145,6 +147,7 @@ def test_the_check_after_export_catches_a_graph_that_differs(student, torchscrip
         validate_onnx_unet(folder / "unet" / "model.onnx", unet)
 
 
+@pytest.mark.slow
 def test_an_sdxl_unet_exports_with_its_added_inputs(tmp_path):
     from diffusers_bksdm.ecosystem.onnx import export_onnx
     from diffusers_bksdm.miniature.tiny import builtin_teacher
@@ -160,6 +163,7 @@ def test_an_sdxl_unet_exports_with_its_added_inputs(tmp_path):
     np.testing.assert_allclose(got, _torch_out(unet, feed), rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_the_output_policy_and_flag_errors(student, torchscript_export, tmp_path, capsys):
     import shutil
 

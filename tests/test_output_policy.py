@@ -111,6 +111,7 @@ def test_lora_never_replaces_the_teachers_weights_nor_the_input_lora(teacher, lo
     assert main([*base, "--output_file", str(out), "--overwrite_output_file"]) == 0
 
 
+@pytest.mark.slow
 def test_bench_keeps_a_users_report(tmp_path, capsys):
     folder = tmp_path / "reports"
     folder.mkdir()

@@ -93,6 +93,7 @@ def test_text_conditioning_of_the_saved_pipeline(sdxl_dir):
     assert conditioning.sdxl and conditioning.hidden_size == 64 and conditioning.pooled_size == 32
 
 
+@pytest.mark.slow
 def test_generate_and_bench_run_the_sdxl_teacher_and_its_koala_students(tmp_path):
     from PIL import Image
 
@@ -127,6 +128,7 @@ def straight(sdxl_dir, images, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_distill_sdxl_saves_a_stock_sdxl_pipeline(straight):
     index = json.loads((straight / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline"
@@ -151,6 +153,7 @@ def test_distill_sdxl_saves_a_stock_sdxl_pipeline(straight):
     assert result.stdout.split()[-3:] == ["StableDiffusionXLPipeline", "(16,", "16)"]
 
 
+@pytest.mark.slow
 def test_sdxl_resume_is_exact(sdxl_dir, images, straight, tmp_path):
     out = tmp_path / "out"
     assert run_train(base_args(sdxl_dir, out, *RESUME, data=images, steps=2))["global_step"] == 2

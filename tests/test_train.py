@@ -34,6 +34,7 @@ def images(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("data") / "images", n=6)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_output_loads_in_stock_diffusers(tiny_pipeline_dir, images, tmp_path):
     from diffusers_bksdm.cli import main
 
@@ -135,6 +136,7 @@ KILL_WRAPPER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_while_checkpointing_keeps_previous_latest(tiny_pipeline_dir, images, straight_run, tmp_path):
     out = tmp_path / "out"
     argv = base_args(tiny_pipeline_dir, out, *RESUME_ARGS, data=images, steps=4)
@@ -152,6 +154,7 @@ def test_sigkill_while_checkpointing_keeps_previous_latest(tiny_pipeline_dir, im
     assert_same_weights(load_unet_weights(out / "unet"), load_unet_weights(straight_run / "unet"))
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_then_exits(tiny_pipeline_dir, images, tmp_path):
     out = tmp_path / "out"
     argv = base_args(tiny_pipeline_dir, out, data=images, steps=10_000)

@@ -6,8 +6,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from _train_utils import base_args, env_offline, read_log, write_image_folder
+
+pytestmark = pytest.mark.slow  # two processes under torchrun
 
 WRAPPER = textwrap.dedent("""
     import os, sys

@@ -63,6 +63,7 @@ def test_eval_scores_go_to_the_log_the_tracker_the_curve_and_the_card(world_imag
     assert result["evaluation"]["fd (during training)"].startswith("last")
 
 
+@pytest.mark.slow
 def test_resume_with_eval_on_is_bit_exact_and_equals_a_run_without_eval(world_images, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a small red circle at the top left\n\na large blue square in the middle\n", encoding="utf-8")

@@ -28,6 +28,8 @@ import pytest
 
 from diffusers_bksdm.outputs import SLOW_TOKENIZER_FILES, STAGING_PREFIX, _temporary_name
 
+pytestmark = pytest.mark.slow  # builds the wheel and a fresh venv
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "diffusers_bksdm"
 PROMPTS = ("a red circle at the left", "a small blue square at the top", "A purple hexagon, top-left!", "")
@@ -220,6 +222,8 @@ from diffusers_bksdm.configs import SHIPPED_CONFIGS, load_config
 from diffusers_bksdm.miniature import shapes
 from diffusers_bksdm.miniature.judge import JUDGE_NAME, load_judge
 from diffusers_bksdm.miniature.tiny import BUILTIN_TEACHERS, TRAINED_TEACHERS, asset_path, builtin_teacher
+
+pytestmark = pytest.mark.slow  # builds the wheel and a venv
 
 configs = os.path.join(package, "configs")
 names = sorted({*SHIPPED_CONFIGS, *(n[:-5] for n in os.listdir(configs) if n.endswith(".json"))})
