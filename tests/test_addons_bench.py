@@ -43,10 +43,12 @@ def test_prompts_split_by_shape(addons):
 
 def test_judge_reads(addons):
     prompts = ["a small red circle at the top left"] * 4
-    seen = [{"shape": "square", "color": "red"}, {"shape": "circle", "color": "red"},
-            {"shape": "square", "color": "blue"}, {"shape": "triangle", "color": "red"}]
+    seen = [{"shape": "square", "color": "red", "position": "top left"},
+            {"shape": "circle", "color": "red", "position": "middle"},
+            {"shape": "square", "color": "blue", "position": "middle"},
+            {"shape": "triangle", "color": "red", "position": "middle"}]
     assert addons.judge_reads(seen, prompts) == {
-        "target_share": 0.5, "shape_kept": 0.25, "color_kept": 0.75, "accuracy": 0.25}
+        "target_share": 0.5, "shape_kept": 0.25, "color_kept": 0.75, "accuracy": 0.25, "position_accuracy": 0.25}
     with pytest.raises(ValueError, match="3 predictions for 4 prompts"):
         addons.judge_reads(seen[:3], prompts)
 
@@ -57,3 +59,18 @@ def test_effect_similarity(addons):
     assert same["cosine"] == pytest.approx(1.0) and same["norm_ratio"] == pytest.approx(2.0)
     opposite = addons.effect_similarity(a, -a)
     assert opposite["cosine"] == pytest.approx(-1.0) and opposite["cosine_min"] == pytest.approx(-1.0)
+
+
+def test_position_masks_cover_where_the_shape_is(addons):
+    import numpy as np
+
+    sample = shapes.sample_shapes(1, "train", 0)[0]
+    mask = np.asarray(addons.sample_mask(sample))[..., 0] > 127
+    shape = np.asarray(shapes.render(sample)).max(-1) > 80
+    assert mask.shape == (32, 32) and mask.any()
+    assert (shape & ~mask).sum() <= 4  # the shape lies inside its mask (edge pixels aside)
+    prompt = np.asarray(addons.prompt_mask("a small red circle at the bottom right"))[..., 0] > 127
+    ys, xs = np.nonzero(prompt)
+    assert xs.mean() == pytest.approx(0.75 * 32 - 0.5, abs=1) and ys.mean() == pytest.approx(0.75 * 32 - 0.5, abs=1)
+    masks = addons.mask_tensor([addons.sample_mask(sample)] * 2)
+    assert masks.shape == (2, 3, 32, 32) and masks.min() >= 0 and masks.max() <= 1
