@@ -223,8 +223,6 @@ from diffusers_bksdm.miniature import shapes
 from diffusers_bksdm.miniature.judge import JUDGE_NAME, load_judge
 from diffusers_bksdm.miniature.tiny import BUILTIN_TEACHERS, TRAINED_TEACHERS, asset_path, builtin_teacher
 
-pytestmark = pytest.mark.slow  # builds the wheel and a venv
-
 configs = os.path.join(package, "configs")
 names = sorted({*SHIPPED_CONFIGS, *(n[:-5] for n in os.listdir(configs) if n.endswith(".json"))})
 report["configs"] = {name: len(load_config(name)) for name in names}
