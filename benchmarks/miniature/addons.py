@@ -1,5 +1,7 @@
-"""Add-ons on a distilled student, in miniature: does a teacher's LoRA do on the BK-SDM-Small student that `bksdm
-demo` distils what it does on the teacher?
+"""Add-ons on a distilled student, in miniature: does a teacher's LoRA or ControlNet do on the BK-SDM-Small student
+that `bksdm demo` distils what it does on the teacher? Results: docs/ecosystem.md, "Add-ons on a distilled student".
+
+LoRA (`--addon lora`, the default):
 
 1. A LoRA is trained on the teacher (`builtin:shapes-sd`) with a change the judge reads: every caption that says
    "circle" is trained on the picture of a square (same colour, position and size); the other captions keep their
@@ -8,19 +10,30 @@ demo` distils what it does on the teacher?
    `train_text_to_image_lora.py` does). The text encoder is frozen.
 2. The LoRA is carried over to the distilled student with the package's `transfer_lora` + `save_lora` (what
    `bksdm lora --teacher builtin:shapes-sd --student_variant small` does) and loaded with stock `load_lora_weights`.
-3. Both pipelines are judged with and without the LoRA on the held-out "circle" prompts (combinations neither the
-   teacher nor the LoRA saw): the share of images the judge reads as a square (the LoRA's effect), and on the
-   other held-out prompts (squares and triangles) the judge's accuracy (what the LoRA should leave alone).
+   References on the student side: the transferred LoRA fine-tuned on the student, and a new LoRA trained on the
+   student, `--student_lora_steps` each.
+3. Every row is judged on the held-out "circle" prompts (combinations neither the teacher nor the LoRA saw): the
+   share of images the judge reads as a square (the LoRA's effect); and on the held-out square and triangle
+   prompts: the judge's accuracy (what the LoRA should leave alone).
 4. The LoRA's effect on the UNet output (with the LoRA minus without, same noisy latents of real held-out circle
-   pictures, timesteps and captions) is compared between teacher and student: cosine and norm ratio. Also for the
-   teacher with the LoRA on the student's kept layers only (what the dropped layers take away) and for the student
-   before distillation (compressed, not distilled: the floor).
+   pictures, timesteps and captions) is compared with the teacher's: cosine and norm ratio, by timestep, and on the
+   guided prediction. Also for the teacher with the LoRA on the student's kept layers only (what the dropped layers
+   take away) and for the student before distillation (compressed, not distilled: the floor).
+
+ControlNet (`--addon controlnet`): a ControlNet trained on the teacher on position masks (a white square where the
+shape should be), cut for the student with `compress_controlnet`, fine-tuned on the student for `--finetune_steps`,
+against a new ControlNet from `controlnet_from_student` trained as long; position accuracy on the held-out prompts
+and the share of the teacher's ControlNet gain each student row keeps.
 
     bksdm demo --output_dir /tmp/addon-demo             # the distilled BK-SDM-Small student: /tmp/addon-demo/student
-    python benchmarks/miniature/addons.py --student /tmp/addon-demo/student --work_dir /tmp/addon-bench
+    python benchmarks/miniature/addons.py --student /tmp/addon-demo/student --work_dir /tmp/addon-bench --threads 1
+    python benchmarks/miniature/addons.py --addon controlnet --student /tmp/addon-demo/student \
+        --work_dir /tmp/addon-bench --threads 1
 
-Writes `WORK/teacher_lora/` and `WORK/student_lora/` (pytorch_lora_weights.safetensors), `WORK/summary.json`,
-`WORK/table.md` and, with `--grid`, a picture grid (teacher | teacher+LoRA | student | student+LoRA).
+Writes (LoRA) `WORK/teacher_lora/`, `WORK/student_lora/`, `WORK/student_lora_*` (pytorch_lora_weights.safetensors
+and training.json), `WORK/summary.json`, `WORK/table.md`; (ControlNet) `WORK/controlnet/{teacher,student-*}/`,
+`WORK/controlnet/summary.json` and `table.md`; with `--grid`, a picture grid. Trained add-ons found in WORK are
+reused (`--retrain` trains them again).
 """
 
 from __future__ import annotations
@@ -384,6 +397,18 @@ def sample_images(pipe, prompts: list[str], args, masks=None) -> torch.Tensor:
     return torch.cat(out)
 
 
+def save_images(images: torch.Tensor, folder: str) -> str:
+    """Write uint8 `(N, 3, S, S)` images as `bksdm generate` names them; returns the folder."""
+    from PIL import Image
+
+    from diffusers_bksdm.evaluation.generate import image_name
+
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(folder, image_name(i)))
+    return folder
+
+
 # --------------------------------------------------------------------------------------------------------- judging
 
 
@@ -423,10 +448,10 @@ def parse_args(argv=None):
     parser.add_argument("--teacher", default="builtin:shapes-sd")
     parser.add_argument("--work_dir", default="/tmp/addon-bench")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_train", type=int, default=4000, help="Pictures the LoRA is trained on.")
+    parser.add_argument("--num_train", type=int, default=4000, help="Pictures the LoRA (or ControlNet) is trained on.")
     parser.add_argument("--lora_steps", type=int, default=400)
     parser.add_argument("--train_batch_size", type=int, default=32)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="The LoRA's.")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=4.0)
     parser.add_argument("--images_per_prompt", type=int, default=12, help="Images per held-out circle prompt.")
@@ -455,7 +480,7 @@ def parse_args(argv=None):
     cn.add_argument("--controlnet_images_per_prompt", type=int, default=4, help="Images per held-out prompt.")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's). On a machine shared with other jobs, 1 thread per "
-                             "process was 20x faster per training step than 2 (measured, see RESULTS.md).")
+                             "process took 20-40x less CPU time per training step than 2 (see RESULTS.md).")
     parser.add_argument("--addon", choices=("lora", "controlnet"), default="lora")
     return parser.parse_args(argv)
 
@@ -663,6 +688,7 @@ def run_controlnet(args) -> None:
     from diffusers_bksdm.ecosystem.controlnet import compress_controlnet, controlnet_from_student
     from diffusers_bksdm.miniature import shapes
     from diffusers_bksdm.miniature.judge import load_judge
+    from diffusers_bksdm.miniature.world import comparison_grid
 
     started = time.perf_counter()
     teacher, student = load_pair(args)
@@ -682,6 +708,7 @@ def run_controlnet(args) -> None:
             with open(record, encoding="utf-8") as f:
                 training[name] = json.load(f)
             return ControlNetModel.from_pretrained(folder)
+        torch.manual_seed(seed)  # the new ControlNet's random layers, whatever ran before in this process
         controlnet = make()
         training[name] = train_controlnet(pipe, controlnet, folder, steps, args, seed)
         with open(record, "w", encoding="utf-8") as f:
@@ -712,7 +739,10 @@ def run_controlnet(args) -> None:
         rows[f"student + new ControlNet (controlnet_from_student), {args.finetune_steps} steps"] = (student, trained(
             f"student-new-{args.finetune_steps}", student, lambda: controlnet_from_student(
                 student.unet, conditioning_embedding_out_channels=embedding), args.finetune_steps, args.seed + 10))
-    results = {}
+    results, folders = {}, {}
+    if args.grid:
+        mask_images = mask_tensor(masks).mul(255).round().to(torch.uint8)
+        folders["mask"] = save_images(mask_images, os.path.join(work, "eval", "mask"))
     for name, (pipe, controlnet) in rows.items():
         start = time.perf_counter()
         if controlnet is None:
@@ -724,6 +754,8 @@ def run_controlnet(args) -> None:
         results[name] = judge_reads(judge.predict(images), prompts)
         results[name]["generate_s"] = time.perf_counter() - start
         logger.info("%s: %s", name, results[name])
+        if args.grid:
+            folders[name] = save_images(images, os.path.join(work, "eval", name))
     gain_teacher = results["teacher + ControlNet"]["position_accuracy"] - results["teacher"]["position_accuracy"]
     for name, r in results.items():
         if name.startswith("student +"):
@@ -745,6 +777,10 @@ def run_controlnet(args) -> None:
         json.dump(summary, f, indent=1)
     with open(os.path.join(work, "table.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
+    if args.grid:
+        titles = ["mask", "teacher", "teacher+CN", "student", "student+CN", "+fine-tuned", "new CN"]
+        comparison_grid({t: folders[n] for t, n in zip(titles, folders, strict=False)}, prompts,
+                        list(range(0, len(prompts), 2 * args.controlnet_images_per_prompt)), args.grid)
     print(table)
     print(json.dumps({k: summary[k] for k in ("training", "images", "elapsed_s", "threads", "controlnet_parameters")}))
 
