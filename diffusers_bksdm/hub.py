@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shlex
 from typing import Any
 from collections.abc import Sequence

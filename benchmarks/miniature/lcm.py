@@ -127,7 +127,7 @@ def main() -> None:
         prompts = eval_prompt_list(args.images_per_prompt)
         names = ["teacher, 50 steps", "BK student, 50 steps", "BK student + LCM, 4 steps", "BK student + LCM, 2 steps"]
         titles = ["teacher 50", "student 50", "student-LCM 4", "student-LCM 2"]
-        comparison_grid({t: folders[n] for t, n in zip(titles, names)}, prompts,
+        comparison_grid({t: folders[n] for t, n in zip(titles, names, strict=True)}, prompts,
                         list(range(0, len(prompts), max(1, len(prompts) // 8)))[:8], args.grid)
     print(table)
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
