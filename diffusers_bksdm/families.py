@@ -190,10 +190,15 @@ def vae_scale_factor(vae_config: Any = None) -> int:
     return 2 ** (len(channels) - 1) if channels else 8
 
 
-def default_resolution(unet_config: Any, vae_config: Any = None) -> int:
-    """The image size a teacher was trained at: its UNet's `sample_size` times the VAE scale factor."""
+def default_resolution(unet_config: Any, vae_config: Any = None, *, vae_factor: int | None = None) -> int:
+    """The image size a teacher was trained at: its UNet's `sample_size` (the first of a pair; 64 when unset, as
+    SD v1) times the VAE scale factor (`vae_factor`, else from `vae_config`). The one home of the native size: the
+    trainer's, `bksdm generate`'s and `bksdm bench`'s default resolution."""
     sample_size = unet_config.get("sample_size") if hasattr(unet_config, "get") else unet_config.sample_size
-    return int(sample_size) * vae_scale_factor(vae_config)
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = sample_size[0]
+    factor = vae_factor if isinstance(vae_factor, int) else vae_scale_factor(vae_config)
+    return int(sample_size or 64) * factor
 
 
 def check_trainer_support(pipe: Any, argument: str = "pretrained_model_name_or_path", name: str | None = None) -> None:

@@ -64,6 +64,10 @@ def test_vae_scale_factor_and_default_resolution():
     assert vae_scale_factor({"block_out_channels": [32, 64]}) == 2
     assert default_resolution(load_shipped_config("sd-v1-4"), vae) == 512
     assert default_resolution(load_shipped_config("sd-v2-1"), vae) == 768
+    # the first of a (height, width) pair, SD v1's 64 when unset, an explicit factor over the VAE config's
+    assert default_resolution({"sample_size": [96, 64]}, vae) == 768
+    assert default_resolution({"sample_size": None}, vae) == 512
+    assert default_resolution({"sample_size": 8}, vae, vae_factor=2) == 16
 
 
 def test_trainer_support_refuses_incomplete_pipelines_naming_the_argument():

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from ..configs import SHIPPED_CONFIGS, load_config
-from ..families import FAMILIES, closest_family, detect_family, vae_scale_factor
+from ..families import FAMILIES, closest_family, default_resolution, detect_family, vae_scale_factor
 
 __all__ = [
     "SHIPPED_CONFIGS",
@@ -525,8 +525,7 @@ def benchmark(
     else:
         base = _teacher_from_model(teacher, names)
     if settings.resolution is None:  # the teacher's native size
-        sample_size = base.unet_config.get("sample_size") or 64
-        native = int(sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size) * base.vae_factor
+        native = default_resolution(base.unet_config, vae_factor=base.vae_factor)
         settings = dataclasses.replace(settings, resolution=native)
         logger.info("Resolution %d: the teacher's native size (UNet sample_size x VAE factor %d)", native,
                     base.vae_factor)

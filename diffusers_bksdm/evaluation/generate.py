@@ -197,17 +197,13 @@ def image_folder(output_dir: str | os.PathLike, resolution: int) -> str:
 
 
 def native_resolution(pipe) -> int:
-    """The image size a pipeline makes by default: its UNet's `sample_size` times the VAE scale factor."""
-    from ..families import vae_scale_factor
+    """The image size a pipeline makes by default: its UNet's `sample_size` times the VAE scale factor
+    (:func:`diffusers_bksdm.families.default_resolution`)."""
+    from ..families import default_resolution
 
-    sample_size = pipe.unet.config.sample_size
-    if isinstance(sample_size, (list, tuple)):
-        sample_size = sample_size[0]
-    factor = getattr(pipe, "vae_scale_factor", None)
-    if not isinstance(factor, int):
-        vae = getattr(pipe, "vae", None)
-        factor = vae_scale_factor(vae.config if vae is not None else None)
-    return int(sample_size) * factor
+    vae = getattr(pipe, "vae", None)
+    return default_resolution(pipe.unet.config, vae.config if vae is not None else None,
+                              vae_factor=getattr(pipe, "vae_scale_factor", None))
 
 
 def _save_png(image, path: str) -> None:
