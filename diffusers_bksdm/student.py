@@ -116,11 +116,13 @@ def compress_unet(
     if leftover and not first.is_meta:  # pragma: no cover - guarded by strict loading above
         raise RuntimeError(f"Student tensors were not initialised from the teacher: {leftover[:5]}")
     student.train(unet.training)
+    from .pipelines import count_parameters
+
     logger.info(
         "Compressed UNet with variant %r: %s -> %s parameters",
         block_map.variant or "custom",
-        f"{sum(p.numel() for p in unet.parameters()):,}",
-        f"{sum(p.numel() for p in student.parameters()):,}",
+        f"{count_parameters(unet):,}",
+        f"{count_parameters(student):,}",
     )
     return student
 

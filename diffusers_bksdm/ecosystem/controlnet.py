@@ -30,6 +30,7 @@ from diffusers.configuration_utils import FrozenDict
 from ..plan import PER_STAGE_FIELDS, BlockMap, RemovalPlan, build_block_map, public_config
 from ..plan import METADATA_KEY
 from ..weights import check_unet as _check_unet, copy_weights_into
+from ..pipelines import count_parameters
 
 __all__ = [
     "compress_controlnet",
@@ -202,8 +203,8 @@ def compress_controlnet(
     logger.info(
         "Compressed ControlNet with variant %r: %s -> %s parameters, %d -> %d skip residuals",
         block_map.variant or "custom",
-        f"{sum(p.numel() for p in controlnet.parameters()):,}",
-        f"{sum(p.numel() for p in student.parameters()):,}",
+        f"{count_parameters(controlnet):,}",
+        f"{count_parameters(student):,}",
         len(controlnet.controlnet_down_blocks),
         len(student.controlnet_down_blocks),
     )

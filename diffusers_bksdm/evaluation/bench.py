@@ -30,6 +30,7 @@ import torch
 
 from ..configs import SHIPPED_CONFIGS, load_config
 from ..families import FAMILIES, closest_family, default_resolution, detect_family, vae_scale_factor
+from ..pipelines import count_parameters
 
 __all__ = [
     "SHIPPED_CONFIGS",
@@ -254,7 +255,7 @@ def count_macs(config: Mapping[str, Any], latent_size: int = 64) -> dict[str, fl
 
 
 def _count(module) -> int | None:
-    return None if module is None else sum(p.numel() for p in module.parameters())
+    return None if module is None else count_parameters(module)
 
 
 def component_parameters(pipe) -> dict[str, int | None]:

@@ -455,7 +455,7 @@ def _load(args: argparse.Namespace, accelerator, teacher_pipeline, logger):
 
     from ..conditioning import TextConditioning
     from ..families import default_resolution
-    from ..pipelines import load_teacher, parse_dtype
+    from ..pipelines import count_parameters, load_teacher, parse_dtype
     from .cache import module_fingerprint, tokenizer_fingerprint
 
     if teacher_pipeline is not None:
@@ -501,7 +501,7 @@ def _load(args: argparse.Namespace, accelerator, teacher_pipeline, logger):
         empty = conditioning.tokenizers[0]([""], padding="max_length", truncation=True, return_tensors="pt",
                                            max_length=conditioning.tokenizers[0].model_max_length).input_ids
         uncond = conditioning.text_encoders[0](empty.to(accelerator.device))[0].float()
-    logger.info(f"teacher UNet {sum(p.numel() for p in teacher.parameters()):,} parameters; student with a "
+    logger.info(f"teacher UNet {count_parameters(teacher):,} parameters; student with a "
                 f"guidance-scale embedding of {student.config.time_cond_proj_dim}")
     return dict(pipe=pipe, conditioning=conditioning, teacher=teacher, vae=vae, student=student, target=target,
                 noise_scheduler=noise_scheduler, resolution=resolution, fingerprints=fingerprints,
