@@ -47,6 +47,8 @@ import time
 
 import torch
 
+from diffusers_bksdm.outputs import atomic_write_text
+
 logger = logging.getLogger("benchmarks.miniature.addons")
 
 #: the LoRA's change: captions saying SOURCE are trained on pictures of TARGET
@@ -142,20 +144,35 @@ def by_timestep(teacher_effect, student_effect, timesteps, edges=(0, 250, 500, 7
 # ------------------------------------------------------------------------------------------------------- the LoRA
 
 
+def min_snr_update(noise_scheduler, pred, latents, noise, timesteps, optimizer, params) -> float:
+    """One optimizer step on the min-SNR-5 weighted denoising loss (as the teacher was trained); returns the loss."""
+    import torch.nn.functional as F
+    from diffusers.training_utils import compute_snr
+
+    from diffusers_bksdm.distill import training_target
+
+    target = training_target(noise_scheduler, latents, noise, timesteps)
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=5.0) / snr
+    loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    return loss.item()
+
+
 def train_lora(pipe, output_dir: str, steps: int, args, seed: int, target_modules=TARGET_MODULES,
                init: dict[str, torch.Tensor] | None = None) -> dict:
     """Train a LoRA on `pipe.unet` (the UNet and the text encoder frozen) and save it into `output_dir`. `init`: a
     LoRA state dict (diffusers keys, `unet.` prefix) to start from instead of peft's initialisation (the transferred
     LoRA, fine-tuned on the student)."""
     import numpy as np
-    import torch.nn.functional as F
     from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from diffusers.training_utils import compute_snr
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from diffusers_bksdm.distill import training_target
     from diffusers_bksdm.miniature import shapes
     from diffusers_bksdm.training.data import tokenize
 
@@ -195,15 +212,7 @@ def train_lora(pipe, output_dir: str, steps: int, args, seed: int, target_module
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         pred = unet(noisy, timesteps, states[index]).sample
-        target = training_target(noise_scheduler, latents, noise, timesteps)
-        snr = compute_snr(noise_scheduler, timesteps)
-        weights = torch.clamp(snr, max=5.0) / snr  # min-SNR-5, as the teacher was trained
-        loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(min_snr_update(noise_scheduler, pred, latents, noise, timesteps, optimizer, params))
         if (step + 1) % 50 == 0:
             logger.info("lora step %d/%d loss %.4f", step + 1, steps, np.mean(losses[-50:]))
     unet.eval()
@@ -317,11 +326,8 @@ def train_controlnet(pipe, controlnet, output_dir: str, steps: int, args, seed: 
     captions (the position left unsaid with probability `args.position_dropout`: the mask must carry it) and their
     masks. Saves it into `output_dir`."""
     import numpy as np
-    import torch.nn.functional as F
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import compute_snr
 
-    from diffusers_bksdm.distill import training_target
     from diffusers_bksdm.miniature import shapes
     from diffusers_bksdm.training.data import tokenize
 
@@ -360,15 +366,7 @@ def train_controlnet(pipe, controlnet, output_dir: str, steps: int, args, seed: 
         down, mid = controlnet(noisy, timesteps, states, controlnet_cond=masks[index], return_dict=False)
         pred = pipe.unet(noisy, timesteps, states, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
-        target = training_target(noise_scheduler, latents, noise, timesteps)
-        snr = compute_snr(noise_scheduler, timesteps)
-        weights = torch.clamp(snr, max=5.0) / snr
-        loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(min_snr_update(noise_scheduler, pred, latents, noise, timesteps, optimizer, params))
         if (step + 1) % 50 == 0:
             logger.info("controlnet step %d/%d loss %.4f", step + 1, steps, np.mean(losses[-50:]))
     controlnet.eval()
@@ -667,10 +665,8 @@ def run_lora(args) -> None:
     lines += ["", f"Without the LoRA, the distilled student's output vs the teacher's: cosine {outputs['cosine']:.3f} "
               f"(min {outputs['cosine_min']:.2f}), norm ratio {outputs['norm_ratio_all']:.2f}."]
     table = "\n".join(lines)
-    with open(os.path.join(args.work_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(args.work_dir, "table.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
+    atomic_write_text(os.path.join(args.work_dir, "summary.json"), json.dumps(summary, indent=1))
+    atomic_write_text(os.path.join(args.work_dir, "table.md"), table + "\n")
     if args.grid:
         prompts = prompt_sets["circle"]
         names = ["teacher", "teacher + LoRA", "student", "student + transferred LoRA", *extra]

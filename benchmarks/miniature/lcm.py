@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from diffusers_bksdm.outputs import atomic_write_text
+
 logger = logging.getLogger("benchmarks.miniature.lcm")
 
 
@@ -119,10 +121,8 @@ def main() -> None:
         lines.append(f"| {name} | {r['steps']} | {r['accuracy']:.3f} | {r['accuracy_vs_teacher']:.2f} | "
                      f"{r['fd']:.0f} | {r['latency_s'] * 1000:.0f} ms | {r['speedup']:.1f}x |")
     table = "\n".join(lines)
-    with open(os.path.join(args.work_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(args.work_dir, "table.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
+    atomic_write_text(os.path.join(args.work_dir, "summary.json"), json.dumps(summary, indent=1))
+    atomic_write_text(os.path.join(args.work_dir, "table.md"), table + "\n")
     if args.grid:
         prompts = eval_prompt_list(args.images_per_prompt)
         names = ["teacher, 50 steps", "BK student, 50 steps", "BK student + LCM, 4 steps", "BK student + LCM, 2 steps"]
