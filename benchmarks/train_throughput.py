@@ -88,7 +88,8 @@ def run_trainer(pipe, argv: list[str]) -> tuple[list[float], list[float]]:
 
 @torch.no_grad()
 def time_encoders(pipe, folder: str, resolution: int, batch: int, repeats: int, cpu: bool) -> list[float]:
-    from diffusers_bksdm.training.data import ImageFolderSource, ImageTransform, tokenize
+    from diffusers_bksdm.conditioning import tokenize_captions as tokenize
+    from diffusers_bksdm.training.data import ImageFolderSource, ImageTransform
 
     source = ImageFolderSource(folder, ImageTransform(resolution, random_flip=False))
     pixels = torch.stack([source[i]["pixel_values"] for i in range(batch)])

@@ -28,7 +28,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["TextConditioning", "compute_time_ids", "is_sdxl_pipeline"]
+__all__ = ["TextConditioning", "compute_time_ids", "is_sdxl_pipeline", "tokenize_captions"]
+
+
+def tokenize_captions(tokenizer, captions: Sequence[str]) -> torch.Tensor:
+    """Token ids of `captions`, padded to the tokenizer's `model_max_length` and truncated, as diffusers' training
+    scripts tokenize; a `(0, model_max_length)` tensor for no captions."""
+    if not captions:
+        return torch.zeros((0, tokenizer.model_max_length), dtype=torch.long)
+    return tokenizer(
+        list(captions), max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def is_sdxl_pipeline(pipe: Any) -> bool:
@@ -120,16 +131,7 @@ class TextConditioning:
 
     def tokenize(self, captions: Sequence[str]) -> list[torch.Tensor]:
         """Token ids of `captions` for each tokenizer (padded to `model_max_length`, truncated)."""
-        return [
-            tokenizer(
-                list(captions),
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            for tokenizer in self.tokenizers
-        ]
+        return [tokenize_captions(tokenizer, captions) for tokenizer in self.tokenizers]
 
     def encode(self, input_ids: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(encoder_hidden_states, pooled)` for token ids from :meth:`tokenize`; `pooled` is `None` except for SDXL.

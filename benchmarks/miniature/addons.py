@@ -174,7 +174,7 @@ def train_lora(pipe, output_dir: str, steps: int, args, seed: int, target_module
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     from diffusers_bksdm.miniature import shapes
-    from diffusers_bksdm.training.data import tokenize
+    from diffusers_bksdm.conditioning import tokenize_captions as tokenize
 
     torch.manual_seed(seed)
     pairs = lora_training_samples(args.num_train, args.seed)
@@ -246,7 +246,7 @@ def effect_inputs(pipe, num: int, seed: int) -> tuple[torch.Tensor, ...]:
     from diffusers import DDPMScheduler
 
     from diffusers_bksdm.miniature import shapes
-    from diffusers_bksdm.training.data import tokenize
+    from diffusers_bksdm.conditioning import tokenize_captions as tokenize
 
     samples = [s for s in shapes.sample_shapes(8 * num, "heldout", seed) if s.shape == SOURCE][:num]
     pixels = torch.from_numpy(np.stack([np.asarray(shapes.render(s)) for s in samples])).permute(0, 3, 1, 2)
@@ -329,7 +329,7 @@ def train_controlnet(pipe, controlnet, output_dir: str, steps: int, args, seed: 
     from diffusers import DDPMScheduler
 
     from diffusers_bksdm.miniature import shapes
-    from diffusers_bksdm.training.data import tokenize
+    from diffusers_bksdm.conditioning import tokenize_captions as tokenize
 
     samples = shapes.sample_shapes(args.num_train, "train", seed)
     means, stds, full, unsaid = [], [], [], []

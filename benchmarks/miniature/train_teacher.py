@@ -190,8 +190,10 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, samples, scaling_fact
     noise_scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
     )
+    from diffusers_bksdm.conditioning import tokenize_captions
+
     def tokenize(texts):
-        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        return tokenize_captions(tokenizer, texts)
 
     empty_ids = tokenize([""])[0]
     params = list(unet.parameters()) + list(text_encoder.parameters())

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..outputs import check_output_dir
     from ..training.cache import build_cache, cache_output_policy, module_fingerprint
-    from ..training.data import HFDatasetSource, ImageFolderSource, ImageTransform
+    from ..training.data import DATA_FLAGS, ImageTransform, image_source
     from ..families import default_resolution
     from ..pipelines import load_teacher, parse_device, parse_dtype
     from ._flags import flag_name
@@ -72,16 +72,10 @@ def run(args: argparse.Namespace) -> int:
                          "text encoder.")
     resolution = args.resolution or default_resolution(pipe.unet.config, pipe.vae.config)
     transform = ImageTransform(resolution, center_crop=True, random_flip=False)
-    names = {"train_data_dir": "--train_data_dir", "caption_column": "--caption_column",
-             "image_column": "--image_column", "dataset_name": "--dataset_name"}
-    if args.train_data_dir:
-        source = ImageFolderSource(args.train_data_dir, transform, args.caption_column,
-                                   max_train_samples=args.max_train_samples, argument_names=names)
-    else:
-        source = HFDatasetSource.from_name(args.dataset_name, transform, dataset_config_name=args.dataset_config_name,
-                                           image_column=args.image_column, caption_column=args.caption_column,
-                                           cache_dir=args.cache_dir, max_train_samples=args.max_train_samples,
-                                           argument_names=names)
+    source = image_source(transform, train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
+                          dataset_config_name=args.dataset_config_name, image_column=args.image_column,
+                          caption_column=args.caption_column, cache_dir=args.cache_dir,
+                          max_train_samples=args.max_train_samples, argument_names=DATA_FLAGS)
     text_encoder_2, tokenizer_2 = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
     encoders = {"text_encoder": pipe.text_encoder, "text_encoder_2": text_encoder_2}
     fingerprints = {"vae": module_fingerprint(pipe.vae)}

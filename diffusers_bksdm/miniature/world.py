@@ -207,7 +207,8 @@ def output_mse(pipe, student: torch.nn.Module, real_images: str | os.PathLike, n
     from diffusers import DDPMScheduler
     from PIL import Image
 
-    from ..training.data import read_metadata, tokenize
+    from ..conditioning import tokenize_captions as tokenize
+    from ..training.data import read_metadata
 
     records = read_metadata(os.fspath(real_images))[:num_samples]
     arrays = []

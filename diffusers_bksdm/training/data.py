@@ -38,11 +38,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..conditioning import tokenize_captions
+
 __all__ = [
     "ImageTransform",
     "ImageFolderSource",
     "HFDatasetSource",
     "webdataset_source",
+    "image_source",
     "EpochShuffleSampler",
     "CaptionCollator",
     "SkippedSamples",
@@ -466,6 +469,38 @@ class HFDatasetSource(_MapSource):
         return row[self.image_column], row[self.caption_column]
 
 
+DATA_FLAGS = {"train_data_dir": "--train_data_dir", "caption_column": "--caption_column",
+              "image_column": "--image_column", "dataset_name": "--dataset_name"}
+"""How `bksdm distill` and `bksdm cache` name the data arguments in errors."""
+
+
+def image_source(
+    transform: ImageTransform,
+    *,
+    train_data_dir: str | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    image_column: str = "image",
+    caption_column: str = "text",
+    cache_dir: str | None = None,
+    seed: int = 0,
+    max_train_samples: int | None = None,
+    argument_names: dict[str, str] | None = None,
+) -> ImageFolderSource | HFDatasetSource:
+    """The map-style source of images and captions: an image folder with metadata (`train_data_dir`) or a
+    `datasets` dataset (`dataset_name`), exactly one of them. `bksdm distill` and `bksdm cache` read their data here.
+    """
+    names = _namer(argument_names)
+    if bool(train_data_dir) == bool(dataset_name):
+        raise ValueError(f"Pass exactly one of `{names('train_data_dir')}` and `{names('dataset_name')}`.")
+    if train_data_dir:
+        return ImageFolderSource(train_data_dir, transform, caption_column, seed, max_train_samples,
+                                 argument_names=argument_names)
+    return HFDatasetSource.from_name(dataset_name, transform, dataset_config_name=dataset_config_name,
+                                     image_column=image_column, caption_column=caption_column, cache_dir=cache_dir,
+                                     seed=seed, max_train_samples=max_train_samples, argument_names=argument_names)
+
+
 class EpochShuffleSampler(torch.utils.data.Sampler):
     """Yields `(epoch, index)` keys, shuffled by `(seed, epoch)`: the same order in every process and resumed run.
 
@@ -666,18 +701,10 @@ class CaptionCollator:
         captions = [s["caption"] for s in samples]
         batch["captions"] = captions
         if self.tokenizer is not None:
-            batch["input_ids"] = tokenize(self.tokenizer, captions)
+            batch["input_ids"] = tokenize_captions(self.tokenizer, captions)
         if self.tokenizer_2 is not None:
-            batch["input_ids_2"] = tokenize(self.tokenizer_2, captions)
+            batch["input_ids_2"] = tokenize_captions(self.tokenizer_2, captions)
         return batch
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    if not captions:
-        return torch.zeros((0, tokenizer.model_max_length), dtype=torch.long)
-    return tokenizer(
-        captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
-    ).input_ids
 
 
 class SkippedSamples:

@@ -276,15 +276,11 @@ def _optimizer(args: argparse.Namespace, student: torch.nn.Module, num_processes
                          weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
-DATA_FLAGS = {"train_data_dir": "--train_data_dir", "caption_column": "--caption_column",
-              "image_column": "--image_column", "dataset_name": "--dataset_name"}
-
-
 def _training_data(args: argparse.Namespace, accelerator, resolution: int, seed: int, conditioning, fingerprints):
     """The training source chosen by the arguments (latent cache, image folder, `datasets` dataset or webdataset
     shards) and its collator (which tokenizes with every tokenizer of `conditioning`)."""
     from .cache import CachedCollator, CachedSource, LatentCache
-    from .data import CaptionCollator, HFDatasetSource, ImageFolderSource, ImageTransform, webdataset_source
+    from .data import DATA_FLAGS, CaptionCollator, ImageTransform, image_source, webdataset_source
 
     transform = ImageTransform(resolution, center_crop=args.center_crop, random_flip=args.random_flip)
     if args.latent_cache_dir:
@@ -296,16 +292,15 @@ def _training_data(args: argparse.Namespace, accelerator, resolution: int, seed:
                     text_encoder_2_fingerprint=fingerprints.get("text_encoder_2"))
         return CachedSource(cache, random_flip=args.random_flip, seed=seed), CachedCollator()
     collate = CaptionCollator(*conditioning.tokenizers)
-    if args.train_data_dir:
-        dataset = ImageFolderSource(args.train_data_dir, transform, args.caption_column, seed, args.max_train_samples,
-                                    argument_names=DATA_FLAGS)
-        return dataset, collate
-    if args.dataset_name:
-        with accelerator.main_process_first():
-            dataset = HFDatasetSource.from_name(
-                args.dataset_name, transform, dataset_config_name=args.dataset_config_name,
-                image_column=args.image_column, caption_column=args.caption_column, cache_dir=args.cache_dir,
-                seed=seed, max_train_samples=args.max_train_samples, argument_names=DATA_FLAGS)
+    if args.train_data_dir or args.dataset_name:
+        # a `datasets` download or cache build once, not on every process; a folder's metadata is read by each
+        # (an error there must not leave the other processes waiting at main_process_first's barrier)
+        with accelerator.main_process_first() if args.dataset_name else contextlib.nullcontext():
+            dataset = image_source(
+                transform, train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
+                dataset_config_name=args.dataset_config_name, image_column=args.image_column,
+                caption_column=args.caption_column, cache_dir=args.cache_dir, seed=seed,
+                max_train_samples=args.max_train_samples, argument_names=DATA_FLAGS)
         return dataset, collate
     dataset = webdataset_source(args.train_shards, transform, caption_column=args.caption_column, seed=seed,
                                 shuffle_buffer=args.shuffle_buffer, argument="--train_shards")
