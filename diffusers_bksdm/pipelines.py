@@ -17,6 +17,9 @@ __all__ = [
     "count_parameters",
     "hub_file_exists",
     "parse_device",
+    "is_pipeline",
+    "load_pipeline",
+    "load_unet",
     "load_teacher",
 ]
 
@@ -120,7 +123,11 @@ def hub_file_exists(repo_id: str, filename: str, *, revision: str | None = None,
         ) from None
 
 
-def _is_pipeline(name_or_path: str, subfolder: str | None, revision: str | None, argument: str = "name_or_path") -> bool:
+def is_pipeline(name_or_path: str, subfolder: str | None = None, revision: str | None = None,
+                argument: str = "name_or_path") -> bool:
+    """Whether `name_or_path` (a folder or hub repo id) is a whole pipeline (`model_index.json`) rather than a bare
+    UNet (`config.json`, or `subfolder` of one). A folder with neither, or a hub that cannot be reached, is one
+    error naming `argument`."""
     if os.path.isdir(name_or_path):
         if subfolder:
             return False
@@ -138,6 +145,100 @@ def _is_pipeline(name_or_path: str, subfolder: str | None, revision: str | None,
     return hub_file_exists(name_or_path, "model_index.json", revision=revision, argument=argument)
 
 
+def _from_pretrained_kwargs(revision: str | None, torch_dtype: torch.dtype | None, variant: str | None,
+                            **extra: Any) -> dict[str, Any]:
+    """The keyword arguments of every `from_pretrained` here: safetensors only, and `torch_dtype` / `variant` only
+    when given (diffusers' weight file variant: diffusion_pytorch_model.fp16.safetensors, ...)."""
+    kwargs: dict[str, Any] = {"revision": revision, "use_safetensors": True, **extra}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    if variant is not None:
+        kwargs["variant"] = variant
+    return kwargs
+
+
+def _check_subfolder(name_or_path: str, subfolder: str | None, argument: str) -> None:
+    if subfolder and os.path.isdir(name_or_path) and not os.path.isdir(os.path.join(name_or_path, subfolder)):
+        folders = sorted(n for n in os.listdir(name_or_path) if os.path.isdir(os.path.join(name_or_path, n)))
+        raise ValueError(f"`--subfolder` {subfolder!r} is not a folder of `{argument}` {name_or_path!r}; its folders: "
+                         f"{', '.join(folders) or 'none'}.")
+
+
+def load_pipeline(
+    name_or_path: str,
+    *,
+    revision: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    argument: str = "name_or_path",
+    **components: Any,
+):
+    """Load a whole pipeline that has a UNet: a folder or hub repo with `model_index.json` (checked first: valid
+    JSON, every component folder present), or `builtin:<name>`. `components` replace or drop components as
+    `DiffusionPipeline.from_pretrained` takes them (`unet=student`, `safety_checker=None`). Weights are read from
+    safetensors only; every load error is one `ValueError` naming `argument`; a UNet of its own that does not read
+    what the text encoder(s) write is refused."""
+    from diffusers import DiffusionPipeline
+
+    from .miniature.tiny import BUILTIN_PREFIX, builtin_teacher
+
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        if variant is not None:
+            raise ValueError(f"`variant` {variant!r} (a weight file variant such as 'fp16') does not apply to the "
+                             f"built-in teacher {name_or_path!r}: it has one set of weights.")
+        pipe = builtin_teacher(name_or_path)
+        known = {name: value for name, value in components.items() if name in pipe.components}
+        if known:
+            pipe = with_components(pipe, **known)
+        if torch_dtype is not None:
+            pipe.to(dtype=torch_dtype)
+    else:
+        if os.path.isdir(name_or_path):
+            check_pipeline_folder(name_or_path, argument)
+        with named_load_errors(name_or_path, argument, "pipeline"):
+            pipe = DiffusionPipeline.from_pretrained(
+                name_or_path, **_from_pretrained_kwargs(revision, torch_dtype, variant, **components))
+    if getattr(pipe, "unet", None) is None:
+        raise ValueError(f"`{argument}` {name_or_path!r} is a {type(pipe).__name__} without a `unet` component.")
+    if "unet" not in components:  # a UNet given by the caller is checked by the caller, under its own flag
+        check_text_conditioning(pipe, name_or_path, argument)
+    return pipe
+
+
+def load_unet(
+    name_or_path: str,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    argument: str = "name_or_path",
+):
+    """Load a UNet alone: a UNet folder or repo (`config.json`), its `subfolder`, or the `unet/` of a pipeline
+    (nothing else of the pipeline is loaded). Safetensors only; a load error is one `ValueError` naming
+    `argument`."""
+    from diffusers import UNet2DConditionModel
+
+    _check_subfolder(name_or_path, subfolder, argument)
+    if subfolder is None and is_pipeline(name_or_path, None, revision, argument):
+        if os.path.isdir(name_or_path):
+            check_pipeline_folder(name_or_path, argument)
+            if not os.path.isfile(os.path.join(name_or_path, "unet", "config.json")):
+                raise ValueError(f"`{argument}` {name_or_path!r} is a pipeline without a unet/ component; accepted: "
+                                 "a pipeline with a UNet (SD v1 / v2, SDXL) or a UNet folder.")
+        with named_load_errors(name_or_path, argument, "pipeline"):
+            return UNet2DConditionModel.from_pretrained(
+                name_or_path, subfolder="unet", **_from_pretrained_kwargs(revision, torch_dtype, variant))
+    return _bare_unet(name_or_path, subfolder, _from_pretrained_kwargs(revision, torch_dtype, variant), argument)
+
+
+def _bare_unet(name_or_path: str, subfolder: str | None, kwargs: dict[str, Any], argument: str):
+    from diffusers import UNet2DConditionModel
+
+    with named_load_errors(name_or_path, argument, "UNet", subfolder):
+        return UNet2DConditionModel.from_pretrained(name_or_path, subfolder=subfolder, **kwargs)
+
+
 def load_teacher(
     name_or_path: str,
     *,
@@ -147,44 +248,20 @@ def load_teacher(
     variant: str | None = None,
     argument: str = "name_or_path",
 ):
-    """Load a teacher: a whole pipeline (folder or repo with `model_index.json`), a bare UNet, or `builtin:<name>`.
+    """Load a teacher: a whole pipeline (folder or repo with `model_index.json`, see :func:`load_pipeline`), a bare
+    UNet (:func:`load_unet`), or `builtin:<name>`.
 
     Returns `(pipeline_or_None, unet)`. Weights are loaded from safetensors only. `argument` is the flag named in
     errors (a missing folder, a hub that cannot be reached).
     """
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from .miniature.tiny import BUILTIN_PREFIX
 
-    from .miniature.tiny import BUILTIN_PREFIX, builtin_teacher
-
-    if name_or_path.startswith(BUILTIN_PREFIX):
-        if variant is not None:
-            raise ValueError(f"`variant` {variant!r} (a weight file variant such as 'fp16') does not apply to the "
-                             f"built-in teacher {name_or_path!r}: it has one set of weights.")
-        pipe = builtin_teacher(name_or_path)
-        if torch_dtype is not None:
-            pipe.to(dtype=torch_dtype)
+    common = {"revision": revision, "torch_dtype": torch_dtype, "variant": variant, "argument": argument}
+    _check_subfolder(name_or_path, subfolder, argument)
+    if name_or_path.startswith(BUILTIN_PREFIX) or is_pipeline(name_or_path, subfolder, revision, argument):
+        pipe = load_pipeline(name_or_path, **common)
         return pipe, pipe.unet
-    kwargs = {"revision": revision, "use_safetensors": True}
-    if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
-    if variant is not None:  # diffusers' weight file variant: diffusion_pytorch_model.fp16.safetensors, ...
-        kwargs["variant"] = variant
-    if subfolder and os.path.isdir(name_or_path) and not os.path.isdir(os.path.join(name_or_path, subfolder)):
-        folders = sorted(n for n in os.listdir(name_or_path) if os.path.isdir(os.path.join(name_or_path, n)))
-        raise ValueError(f"`--subfolder` {subfolder!r} is not a folder of `{argument}` {name_or_path!r}; its folders: "
-                         f"{', '.join(folders) or 'none'}.")
-    if _is_pipeline(name_or_path, subfolder, revision, argument):
-        if os.path.isdir(name_or_path):
-            check_pipeline_folder(name_or_path, argument)
-        with named_load_errors(name_or_path, argument, "pipeline"):
-            pipe = DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
-        if getattr(pipe, "unet", None) is None:
-            raise ValueError(f"`{argument}` {name_or_path!r} is a {type(pipe).__name__} without a `unet` component.")
-        check_text_conditioning(pipe, name_or_path, argument)
-        return pipe, pipe.unet
-    with named_load_errors(name_or_path, argument, "UNet", subfolder):
-        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder=subfolder, **kwargs)
-    return None, unet
+    return None, _bare_unet(name_or_path, subfolder, _from_pretrained_kwargs(revision, torch_dtype, variant), argument)
 
 
 def check_pipeline_folder(folder: str, argument: str) -> None:

@@ -50,12 +50,12 @@ def add_parser(subparsers) -> None:
 def _unet_config(name: str, subfolder: str | None, revision: str | None, argument: str) -> dict:
     from diffusers import UNet2DConditionModel
 
-    from ..pipelines import _is_pipeline
+    from ..pipelines import is_pipeline
     from ..miniature.tiny import BUILTIN_PREFIX, builtin_teacher
 
     if name.startswith(BUILTIN_PREFIX):
         return dict(builtin_teacher(name).unet.config)
-    if _is_pipeline(name, subfolder, revision, argument):
+    if is_pipeline(name, subfolder, revision, argument):
         subfolder = "unet"
     return UNet2DConditionModel.load_config(name, subfolder=subfolder, revision=revision)
 

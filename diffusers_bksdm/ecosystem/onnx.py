@@ -437,10 +437,10 @@ def _load_unet(name_or_path: str, *, subfolder: str | None, revision: str | None
     """`(unet, scheduler_config_or_None)` of a pipeline folder / repo (its `unet/` and `scheduler/`), a bare UNet
     folder / repo (`subfolder`), or `builtin:<name>`; a model that cannot be loaded is one `ValueError` (the loaders'
     checks of :mod:`diffusers_bksdm.pipelines`)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
     from ..miniature.tiny import BUILTIN_PREFIX, builtin_teacher
-    from ..pipelines import _is_pipeline, check_pipeline_folder, named_load_errors
+    from ..pipelines import is_pipeline, load_unet
 
     if name_or_path.startswith(BUILTIN_PREFIX):
         if variant is not None:
@@ -450,21 +450,11 @@ def _load_unet(name_or_path: str, *, subfolder: str | None, revision: str | None
     if not os.path.exists(name_or_path) and (os.path.isabs(name_or_path) or name_or_path.startswith(".")):
         raise ValueError(f"`{argument}` {name_or_path!r} does not exist; accepted: a pipeline or UNet folder, a hub "
                          "repo id, or builtin:tiny-sd.")
-    if subfolder and os.path.isdir(name_or_path) and not os.path.isdir(os.path.join(name_or_path, subfolder)):
-        raise ValueError(f"`--subfolder` {subfolder!r} is not a folder of `{argument}` {name_or_path!r}.")
-    kwargs = {"revision": revision, "use_safetensors": True, "torch_dtype": torch.float32}
-    if variant is not None:
-        kwargs["variant"] = variant
-    if not _is_pipeline(name_or_path, subfolder, revision, argument):
-        with named_load_errors(name_or_path, argument, "UNet", subfolder):
-            return UNet2DConditionModel.from_pretrained(name_or_path, subfolder=subfolder, **kwargs), None
-    if os.path.isdir(name_or_path):
-        check_pipeline_folder(name_or_path, argument)
-        if not os.path.isfile(os.path.join(name_or_path, "unet", "config.json")):
-            raise ValueError(f"`{argument}` {name_or_path!r} is a pipeline without a unet/ component; accepted: a "
-                             "pipeline with a UNet (SD v1 / v2, SDXL) or a UNet folder.")
-    with named_load_errors(name_or_path, argument, "pipeline"):
-        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kwargs)
+    pipeline = subfolder is None and is_pipeline(name_or_path, None, revision, argument)
+    unet = load_unet(name_or_path, subfolder=subfolder, revision=revision, torch_dtype=torch.float32, variant=variant,
+                     argument=argument)
+    if not pipeline:
+        return unet, None
     try:
         scheduler = DDPMScheduler.load_config(name_or_path, subfolder="scheduler", revision=revision)
     except (OSError, ValueError):  # a pipeline without a scheduler: the export has none either

@@ -647,14 +647,10 @@ def _load_student_scheduler(path: str):
 
 
 def _load_student_unet(path: str, dtype: torch.dtype | None, argument: str = "students"):
-    from diffusers import UNet2DConditionModel
+    """A student as saved: a UNet folder or the `unet/` of a pipeline (:func:`diffusers_bksdm.pipelines.load_unet`)."""
+    from ..pipelines import load_unet
 
-    subfolder = "unet" if os.path.isfile(os.path.join(path, "model_index.json")) else None
-    if os.path.isdir(path) and subfolder is None and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(
-            f"`{argument}` {path!r} is neither a UNet folder (config.json) nor a pipeline (model_index.json)."
-        )
-    return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, use_safetensors=True)
+    return load_unet(path, torch_dtype=dtype, argument=argument)
 
 
 # ---------------------------------------------------------------------------------------------------------- output

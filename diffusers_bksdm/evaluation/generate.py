@@ -226,7 +226,8 @@ def load_pipeline(
 
     Args:
         model (`str`): pipeline folder or repo id (with `model_index.json`), or `builtin:<name>`.
-        unet (`str`, *optional*): a UNet folder (e.g. a BK-SDM student saved alone) that replaces the pipeline's.
+        unet (`str`, *optional*): a UNet folder (e.g. a BK-SDM student saved alone), or a pipeline whose `unet/`
+            it takes, that replaces the pipeline's UNet (which is then not read).
         torch_dtype (`torch.dtype`, *optional*): load in this dtype.
         revision (`str`, *optional*): hub revision.
         disable_safety_checker (`bool`, *optional*, defaults to `False`): drop the safety checker, whose black
@@ -234,46 +235,32 @@ def load_pipeline(
         argument (`str`, *optional*, defaults to `"model"`): how errors name `model` (a command passes its flag).
         unet_argument (`str`, *optional*, defaults to `"unet"`): how errors name `unet`.
     """
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
-
     from .._quiet import silence_library_noise
-    from ..miniature.tiny import BUILTIN_PREFIX, builtin_teacher
-    from ..pipelines import check_pipeline_folder, check_text_conditioning, named_load_errors
+    from ..miniature.tiny import BUILTIN_PREFIX
+    from ..pipelines import check_text_conditioning, is_pipeline
+    from ..pipelines import load_pipeline as load_whole_pipeline
+    from ..pipelines import load_unet
 
     silence_library_noise()
-    if model.startswith(BUILTIN_PREFIX):
-        pipe = builtin_teacher(model)
-    else:
+    if not model.startswith(BUILTIN_PREFIX):
         if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ValueError(
                 f"`{argument}` {model!r} is not a pipeline folder (no model_index.json). To evaluate a UNet saved "
                 "alone, pass the teacher pipeline as the model and the UNet folder as `unet`."
             )
-        if not os.path.isdir(model):  # a hub id: one clear line when it is mistyped or the hub cannot be reached
-            from ..pipelines import hub_file_exists
-
-            if not hub_file_exists(model, "model_index.json", revision=revision, argument=argument):
-                raise ValueError(f"`{argument}` {model!r} is not a pipeline repo (no model_index.json).")
-        kwargs: dict[str, Any] = {"revision": revision, "use_safetensors": True}
-        if disable_safety_checker:
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
-        if os.path.isdir(model):
-            check_pipeline_folder(model, argument)
-        with named_load_errors(model, argument, "pipeline"):
-            pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+        # a hub id: one clear line when it is mistyped or the hub cannot be reached
+        if not os.path.isdir(model) and not is_pipeline(model, None, revision, argument):
+            raise ValueError(f"`{argument}` {model!r} is not a pipeline repo (no model_index.json).")
+    safety = {"safety_checker": None, "requires_safety_checker": False} if disable_safety_checker else {}
+    if unet is not None:  # the replacement first: the pipeline's own UNet is then not read at all
+        safety["unet"] = load_unet(unet, argument=unet_argument)
+    pipe = load_whole_pipeline(model, revision=revision, argument=argument, **safety)
     if unet is not None:
-        with named_load_errors(unet, unet_argument, "UNet"):
-            pipe.unet = UNet2DConditionModel.from_pretrained(unet, use_safetensors=True)
-    if getattr(pipe, "unet", None) is not None:
-        check_text_conditioning(pipe, unet or model, unet_argument if unet is not None else argument)
+        check_text_conditioning(pipe, unet, unet_argument)
     if disable_safety_checker and getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     if torch_dtype is not None:
         pipe.to(dtype=torch_dtype)
-    if getattr(pipe, "unet", None) is None:
-        raise ValueError(
-            f"`{argument}` {model!r} is a {type(pipe).__name__} without a `unet`: not a text-to-image model."
-        )
     return pipe
 
 

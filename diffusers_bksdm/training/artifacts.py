@@ -422,17 +422,14 @@ def save_model_card(args: argparse.Namespace, accelerator, dataset, teacher, par
 
 def _reload_components(args: argparse.Namespace, student_unet, fallback):
     """The teacher pipeline as saved (full-precision VAE / text encoder) with the student UNet."""
-    from diffusers import DiffusionPipeline
-
-    from ..miniature.tiny import BUILTIN_PREFIX, builtin_teacher
+    from ..miniature.tiny import BUILTIN_PREFIX
+    from ..pipelines import load_pipeline
 
     name = args.pretrained_model_name_or_path
-    if name.startswith(BUILTIN_PREFIX):
-        return with_components(builtin_teacher(name), unet=student_unet)
-    if fallback is not None:
+    if fallback is not None and not name.startswith(BUILTIN_PREFIX):
         return with_components(fallback, unet=student_unet)
-    return DiffusionPipeline.from_pretrained(name, unet=student_unet, revision=args.revision, variant=args.variant,
-                                             use_safetensors=True)
+    return load_pipeline(name, revision=args.revision, variant=args.variant, argument="--pretrained_model_name_or_path",
+                         unet=student_unet)
 
 
 def _check_final_weights(student, ema, output_dir: str) -> None:
