@@ -31,6 +31,7 @@ import torch
 from ..configs import SHIPPED_CONFIGS, load_config
 from ..families import FAMILIES, closest_family, default_resolution, detect_family, vae_scale_factor
 from ..pipelines import count_parameters
+from .._naming import argument_namer
 
 __all__ = [
     "SHIPPED_CONFIGS",
@@ -509,8 +510,7 @@ def benchmark(
     from .._quiet import silence_library_noise
     from ..student import BKUNet2DConditionModel, compress_unet
 
-    def names(key: str) -> str:
-        return (argument_names or {}).get(key, key)
+    names = argument_namer(argument_names)
 
     if (teacher is None) == (teacher_config is None):
         raise ValueError(f"Pass exactly one of `{names('teacher')}` (a model) and `{names('teacher_config')}` (a UNet "

@@ -30,6 +30,7 @@ import torch
 
 from ..families import FAMILIES
 from ..outputs import atomic_write, atomic_write_text
+from .._naming import argument_namer
 
 __all__ = [
     "RESULTS_MARKER",
@@ -463,8 +464,7 @@ def evaluate_images(
     Returns:
         `dict`: `fid`, `is`, `is_std`, `clip` (those asked for) and `num_images`.
     """
-    def names(key: str) -> str:
-        return (argument_names or {}).get(key, key)
+    names = argument_namer(argument_names)
 
     metrics = [m.strip().lower() for m in metrics]
     unknown = [m for m in metrics if m not in METRICS]

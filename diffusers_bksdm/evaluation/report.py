@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..outputs import check_output_file
-from ..training.data import _namer
+from .._naming import argument_namer
 from .metrics import (
     DEFAULT_CLIP_MODEL,
     METRICS,
@@ -127,7 +127,7 @@ def check_eval_outputs(
     Raises:
         ValueError: the message names the argument, the value and what would be accepted.
     """
-    names = _namer(argument_names)
+    names = argument_namer(argument_names)
     inputs = [(f"the images ({names('images')})", images), (f"the prompts ({names('prompts')})", prompts),
               (f"the real images ({names('real_images')})", real_images),
               (f"the real statistics ({names('real_stats')})", real_stats)]
@@ -208,7 +208,7 @@ def evaluate_folder(
     """
     from ..pipelines import parse_device
 
-    names = _namer(argument_names)
+    names = argument_namer(argument_names)
     log = log or logger.info
     parse_device(device, names("device"))  # before anything is loaded
     if model_card and images is not None:  # before anything is computed or written

@@ -24,16 +24,14 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .._naming import argument_namer
+
 __all__ = ["GRID_PROMPTS", "run_demo", "is_demo_folder", "reload_in_stock_diffusers", "results_table"]
 
 logger = logging.getLogger(__name__)
 
 #: held-out prompts shown in `grid.png` (one column each)
 GRID_PROMPTS = 8
-
-
-def _namer(argument_names: Mapping[str, str] | None) -> Callable[[str], str]:
-    return lambda key: (argument_names or {}).get(key, key)
 
 
 def is_demo_folder(folder: str | os.PathLike) -> bool:
@@ -160,7 +158,7 @@ def run_demo(
         ValueError: a setting out of range or an output folder that is refused, before anything is written; the
             message names the argument (as `argument_names` says), the value and what is accepted.
     """
-    names = _namer(argument_names)
+    names = argument_namer(argument_names)
     log = log if log is not None else logger.info
     counts = {"max_train_steps": max_train_steps, "train_batch_size": train_batch_size, "num_images": num_images,
               "images_per_prompt": images_per_prompt, "num_inference_steps": num_inference_steps}

@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from ..conditioning import tokenize_captions
+from .._naming import argument_namer
 
 __all__ = [
     "ImageTransform",
@@ -58,10 +59,6 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 #: how many following samples a map-style source tries before giving up on a run of bad ones
 MAX_FALLBACK = 64
-
-
-def _namer(argument_names: dict[str, str] | None) -> Callable[[str], str]:
-    return lambda key: (argument_names or {}).get(key, key)
 
 
 def sample_rng(seed: int, epoch: int, key: Any) -> random.Random:
@@ -295,7 +292,7 @@ def read_metadata(
     """`[(file_name, caption), ...]` from the `metadata.csv` or `metadata.jsonl` of an image folder.
 
     `argument_names` says how errors name `train_data_dir` and `caption_column` (a command passes its flags)."""
-    names = _namer(argument_names)
+    names = argument_namer(argument_names)
     if not os.path.isdir(train_data_dir):
         raise FileNotFoundError(f"`{names('train_data_dir')}` {train_data_dir!r} is not a folder.")
     found = [name for name in ("metadata.jsonl", "metadata.csv") if os.path.isfile(os.path.join(train_data_dir, name))]
@@ -409,7 +406,7 @@ class HFDatasetSource(_MapSource):
         argument_names: dict[str, str] | None = None,
     ):
         super().__init__(transform, seed)
-        names = _namer(argument_names)
+        names = argument_namer(argument_names)
         columns = list(dataset.column_names)
         for argument, column in ((names("image_column"), image_column), (names("caption_column"), caption_column)):
             if column not in columns:
@@ -439,7 +436,7 @@ class HFDatasetSource(_MapSource):
         """Load the `train` split of a hub dataset, a `save_to_disk` folder or any folder `load_dataset` reads."""
         import datasets
 
-        names = _namer(argument_names)
+        names = argument_namer(argument_names)
         if os.path.isdir(dataset_name) and (
             os.path.isfile(os.path.join(dataset_name, "dataset_info.json"))
             or os.path.isfile(os.path.join(dataset_name, "dataset_dict.json"))
@@ -490,7 +487,7 @@ def image_source(
     """The map-style source of images and captions: an image folder with metadata (`train_data_dir`) or a
     `datasets` dataset (`dataset_name`), exactly one of them. `bksdm distill` and `bksdm cache` read their data here.
     """
-    names = _namer(argument_names)
+    names = argument_namer(argument_names)
     if bool(train_data_dir) == bool(dataset_name):
         raise ValueError(f"Pass exactly one of `{names('train_data_dir')}` and `{names('dataset_name')}`.")
     if train_data_dir:
