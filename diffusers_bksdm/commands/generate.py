@@ -23,7 +23,8 @@ def add_parser(subparsers) -> None:
         help="The model: a pipeline folder or hub repo id, or a built-in teacher (builtin:tiny-sd, builtin:shapes-sd).",
     )  # fmt: skip
     parser.add_argument(
-        "--unet", default=None, help="A UNet folder (e.g. a student saved alone) replacing the model's; default: none."
+        "--unet", default=None, help="A UNet folder (e.g. a student saved alone), or a pipeline whose unet/ is taken, "
+        "replacing the model's UNet; default: none."
     )
     parser.add_argument("--revision", default=None, help="Hub revision of the model; default: the main branch.")
     parser.add_argument("--prompts", required=True, help="A .csv with a caption column, or a text file (one a line).")
