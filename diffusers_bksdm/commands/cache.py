@@ -46,51 +46,20 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..outputs import check_output_dir
-    from ..training.cache import build_cache, cache_output_policy, module_fingerprint
-    from ..training.data import DATA_FLAGS, ImageTransform, image_source
-    from ..families import default_resolution
-    from ..pipelines import load_teacher, parse_device, parse_dtype
+    from ..training.cache import cache_dataset
+    from ..training.data import DATA_FLAGS
     from ._flags import flag_name
 
-    parse_device(args.device, "--device")  # before anything is loaded
-    if bool(args.train_data_dir) == bool(args.dataset_name):
-        raise ValueError("Pass exactly one of --train_data_dir and --dataset_name.")
-    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        raise ValueError(f"`--resolution` must be a multiple of 8 and >= 8, got {args.resolution}.")
-    teacher_flag = flag_name(args, "pretrained_model_name_or_path")
-    output_flag, overwrite_flag = flag_name(args, "output_dir"), flag_name(args, "overwrite_output_dir")
-    # before the teacher loads: never the teacher's folder, the images or a folder that holds no cache
-    check_output_dir(args.output_dir, **cache_output_policy(
-        args.pretrained_model_name_or_path, argparse.Namespace(root=args.train_data_dir),
-        overwrite=args.overwrite_output_dir, argument=output_flag, overwrite_flag=overwrite_flag))
-    pipe, _ = load_teacher(args.pretrained_model_name_or_path, revision=args.revision, argument=teacher_flag)
-    if pipe is None or getattr(pipe, "vae", None) is None or getattr(pipe, "text_encoder", None) is None:
-        raise ValueError(f"`{teacher_flag}` {args.pretrained_model_name_or_path!r} must be a pipeline with a VAE and a "
-                         "text encoder.")
-    resolution = args.resolution or default_resolution(pipe.unet.config, pipe.vae.config)
-    transform = ImageTransform(resolution, center_crop=True, random_flip=False)
-    source = image_source(transform, train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
-                          dataset_config_name=args.dataset_config_name, image_column=args.image_column,
-                          caption_column=args.caption_column, cache_dir=args.cache_dir,
-                          max_train_samples=args.max_train_samples, argument_names=DATA_FLAGS)
-    text_encoder_2, tokenizer_2 = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
-    encoders = {"text_encoder": pipe.text_encoder, "text_encoder_2": text_encoder_2}
-    fingerprints = {"vae": module_fingerprint(pipe.vae)}
-    fingerprints.update({name: module_fingerprint(module) for name, module in encoders.items() if module is not None})
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for module in (pipe.vae, pipe.text_encoder, text_encoder_2):
-        if module is not None:
-            module.to(device)
-    index = build_cache(source, pipe.vae, pipe.text_encoder, pipe.tokenizer, args.output_dir,
-                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-                        batch_size=args.batch_size, shard_size=args.shard_size,
-                        dtype=parse_dtype(args.cache_dtype, "--cache_dtype"),
-                        teacher=args.pretrained_model_name_or_path, overwrite=args.overwrite_output_dir,
-                        fingerprints=fingerprints, argument=output_flag, overwrite_flag=overwrite_flag)
+    keywords = ("train_data_dir", "dataset_name", "dataset_config_name", "image_column", "caption_column",
+                "max_train_samples", "cache_dir", "resolution", "revision", "batch_size", "shard_size", "cache_dtype",
+                "device", "overwrite_output_dir")
+    flags = {**DATA_FLAGS, "teacher": flag_name(args, "pretrained_model_name_or_path"),
+             "output_dir": flag_name(args, "output_dir"), "resolution": "--resolution", "device": "--device",
+             "cache_dtype": "--cache_dtype", "overwrite_output_dir": flag_name(args, "overwrite_output_dir")}
+    index = cache_dataset(args.pretrained_model_name_or_path, args.output_dir,
+                          **{key: getattr(args, key) for key in keywords}, argument_names=flags)
     skipped = index["skipped"]
-    print(f"cached {index['num_samples']} samples at {resolution}px in {len(index['shards'])} shard(s) to "
-          f"{args.output_dir}; skipped {len(skipped['reasons'])} unreadable sample(s)")
+    print(f"cached {index['num_samples']} samples at {index['fingerprint']['resolution']}px in "
+          f"{len(index['shards'])} shard(s) to {args.output_dir}; skipped {len(skipped['reasons'])} unreadable "
+          "sample(s)")
     return 0

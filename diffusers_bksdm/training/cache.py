@@ -24,14 +24,16 @@ import json
 import logging
 import os
 from typing import Any
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import SimpleNamespace
 
 import torch
 
+from .._naming import argument_namer
 from .data import SkippedSamples, sample_rng
 
-__all__ = ["CACHE_FORMAT", "is_cache", "cache_output_policy", "module_fingerprint", "tokenizer_fingerprint", "build_cache", "LatentCache",
-           "CachedSource", "CachedCollator"]
+__all__ = ["CACHE_FORMAT", "is_cache", "cache_output_policy", "module_fingerprint", "tokenizer_fingerprint", "build_cache",
+           "cache_dataset", "LatentCache", "CachedSource", "CachedCollator"]
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +230,97 @@ def build_cache(
         logger.warning("cache: %s", skipped.summary())
     logger.info("cache: %d samples in %d shard(s) written to %s", len(keys), len(shards), output)
     return index
+
+
+def cache_dataset(
+    teacher: str,
+    output_dir: str,
+    *,
+    train_data_dir: str | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    image_column: str = "image",
+    caption_column: str = "text",
+    max_train_samples: int | None = None,
+    cache_dir: str | None = None,
+    resolution: int | None = None,
+    revision: str | None = None,
+    batch_size: int = 8,
+    shard_size: int = 1024,
+    cache_dtype: str = "fp32",
+    device: str | None = None,
+    overwrite_output_dir: bool = False,
+    argument_names: Mapping[str, str] | None = None,
+    progress_bar: bool = True,
+) -> dict[str, Any]:
+    """Encode a dataset with a teacher's VAE and text encoder(s) into a latent cache folder: what `bksdm cache` does.
+
+    The arguments are checked before the teacher loads (the device, exactly one data source, the resolution, and the
+    output folder: never the teacher's folder or the images, an existing cache only with `overwrite_output_dir`).
+
+    Args:
+        teacher (`str`): the teacher pipeline (a folder, a hub repo id, or `builtin:<name>`); it must have a VAE and
+            a text encoder (SDXL teachers: both text encoders).
+        output_dir (`str`): the cache folder to write (what `bksdm distill --latent_cache_dir` reads).
+        train_data_dir (`str`, *optional*): an image folder with `metadata.csv` or `metadata.jsonl`.
+        dataset_name (`str`, *optional*): a `datasets` dataset (hub name or local folder); exactly one of
+            `train_data_dir` and `dataset_name`.
+        dataset_config_name, image_column, caption_column, max_train_samples, cache_dir: how the data is read
+            (:func:`~diffusers_bksdm.training.data.image_source`).
+        resolution (`int`, *optional*): image size of the cache, a multiple of 8; default: the teacher's native size.
+        revision (`str`, *optional*): hub revision of the teacher.
+        batch_size, shard_size: images per VAE call, samples per safetensors shard (:func:`build_cache`).
+        cache_dtype (`str`, *optional*, defaults to `"fp32"`): storage dtype, `"fp32"`, `"fp16"` or `"bf16"`.
+        device (`str`, *optional*): device of the encoders; default: cuda if available, else cpu.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`): replace an existing cache in `output_dir`.
+        argument_names (`dict`, *optional*): keyword -> the name errors use for it (a command passes its flags, e.g.
+            `{"teacher": "--pretrained_model_name_or_path"}`); default: the keyword itself.
+        progress_bar (`bool`, *optional*, defaults to `True`): a progress bar over the samples (stderr).
+
+    Returns:
+        `dict`: the cache index, as written to `index.json` (the resolution used is `index["fingerprint"]["resolution"]`).
+    """
+    from ..families import default_resolution
+    from ..outputs import check_output_dir
+    from ..pipelines import load_teacher, parse_device, parse_dtype
+    from .data import ImageTransform, image_source
+
+    names = argument_namer(argument_names)
+    parse_device(device, names("device"))  # before anything is loaded
+    if bool(train_data_dir) == bool(dataset_name):
+        raise ValueError(f"Pass exactly one of {names('train_data_dir')} and {names('dataset_name')}.")
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8
+                                   or resolution % 8):
+        raise ValueError(f"`{names('resolution')}` must be a multiple of 8 and >= 8, got {resolution}.")
+    teacher_name, output_name = names("teacher"), names("output_dir")
+    overwrite_name = names("overwrite_output_dir")
+    # before the teacher loads: never the teacher's folder, the images or a folder that holds no cache
+    check_output_dir(output_dir, **cache_output_policy(teacher, SimpleNamespace(root=train_data_dir),
+                                                       overwrite=overwrite_output_dir, argument=output_name,
+                                                       overwrite_flag=overwrite_name))
+    pipe, _ = load_teacher(teacher, revision=revision, argument=teacher_name)
+    if pipe is None or getattr(pipe, "vae", None) is None or getattr(pipe, "text_encoder", None) is None:
+        raise ValueError(f"`{teacher_name}` {teacher!r} must be a pipeline with a VAE and a text encoder.")
+    resolution = resolution or default_resolution(pipe.unet.config, pipe.vae.config)
+    transform = ImageTransform(resolution, center_crop=True, random_flip=False)
+    source = image_source(transform, train_data_dir=train_data_dir, dataset_name=dataset_name,
+                          dataset_config_name=dataset_config_name, image_column=image_column,
+                          caption_column=caption_column, cache_dir=cache_dir, max_train_samples=max_train_samples,
+                          argument_names=argument_names)
+    text_encoder_2, tokenizer_2 = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
+    encoders = {"text_encoder": pipe.text_encoder, "text_encoder_2": text_encoder_2}
+    # the weights as loaded, before any move
+    fingerprints = {"vae": module_fingerprint(pipe.vae)}
+    fingerprints.update({name: module_fingerprint(module) for name, module in encoders.items() if module is not None})
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for module in (pipe.vae, pipe.text_encoder, text_encoder_2):
+        if module is not None:
+            module.to(device)
+    return build_cache(source, pipe.vae, pipe.text_encoder, pipe.tokenizer, output_dir,
+                       text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, batch_size=batch_size,
+                       shard_size=shard_size, dtype=parse_dtype(cache_dtype, names("cache_dtype")), teacher=teacher,
+                       overwrite=overwrite_output_dir, fingerprints=fingerprints, argument=output_name,
+                       overwrite_flag=overwrite_name, progress_bar=progress_bar)
 
 
 def _encode_batch(vae, conditioning, batch: list[tuple[str, dict[str, Any], dict[str, Any], str]]) -> dict:
