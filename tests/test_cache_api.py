@@ -86,6 +86,9 @@ def test_cache_dataset_resolution_and_dtype(images, tmp_path):
      "Pass exactly one of --train_data_dir and --dataset_name."),
     ({"device": "no-such-device"}, "`device` 'no-such-device' is not a device",
      "`--device` 'no-such-device' is not a device"),
+    ({"batch_size": 0}, "`batch_size` must be an integer >= 1, got 0.", "`--batch_size` must be an integer >= 1, got 0."),
+    ({"shard_size": -2}, "`shard_size` must be an integer >= 1, got -2.",
+     "`--shard_size` must be an integer >= 1, got -2."),
 ])  # fmt: skip
 def test_bad_arguments_are_refused_by_name_before_anything_loads(images, tmp_path, no_teacher, bad, keyword_error,
                                                                  flag_error):
@@ -97,7 +100,8 @@ def test_bad_arguments_are_refused_by_name_before_anything_loads(images, tmp_pat
     assert keyword_error in str(error.value)
     with pytest.raises(ValueError) as error:
         cache_dataset(TEACHER, str(out), **kwargs, argument_names={**DATA_FLAGS, "resolution": "--resolution",
-                                                                   "device": "--device"})
+                                                                   "device": "--device", "batch_size": "--batch_size",
+                                                                   "shard_size": "--shard_size"})
     assert flag_error in str(error.value)
     assert not out.exists() and _snapshot(tmp_path) == before
 

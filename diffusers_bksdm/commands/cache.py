@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
                 "device", "overwrite_output_dir")
     flags = {**DATA_FLAGS, "teacher": flag_name(args, "pretrained_model_name_or_path"),
              "output_dir": flag_name(args, "output_dir"), "resolution": "--resolution", "device": "--device",
-             "cache_dtype": "--cache_dtype", "overwrite_output_dir": flag_name(args, "overwrite_output_dir")}
+             "cache_dtype": "--cache_dtype", "batch_size": "--batch_size", "shard_size": "--shard_size",
+             "overwrite_output_dir": flag_name(args, "overwrite_output_dir")}
     index = cache_dataset(args.pretrained_model_name_or_path, args.output_dir,
                           **{key: getattr(args, key) for key in keywords}, argument_names=flags)
     skipped = index["skipped"]

@@ -292,6 +292,9 @@ def cache_dataset(
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8
                                    or resolution % 8):
         raise ValueError(f"`{names('resolution')}` must be a multiple of 8 and >= 8, got {resolution}.")
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):  # build_cache's check, named here
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{names(name)}` must be an integer >= 1, got {value!r}.")
     teacher_name, output_name = names("teacher"), names("output_dir")
     overwrite_name = names("overwrite_output_dir")
     # before the teacher loads: never the teacher's folder, the images or a folder that holds no cache
