@@ -140,6 +140,9 @@ def kohya(state_dict: dict[str, torch.Tensor], alphas: dict[str, float]) -> dict
     return out
 
 
+# loading this kohya LoRA, peft warns that some alpha_pattern keys diffusers passes match no module, listing hundreds
+# of names in every CI log; the test checks the scales that do apply (teacher) and the deltas (student) itself
+@pytest.mark.filterwarnings("ignore:The following alpha_pattern keys did not match:RuntimeWarning")
 def test_kohya_lora_with_network_alphas(tmp_path):
     peft_sd = make_peft_lora(tiny_unet("sd-v1"), LoraConfig(r=4, init_lora_weights=False, target_modules=TARGETS[:5]))
     modules = sorted({k.partition(".lora_")[0] for k in peft_sd})
