@@ -5,6 +5,8 @@
   the wheel is built from.
 - The wheel, built from the files git would commit and installed into a fresh venv in which the clone is not
   importable, runs the README's command, `bksdm compress` and loads every shipped asset.
+- The core install (the wheel and its requirements without any extra: no scipy, matplotlib, datasets, onnx, peft)
+  runs `bksdm demo`; only the loss curve is skipped, with the pip line that brings it.
 - A saved student pipeline keeps each tokenizer in both forms: the fast `tokenizer.json` (transformers 5 writes only
   that) and `vocab.json` + `merges.txt` (transformers 4's slow `CLIPTokenizer`, e.g. in optimum's ONNX exporter).
 """
@@ -427,3 +429,87 @@ def test_the_readme_command_from_the_wheel(installed, tmp_path):
     assert set(summary["results"]) == {"teacher", "student before", "student after"} and summary["steps"] == 1
     assert (out / "grid.png").is_file() and (out / "loss_curve.png").is_file()
     both_tokenizer_forms(out / "student" / "tokenizer", tmp_path)  # the trainer's final save
+
+
+# ------------------------------------------------------------------------------------- the core install, no extras
+
+
+def _core_requirements(wheel: Path) -> list[str]:
+    """The wheel's own `Requires-Dist` lines without an extra: what `pip install diffusers-bksdm` pulls in."""
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    lines = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    return [line for line in lines if "extra ==" not in line]
+
+
+def _distribution_closure(requirements: list[str]) -> dict:
+    """The installed distributions those requirements need, transitively (markers evaluated, no extras)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found, todo = {}, [Requirement(r) for r in requirements]
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        if name in found or (requirement.marker is not None and not requirement.marker.evaluate({"extra": ""})):
+            continue
+        try:
+            found[name] = metadata.distribution(requirement.name)
+        except metadata.PackageNotFoundError:
+            continue  # an optional platform dependency this interpreter does not have
+        todo.extend(Requirement(r) for r in found[name].requires or [])
+    return found
+
+
+@pytest.fixture(scope="module")
+def core_installed(built_wheel) -> SimpleNamespace:
+    """A venv that sees the core install only: the wheel and the closure of its requirements without extras, linked
+    from this interpreter's packages (no download), and nothing else (no scipy, matplotlib, datasets, onnx, peft)."""
+    tmp = built_wheel.tmp / "core"
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site_packages = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        capture_output=True, text=True, check=True).stdout.strip())
+    closure = _distribution_closure(_core_requirements(built_wheel.path))
+    for dist in closure.values():
+        base = Path(str(dist.locate_file("")))
+        tops = {f.parts[0] for f in dist.files or [] if f.parts and f.parts[0] not in ("..", "__pycache__")
+                and (len(f.parts) > 1 or f.parts[0].endswith((".py", ".so", ".pth")))}
+        for top in tops:
+            if (base / top).exists() and not (site_packages / top).exists():
+                (site_packages / top).symlink_to(base / top)
+    with zipfile.ZipFile(built_wheel.path) as archive:  # the wheel unpacked as pip would (pure Python, no scripts)
+        archive.extractall(site_packages)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    env.update(VIRTUAL_ENV=str(venv), HF_HUB_OFFLINE="1", PYTHONSAFEPATH="1", PYTHONWARNINGS="ignore")
+    work = tmp / "work"
+    work.mkdir(parents=True)
+    return SimpleNamespace(python=python, env=env, work=work, closure=set(closure), site_packages=site_packages)
+
+
+def test_the_core_install_runs_the_demo_without_any_extra(core_installed):
+    assert {"torch", "diffusers", "transformers", "accelerate", "torchmetrics"} <= core_installed.closure
+    probe = subprocess.run([str(core_installed.python), "-c", (
+        "import importlib.util, json, diffusers_bksdm\n"
+        "print(diffusers_bksdm.__file__)\n"
+        "print(json.dumps({m: importlib.util.find_spec(m) is not None for m in "
+        "('scipy', 'matplotlib', 'datasets', 'webdataset', 'onnxruntime', 'peft', 'torch_fidelity')}))")],
+        capture_output=True, text=True, env=core_installed.env, cwd=core_installed.work, timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    package_file, blocked = probe.stdout.strip().splitlines()[-2:]
+    assert Path(package_file).resolve().is_relative_to(core_installed.site_packages.resolve())  # the wheel's copy
+    assert not any(json.loads(blocked).values()), probe.stdout  # truly without extras
+    demo = subprocess.run([str(core_installed.python), "-m", "diffusers_bksdm", "demo", "--output_dir", "demo",
+                           *DEMO_FLAGS], capture_output=True, text=True, env=core_installed.env,
+                          cwd=core_installed.work, timeout=600)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    out = core_installed.work / "demo"
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["results"]) == {"teacher", "student before", "student after"} and summary["steps"] == 1
+    assert all(isinstance(row["fd"], float) for row in summary["results"].values())  # the judge's FD: torchmetrics
+    assert (out / "grid.png").is_file() and (out / "student" / "model_index.json").is_file()
+    assert not (out / "loss_curve.png").exists() and summary["loss_curve"] is None
+    assert "pip install matplotlib" in demo.stdout + demo.stderr  # the skipped curve says how to get it
