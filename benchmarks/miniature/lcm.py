@@ -50,6 +50,11 @@ def main() -> None:
     parser.add_argument("--max_train_steps", type=int, default=300)
     parser.add_argument("--train_batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--w_min", type=float, default=None, help="bksdm lcm --w_min; default: its default.")
+    parser.add_argument("--w_max", type=float, default=None, help="bksdm lcm --w_max; default: its default.")
+    parser.add_argument("--ema_decay", type=float, default=None, help="bksdm lcm --ema_decay; default: its default.")
+    parser.add_argument("--guidance_scale", type=float, default=7.5, help="Guidance scale of every judged row.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the LCM training run.")
     parser.add_argument("--images_per_prompt", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5, help="Latency repeats per row.")
     parser.add_argument("--grid", default=None, help="Write the grid PNG here (e.g. docs/images/lcm-grid.png).")
@@ -75,8 +80,10 @@ def main() -> None:
             "--pretrained_model_name_or_path", args.student, "--train_data_dir", os.path.join(data, "train"),
             "--output_dir", lcm_dir, "--no-random_flip", "--max_train_steps", str(args.max_train_steps),
             "--train_batch_size", str(args.train_batch_size), "--learning_rate", str(args.learning_rate),
-            "--seed", "0", "--report_to", "none", "--checkpointing_steps", "100", "--checkpoints_total_limit", "1",
-            "--resume_from_checkpoint", "latest"])
+            "--seed", str(args.seed), "--report_to", "none", "--checkpointing_steps", "100", "--checkpoints_total_limit", "1",
+            "--resume_from_checkpoint", "latest",
+            *[item for name in ("w_min", "w_max", "ema_decay") if getattr(args, name) is not None
+              for item in (f"--{name}", str(getattr(args, name)))]])
         result = train_lcm(lcm_args)
         train_s = result["elapsed_s"]
     else:
@@ -98,12 +105,12 @@ def main() -> None:
         folder = os.path.join(args.work_dir, "eval", str(i))
         scores = evaluate_pipeline(pipe, folder, real_images=os.path.join(data, "heldout"), judge=judge,
                                    images_per_prompt=args.images_per_prompt, num_inference_steps=steps,
-                                   guidance_scale=7.5, seen=False)
+                                   guidance_scale=args.guidance_scale, seen=False)
         results[name] = {"steps": steps, "accuracy": scores["accuracy"], "fd": scores.get("fd")}
         folders[name] = os.path.join(folder, f"im{shapes.IMAGE_SIZE}")
         logger.info(f"{name}: {results[name]}")
     latency = whole_pipeline_latency({n: p for n, (p, _) in rows.items()}, {n: s for n, (_, s) in rows.items()},
-                                     {n: 7.5 for n in rows}, repeats=args.repeats)
+                                     {n: args.guidance_scale for n in rows}, repeats=args.repeats)
     base = latency["teacher, 50 steps"]
     teacher_accuracy = results["teacher, 50 steps"]["accuracy"]
     for name in rows:
@@ -111,7 +118,9 @@ def main() -> None:
                              accuracy_vs_teacher=results[name]["accuracy"] / teacher_accuracy)
     goal = results["BK student + LCM, 4 steps"]
     summary = {"rows": results, "lcm_train_steps": args.max_train_steps, "lcm_batch": args.train_batch_size,
-               "lcm_learning_rate": args.learning_rate, "lcm_train_s": train_s,
+               "lcm_learning_rate": args.learning_rate, "lcm_train_s": train_s, "guidance_scale": args.guidance_scale,
+               "lcm_seed": args.seed,
+               **{f"lcm_{name}": getattr(args, name) for name in ("w_min", "w_max", "ema_decay")},
                "images": len(eval_prompt_list(args.images_per_prompt)),
                "goal_reached": bool(goal["accuracy_vs_teacher"] >= 0.9 and goal["speedup"] >= 10),
                "threads": torch.get_num_threads()}
