@@ -229,3 +229,43 @@ def test_command_is_discovered():
     from diffusers_bksdm.commands import command_modules
 
     assert "lcm" in command_modules()
+
+
+@pytest.mark.slow
+def test_eval_during_training_renders_the_target_at_its_lcm_steps_and_leaves_training_as_it_was(
+        tmp_path, shapes_data, monkeypatch):
+    from diffusers import LCMScheduler
+
+    calls = []
+    set_timesteps = LCMScheduler.set_timesteps
+
+    def recording(self, num_inference_steps=None, *args, **kwargs):
+        calls.append(num_inference_steps)
+        return set_timesteps(self, num_inference_steps, *args, **kwargs)
+
+    monkeypatch.setattr(LCMScheduler, "set_timesteps", recording)
+    shapes = ["--pretrained_model_name_or_path", "builtin:shapes-sd"]  # the judge reads its pictures
+    plain, evaluated = tmp_path / "plain", tmp_path / "evaluated"
+    _run(*_base(plain, shapes_data, 3), *shapes)
+    assert calls == []
+    result = _run(*_base(evaluated, shapes_data, 3), *shapes, "--eval_steps", "2", "--eval_num_prompts", "2")
+    assert calls == [4, 4]  # steps 2 and 3 (the end), each at the LCM student's own 4 steps
+    rows = read_log(evaluated)
+    assert [bool(r["eval/accuracy"]) for r in rows] == [False, True, True]
+    assert all(float(r["eval/fd"]) > 0 for r in rows[1:])  # the judge's FD to the real held-out pictures
+    assert sorted(p.name for p in (evaluated / "eval" / "step-000002").glob("*.png")) == ["000000.png", "000001.png"]
+    assert (evaluated / "eval_curve.png").is_file()
+    assert set(result["evaluation"]) == {f"{m} (during training)" for m in ("accuracy", "position_accuracy", "fd")}
+    assert "Evaluation during training" in (evaluated / "README.md").read_text()
+    # evaluating never shifts training: the same losses and the same saved target network
+    assert [r["loss"] for r in rows] == [r["loss"] for r in read_log(plain)]
+    assert_same_weights(load_unet_weights(plain / "unet"), load_unet_weights(evaluated / "unet"))
+
+
+def test_eval_flags_are_checked_before_anything_is_written(tmp_path, shapes_data):
+    out = tmp_path / "bad-eval"
+    with pytest.raises(ValueError, match="`--eval_steps` needs `--eval_prompts_file`"):
+        _run(*_base(out, shapes_data, 1, "--eval_steps", "1"))  # builtin:tiny-sd has no evaluation prompts
+    with pytest.raises(ValueError, match="`--eval_num_prompts` needs `--eval_steps`|`--eval_metrics` needs"):
+        _run(*_base(out, shapes_data, 1, "--eval_metrics", "clip"))
+    assert not out.exists()

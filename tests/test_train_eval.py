@@ -150,3 +150,29 @@ def test_without_matplotlib_the_curve_is_skipped_with_a_log_line(tmp_path, monke
         assert plot_eval_curve(str(tmp_path / "log.csv"), str(tmp_path / "c.png"), ["fd"]) is None
     assert not (tmp_path / "c.png").exists()
     assert any("matplotlib is not installed: no c.png" in r.getMessage() for r in caplog.records)
+
+
+def test_a_student_of_the_world_is_judged_like_the_world_and_others_are_not(tmp_path):
+    import shutil
+
+    from diffusers_bksdm import compress_pipeline
+    from diffusers_bksdm.miniature.tiny import builtin_teacher
+    from diffusers_bksdm.miniature.world import is_shapes_world
+    from diffusers_bksdm.outputs import save_pipeline
+
+    student, other = tmp_path / "shapes-small", tmp_path / "tiny-small"
+    save_pipeline(compress_pipeline(builtin_teacher(WORLD), "small"), student)
+    save_pipeline(compress_pipeline(builtin_teacher("builtin:tiny-sd"), "small"), other)
+    assert is_shapes_world(WORLD) and is_shapes_world(student) and is_shapes_world(str(student))
+    assert not is_shapes_world(other) and not is_shapes_world("builtin:tiny-sd") and not is_shapes_world(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(student, broken)
+    encoder = broken / "text_encoder" / "model.safetensors"
+    encoder.write_bytes(encoder.read_bytes()[:100])
+    assert not is_shapes_world(broken)
+    # so a student of the world gets the world's prompts and judge by default, with no prompt file
+    args = parse_train_args(["--pretrained_model_name_or_path", str(student), "--train_data_dir", "d",
+                             "--eval_steps", "5", "--eval_metrics", "accuracy,fd"])
+    assert args.eval_metrics == "accuracy,fd"
+    with pytest.raises(ValueError, match=r"`--eval_steps` needs `--eval_prompts_file`"):
+        parse_train_args(["--pretrained_model_name_or_path", str(other), "--train_data_dir", "d", "--eval_steps", "5"])

@@ -25,6 +25,7 @@ def add_lcm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """The flags of `bksdm lcm`: the trainer's vocabulary (`bksdm distill`) for what is shared, diffusers' LCM script's
     names for the LCM recipe (`--num_ddim_timesteps`, `--w_min`, `--w_max`, `--loss_type`, `--huber_c`,
     `--timestep_scaling_factor`, `--ema_decay`, `--unet_time_cond_proj_dim`)."""
+    from ..training.args import LCM_EVAL_GUIDANCE, LCM_EVAL_STEPS, add_eval_arguments
     from ._flags import add_hub_arguments, add_model_argument, add_output_dir_argument
 
     model = parser.add_argument_group("teacher and student")
@@ -125,6 +126,10 @@ def add_lcm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     logging.add_argument("--resume_from_checkpoint", type=str, default=None,
                          help='A checkpoint folder, or "latest" for the last complete one in --output_dir; default: '
                          "a new run.")
+    # the LCM student is evaluated as it is used: the target network, LCMScheduler, a few steps, the guidance as an
+    # embedding (no classifier-free guidance batch)
+    add_eval_arguments(parser, default_steps=str(LCM_EVAL_STEPS), default_guidance=f"{LCM_EVAL_GUIDANCE} (train "
+                       "--w_min / --w_max around it: guidance scale = w + 1)")
 
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true", help="Push the final pipeline to the hub.")

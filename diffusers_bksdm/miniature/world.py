@@ -20,6 +20,7 @@ from . import shapes
 __all__ = [
     "TEACHER",
     "EVAL_SEED",
+    "is_shapes_world",
     "write_world",
     "eval_prompt_list",
     "evaluate_pipeline",
@@ -36,6 +37,31 @@ TEACHER = "builtin:shapes-sd"
 EVAL_SEED = 1234
 #: the real held-out images FD compares against
 NUM_HELDOUT_REAL = 500
+
+
+def is_shapes_world(name_or_path: str | os.PathLike | None) -> bool:
+    """Whether a model draws the miniature world, so that the judge can read its pictures: `builtin:shapes-sd`
+    itself, or a local pipeline folder (a student of it from `bksdm compress` / `distill` / `lcm`) whose text
+    encoder holds the shipped teacher's weights, tensor for tensor."""
+    if name_or_path is None:
+        return False
+    name_or_path = os.fspath(name_or_path)
+    if name_or_path == TEACHER:
+        return True
+    encoder = os.path.join(name_or_path, "text_encoder", "model.safetensors")
+    if not (os.path.isfile(os.path.join(name_or_path, "model_index.json")) and os.path.isfile(encoder)):
+        return False
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .tiny import asset_path
+
+    try:
+        theirs = load_file(encoder)
+    except (OSError, SafetensorError):  # truncated or foreign weights: not the world's
+        return False
+    ours = load_file(os.path.join(asset_path("shapes-sd"), "text_encoder", "model.safetensors"))
+    return theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
 
 
 def write_world(folder: str | os.PathLike, num_train: int, seed: int = 0) -> dict[str, str]:

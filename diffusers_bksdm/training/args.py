@@ -23,6 +23,7 @@ __all__ = [
     "parse_train_args",
     "check_train_args",
     "check_optimizer_arguments",
+    "add_eval_arguments",
     "check_eval_arguments",
     "parse_eval_metrics",
     "SECRET_ARGS",
@@ -212,31 +213,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     logging.add_argument("--validation_guidance_scale", type=float, default=7.5,
                          help="Guidance scale of the validation images.")
 
-    evaluation = parser.add_argument_group("evaluation during training")
-    evaluation.add_argument("--eval_steps", type=int, default=None,
-                            help="Evaluate the student every X updates and at the end (scores in train_log.csv, the "
-                                 "trackers, eval_curve.png and the model card); default: no evaluation.")
-    evaluation.add_argument("--eval_prompts_file", type=str, default=None,
-                            help="Prompts to evaluate, one per line (UTF-8); default with a builtin:shapes-sd "
-                                 "teacher: the miniature world's held-out prompts, judged by builtin:shapes-judge.")
-    evaluation.add_argument("--eval_metrics", type=str, default=None,
-                            help=f"Comma-separated, from {', '.join(EVAL_METRICS)}. accuracy, position_accuracy, "
-                                 "full_accuracy and fd are the judge's (builtin:shapes-sd teacher only); fid, is and "
-                                 "clip are `bksdm eval`'s (fid needs --eval_real_images). Default: "
-                                 f"{','.join(DEFAULT_JUDGE_METRICS)} on the miniature world, else "
-                                 f"{','.join(DEFAULT_PROMPT_METRICS)}.")
-    evaluation.add_argument("--eval_num_prompts", type=int, default=8,
-                            help="Prompts evaluated (the first ones of the file or of the held-out list).")
-    evaluation.add_argument("--eval_images_per_prompt", type=int, default=1, help="Images per evaluated prompt.")
-    evaluation.add_argument("--eval_inference_steps", type=int, default=None,
-                            help="Denoising steps of the evaluation images; default: --validation_inference_steps.")
-    evaluation.add_argument("--eval_guidance_scale", type=float, default=None,
-                            help="Guidance scale of the evaluation images; default: --validation_guidance_scale.")
-    evaluation.add_argument("--eval_real_images", type=str, default=None,
-                            help="A folder of real images for fd / fid; default on the miniature world: held-out "
-                                 "pictures written to OUTPUT/eval/real.")
-    evaluation.add_argument("--eval_clip_model", type=str, default=None,
-                            help="CLIP model of the clip metric; default: bksdm eval's (ViT-g-14).")
+    add_eval_arguments(parser)
 
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true", help="Push the final student pipeline to the hub.")
@@ -337,9 +314,49 @@ def check_optimizer_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"`--seed` must be an integer in [0, {MAX_SEED}] (numpy's seed range), got {seed!r}.")
 
 
+#: how `bksdm lcm --eval_steps` renders its student by default: as it is used, a few steps of its LCMScheduler, with
+#: the pipelines' default guidance scale
+LCM_EVAL_STEPS = 4
+LCM_EVAL_GUIDANCE = 7.5
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser, *, default_steps: str = "--validation_inference_steps",
+                       default_guidance: str = "--validation_guidance_scale") -> argparse.ArgumentParser:
+    """The `--eval_*` flags (evaluation during training) of `bksdm distill` and `bksdm lcm`; `default_steps` and
+    `default_guidance` say in the help what the steps and guidance scale of the evaluation images default to."""
+    evaluation = parser.add_argument_group("evaluation during training")
+    evaluation.add_argument("--eval_steps", type=int, default=None,
+                            help="Evaluate the student every X updates and at the end (scores in train_log.csv, the "
+                                 "trackers, eval_curve.png and the model card); default: no evaluation.")
+    evaluation.add_argument("--eval_prompts_file", type=str, default=None,
+                            help="Prompts to evaluate, one per line (UTF-8); default with a builtin:shapes-sd "
+                                 "teacher (or a student of it): the miniature world's held-out prompts, judged by "
+                                 "builtin:shapes-judge.")
+    evaluation.add_argument("--eval_metrics", type=str, default=None,
+                            help=f"Comma-separated, from {', '.join(EVAL_METRICS)}. accuracy, position_accuracy, "
+                                 "full_accuracy and fd are the judge's (builtin:shapes-sd or its students only); "
+                                 "fid, is and clip are `bksdm eval`'s (fid needs --eval_real_images). Default: "
+                                 f"{','.join(DEFAULT_JUDGE_METRICS)} on the miniature world, else "
+                                 f"{','.join(DEFAULT_PROMPT_METRICS)}.")
+    evaluation.add_argument("--eval_num_prompts", type=int, default=8,
+                            help="Prompts evaluated (the first ones of the file or of the held-out list).")
+    evaluation.add_argument("--eval_images_per_prompt", type=int, default=1, help="Images per evaluated prompt.")
+    evaluation.add_argument("--eval_inference_steps", type=int, default=None,
+                            help=f"Denoising steps of the evaluation images; default: {default_steps}.")
+    evaluation.add_argument("--eval_guidance_scale", type=float, default=None,
+                            help=f"Guidance scale of the evaluation images; default: {default_guidance}.")
+    evaluation.add_argument("--eval_real_images", type=str, default=None,
+                            help="A folder of real images for fd / fid; default on the miniature world: held-out "
+                                 "pictures written to OUTPUT/eval/real.")
+    evaluation.add_argument("--eval_clip_model", type=str, default=None,
+                            help="CLIP model of the clip metric; default: bksdm eval's (ViT-g-14).")
+    return parser
+
+
 def parse_eval_metrics(value: str | None, judge: bool) -> list[str]:
     """The metrics of `--eval_metrics` (comma-separated), or the default for the world (`judge`: a
-    `builtin:shapes-sd` teacher). Unknown names, repeats and judge metrics without the judge are refused."""
+    `builtin:shapes-sd` teacher or a student of it, :func:`diffusers_bksdm.miniature.world.is_shapes_world`).
+    Unknown names, repeats and judge metrics without the judge are refused."""
     if value is None:
         return list(DEFAULT_JUDGE_METRICS if judge else DEFAULT_PROMPT_METRICS)
     metrics = [m.strip().lower() for m in value.split(",") if m.strip()]
@@ -350,8 +367,8 @@ def parse_eval_metrics(value: str | None, judge: bool) -> list[str]:
     judged = [m for m in metrics if m in ("accuracy", "position_accuracy", "full_accuracy", "fd")]
     if judged and not judge:
         raise ValueError(f"`--eval_metrics` {','.join(judged)}: the judge only reads the miniature world; these need "
-                         "--pretrained_model_name_or_path builtin:shapes-sd. Accepted for other teachers: fid, is, "
-                         "clip.")
+                         "--pretrained_model_name_or_path builtin:shapes-sd or a student of it. Accepted for other "
+                         "teachers: fid, is, clip.")
     return metrics
 
 
@@ -376,11 +393,13 @@ def check_eval_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"`--{name}` must be an integer >= 1, got {value!r}.")
     if args.eval_guidance_scale is not None:
         _finite(args, "eval_guidance_scale", 0.0)
-    judge = args.pretrained_model_name_or_path == "builtin:shapes-sd"
+    from ..miniature.world import is_shapes_world
+
+    judge = is_shapes_world(args.pretrained_model_name_or_path)
     if args.eval_prompts_file is None and not judge:
         raise ValueError("`--eval_steps` needs `--eval_prompts_file` (one prompt per line) with the teacher "
-                         f"{args.pretrained_model_name_or_path!r}; only a builtin:shapes-sd teacher has built-in "
-                         "evaluation prompts.")
+                         f"{args.pretrained_model_name_or_path!r}; only builtin:shapes-sd and its students (a "
+                         "pipeline folder with its text encoder) have built-in evaluation prompts.")
     if args.eval_prompts_file is not None and not os.path.isfile(args.eval_prompts_file):
         raise FileNotFoundError(f"`--eval_prompts_file` {args.eval_prompts_file!r} is not a file; accepted: a UTF-8 "
                                 "text file with one prompt per line.")

@@ -170,17 +170,20 @@ class _Evaluation:
     untouched (:func:`_untouched_random_state`). Calling it returns the `eval/<metric>` values for the log row."""
 
     def __init__(self, args: argparse.Namespace, accelerator, pipe, student, ema, *, resolution: int,
-                 output_dir: str):
+                 output_dir: str, scheduler=None, default_steps: int | None = None,
+                 default_guidance: float | None = None):
+        from ..miniature.world import is_shapes_world
         from .args import parse_eval_metrics
 
         self.args, self.accelerator, self.pipe, self.student, self.ema = args, accelerator, pipe, student, ema
         self.resolution, self.output_dir = resolution, output_dir
+        self.scheduler = scheduler  # the sampler of the model being trained (an LCMScheduler for `bksdm lcm`)
         self.enabled = args.eval_steps is not None
         self.last_step = -1
         if not self.enabled:
             self.metrics: list[str] = []
             return
-        self.world = args.pretrained_model_name_or_path == "builtin:shapes-sd"
+        self.world = is_shapes_world(args.pretrained_model_name_or_path)
         self.metrics = parse_eval_metrics(args.eval_metrics, self.world)
         if args.eval_prompts_file is not None:
             prompts = read_eval_prompts(args.eval_prompts_file)
@@ -191,9 +194,11 @@ class _Evaluation:
             prompts = prompts[:: max(1, len(prompts) // args.eval_num_prompts)]  # spread over the combinations
         prompts = prompts[: args.eval_num_prompts]
         self.prompts = [p for p in prompts for _ in range(args.eval_images_per_prompt)]
-        self.steps = args.eval_inference_steps or (50 if self.world else args.validation_inference_steps)
+        if default_steps is None:
+            default_steps = 50 if self.world else args.validation_inference_steps
+        self.steps = args.eval_inference_steps or default_steps
         self.guidance = (args.eval_guidance_scale if args.eval_guidance_scale is not None
-                         else args.validation_guidance_scale)
+                         else default_guidance if default_guidance is not None else args.validation_guidance_scale)
         self._judge = self._clip = None
         self._real: str | None = args.eval_real_images
 
@@ -225,9 +230,11 @@ class _Evaluation:
         if self.ema is not None:
             self.ema.store(student.parameters())
             self.ema.copy_to(student.parameters())
+        was_training = student.training
         student.eval()
         try:
-            pipe = with_components(self.pipe, unet=student)
+            pipe = with_components(self.pipe, unet=student,
+                                   **({"scheduler": self.scheduler} if self.scheduler is not None else {}))
             pipe.set_progress_bar_config(disable=True)
             device = self.accelerator.device
             batch = 16
@@ -242,7 +249,7 @@ class _Evaluation:
                         with atomic_write(os.path.join(folder, image_name(start + i))) as tmp:
                             image.save(tmp, format="PNG")
         finally:
-            student.train()
+            student.train(was_training)
             if self.ema is not None:
                 self.ema.restore(student.parameters())
 

@@ -349,29 +349,38 @@ def lcm_scheduler_config(scheduler_config: dict[str, Any], *, num_ddim_timesteps
     return config
 
 
-def _final_pipeline(args: argparse.Namespace, pipe, unet, full_precision: bool):
+def _lcm_scheduler(args: argparse.Namespace, pipe):
+    """The LCMScheduler of the few-step pipeline, from the teacher pipeline's scheduler config."""
     from diffusers import LCMScheduler
 
+    return LCMScheduler.from_config(lcm_scheduler_config(
+        pipe.scheduler.config, num_ddim_timesteps=args.num_ddim_timesteps,
+        timestep_scaling=args.timestep_scaling_factor))
+
+
+def _final_pipeline(args: argparse.Namespace, pipe, unet, full_precision: bool):
     from ..pipelines import with_components
     from .artifacts import _reload_components
 
     unet = unet.to(torch.float32)
     base = _reload_components(args, unet, pipe if full_precision else None)
-    scheduler = LCMScheduler.from_config(lcm_scheduler_config(
-        pipe.scheduler.config, num_ddim_timesteps=args.num_ddim_timesteps,
-        timestep_scaling=args.timestep_scaling_factor))
-    return with_components(base, unet=unet, scheduler=scheduler)
+    return with_components(base, unet=unet, scheduler=_lcm_scheduler(args, pipe))
 
 
-def _model_card(args: argparse.Namespace, steps: int, resolution: int) -> str:
+def _model_card(args: argparse.Namespace, steps: int, resolution: int,
+                evaluation: dict[str, str] | None = None) -> str:
     name = args.pretrained_model_name_or_path
+    scores = ""
+    if evaluation:
+        scores = ("Evaluation during training (`--eval_steps`, the target network at its LCMScheduler steps): "
+                  + "; ".join(f"{metric}: {text}" for metric, text in evaluation.items()) + ".\n\n")
     return (
         "---\nlibrary_name: diffusers\ntags:\n- stable-diffusion\n- text-to-image\n- lcm\n- bk-sdm\n---\n\n"
         f"# Latent consistency distillation of `{name}`\n\n"
         f"Distilled with `bksdm lcm` (diffusers-bksdm) for {steps} steps at {resolution} px: DDIM solver on "
         f"{args.num_ddim_timesteps} timesteps, guidance weight w in [{args.w_min}, {args.w_max}] (guidance-scale "
         f"embedding, time_cond_proj_dim {args.unet_time_cond_proj_dim}), {args.loss_type} loss, target EMA decay "
-        f"{args.ema_decay}. The UNet holds the target network's weights.\n\n"
+        f"{args.ema_decay}. The UNet holds the target network's weights.\n\n" + scores +
         "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
         "pipe = StableDiffusionPipeline.from_pretrained(\"PATH\")  # LCMScheduler inside\n"
         "image = pipe(\"a prompt\", num_inference_steps=4, guidance_scale=7.5).images[0]  # w = 6.5\n```\n"
@@ -420,6 +429,9 @@ def check_lcm_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--report_to` must be one of tensorboard, wandb, all, none; got {args.report_to!r}.")
     if args.hub_model_id and not args.push_to_hub:
         raise ValueError("--hub_model_id needs --push_to_hub.")
+    from .args import check_eval_arguments
+
+    check_eval_arguments(args)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -546,6 +558,8 @@ def _train_lcm(args: argparse.Namespace, teacher_pipeline, locks: list) -> dict[
     from .progress import TrainLog, _logger, _StopRequest
     from .train import _accelerator, _claim_output_dir, _data_loader, _epoch_batches, _latents_and_embeddings
     from .train import _prepare, _public_args, _training_data
+    from .args import LCM_EVAL_GUIDANCE, LCM_EVAL_STEPS
+    from .artifacts import _Evaluation, eval_history, eval_summary
 
     check_lcm_args(args)
     logger = _logger()
@@ -590,9 +604,13 @@ def _train_lcm(args: argparse.Namespace, teacher_pipeline, locks: list) -> dict[
     global_step, first_epoch, resume_batches = _resume_position(resume_state, schedule,
                                                                 args.gradient_accumulation_steps)
     samples = int(resume_state.get("samples", 0))
-    log_file = None
+    # the student as it is used: the target network (what is saved) with its LCMScheduler, at a few steps
+    evaluate = _Evaluation(args, accelerator, models["pipe"], target, None, resolution=models["resolution"],
+                           output_dir=output_dir, scheduler=_lcm_scheduler(args, models["pipe"]),
+                           default_steps=LCM_EVAL_STEPS, default_guidance=LCM_EVAL_GUIDANCE)
+    log_file, log_path = None, os.path.join(output_dir, LOG_FILE)
     if main_process:
-        log_file = TrainLog(os.path.join(output_dir, LOG_FILE), LCM_LOG_FIELDS,
+        log_file = TrainLog(log_path, LCM_LOG_FIELDS + evaluate.fields,
                             resume_step=global_step if resume_path is not None else 0)
 
     def trainer_state(step: int, epoch: int, batches_in_epoch: int) -> dict[str, Any]:
@@ -664,8 +682,13 @@ def _train_lcm(args: argparse.Namespace, teacher_pipeline, locks: list) -> dict[
                 last_loss = loss
                 row = {"step": global_step, "epoch": epoch, "loss": loss, "lr": float(lr_scheduler.get_last_lr()[0]),
                        "grad_norm": None if grad_norm is None else float(grad_norm), "samples": samples}
+                evaluated = evaluate.due(global_step, max_train_steps)
+                if evaluated:  # its own random streams: the training streams are left as they were
+                    row.update(evaluate(global_step))
                 if log_file is not None:
                     log_file.write(row)
+                    if evaluated:
+                        evaluate.plot(log_path)
                 accelerator.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=global_step)
                 progress.set_postfix(loss=f"{loss:.4g}")
                 requested = stop.requested(accelerator)
@@ -698,13 +721,20 @@ def _train_lcm(args: argparse.Namespace, teacher_pipeline, locks: list) -> dict[
     if main_process:
         import copy
 
+        evaluation = None
+        if evaluate.enabled:
+            evaluate.plot(log_path)
+            evaluation = eval_summary(eval_history(log_path, evaluate.metrics))
+            result["evaluation"] = evaluation
+
         from ..outputs import atomic_write_text, save_pipeline
 
         final = _final_pipeline(args, models["pipe"], copy.deepcopy(target),
                                 models["weight_dtype"] == torch.float32 or teacher_pipeline is not None)
         with update_folder(output_dir, argument="--output_dir") as tmp:  # the model index goes last
             save_pipeline(final, tmp, safe_serialization=True)
-            atomic_write_text(os.path.join(tmp, "README.md"), _model_card(args, global_step, models["resolution"]))
+            atomic_write_text(os.path.join(tmp, "README.md"),
+                              _model_card(args, global_step, models["resolution"], evaluation))
         logger.info(f"few-step (LCM) pipeline written to {output_dir}")
         if args.push_to_hub:
             from ..hub import push_folder
