@@ -228,3 +228,62 @@ def test_help_and_import_leave_onnx_unimported():
         "print(json.dumps(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules)))\n"
     )
     assert json.loads(run_python(code).stdout.strip().splitlines()[-1]) == []
+
+
+# ---------------------------------------------------------------------------------- the whole pipeline in onnxruntime
+
+
+def _pytorch_images(folder, prompts, steps: int, guidance: float) -> np.ndarray:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which, steps", [("lcm_student", 4), ("student", 3)])
+def test_the_whole_pipeline_exported_runs_in_onnxruntime_as_in_pytorch(which, steps, request, tmp_path, capsys):
+    from diffusers_bksdm.ecosystem.onnx_components import OnnxPipeline
+
+    folder = request.getfixturevalue(which)
+    out = tmp_path / "whole"
+    assert main(["export", "--model", str(folder), "--output_dir", str(out), "--exporter", "torchscript",
+                 "--components", "all"]) == 0
+    printed = capsys.readouterr().out
+    assert "exported the text_encoder to text_encoder/model.onnx" in printed and "vae_decoder" in printed
+    assert sorted(p.name for p in out.iterdir()) == [".bksdm-output.json", "onnx_export.json", "scheduler",
+                                                     "text_encoder", "tokenizer", "unet", "vae_decoder"]
+    record = json.loads((out / "onnx_export.json").read_text())
+    assert set(record["components"]) == {"text_encoder", "vae_decoder"}
+    assert all(part["max_abs_diff"] <= ATOL and len(part["checked_shapes"]) == 2
+               for part in record["components"].values())
+    assert [i.name for i in _session(out / "text_encoder" / "model.onnx").get_inputs()] == ["input_ids"]
+    assert [o.name for o in _session(out / "vae_decoder" / "model.onnx").get_outputs()] == ["sample"]
+    assert {"vocab.json", "merges.txt", "tokenizer.json"} <= {p.name for p in (out / "tokenizer").iterdir()}
+    # the LCM form at its 4 steps (guidance as timestep_cond, LCMScheduler's noise from the generator); the plain
+    # student with classifier-free guidance (a batch of 2 per prompt) at its PNDM steps
+    prompts = ["a red circle at the top left", "a large blue square"]
+    expected = _pytorch_images(folder, prompts, steps, 7.5)
+    got = OnnxPipeline(out)(prompts, num_inference_steps=steps, guidance_scale=7.5,
+                            generator=torch.Generator().manual_seed(0))
+    assert got.shape == expected.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+    other = OnnxPipeline(out)(prompts, num_inference_steps=steps, guidance_scale=7.5,
+                              generator=torch.Generator().manual_seed(1))
+    assert np.abs(other - got).max() > 1e-3  # the seed reaches the picture
+
+
+def test_components_are_checked_before_anything_is_written(student, tmp_path, capsys):
+    for argv, message in (
+        (["--model", str(student), "--components", "unet,vae"], "`--components` must list distinct parts from unet, "
+         "text_encoder, vae_decoder including unet (or be `all`), got 'unet,vae'"),
+        (["--model", str(student), "--components", "text_encoder"], "including unet"),
+        (["--model", str(student / "unet"), "--components", "all"], "is a bare UNet; the text encoder and VAE "
+         "decoder come from a pipeline"),
+    ):
+        assert main(["export", *argv, "--output_dir", str(tmp_path / "a"), "--exporter", "torchscript"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("bksdm export: error: ") and message in err, err
+    assert not (tmp_path / "a").exists()

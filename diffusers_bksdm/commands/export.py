@@ -44,6 +44,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"],
                         help="torch.onnx.export's exporter: dynamo (torch.export-based, PyTorch's default) or "
                         "torchscript (the older one optimum uses: far faster to export, deprecated by PyTorch).")
+    parser.add_argument("--components", default="unet",
+                        help="What to export: `unet`, a comma-separated list of unet, text_encoder, vae_decoder, or "
+                        "`all` (the whole SD pipeline for onnxruntime: with the text encoder its tokenizer/ too; "
+                        "each part is checked against PyTorch like the UNet).")
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="Largest absolute difference between onnxruntime's and PyTorch's output accepted by the "
                         "check after export.")
@@ -54,13 +58,17 @@ def run(args: argparse.Namespace) -> int:
     from ..ecosystem.onnx import export_onnx
     from ._flags import flag_name
 
+    from ..ecosystem.onnx_components import COMPONENTS
+
     arguments = {"model": flag_name(args, "pretrained_model_name_or_path"),
                  "output_dir": flag_name(args, "output_dir"), "opset": "--opset", "exporter": "--exporter",
-                 "atol": "--atol", "overwrite": flag_name(args, "overwrite_output_dir")}
+                 "atol": "--atol", "overwrite": flag_name(args, "overwrite_output_dir"), "components": "--components"}
+    components = COMPONENTS if args.components.strip() == "all" else [
+        c.strip() for c in args.components.split(",") if c.strip()]
     result = export_onnx(
         args.pretrained_model_name_or_path, args.output_dir, subfolder=args.subfolder, revision=args.revision,
         variant=args.variant, opset=args.opset, exporter=args.exporter, atol=args.atol,
-        overwrite=args.overwrite_output_dir, arguments=arguments,
+        overwrite=args.overwrite_output_dir, arguments=arguments, components=components,
     )  # fmt: skip
     inputs = ", ".join(f"{name}{list(shape)}" for name, shape in result.inputs.items())
     print(f"exported the UNet to {result.path} (opset {result.opset}, {result.exporter} exporter, "
@@ -68,4 +76,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"inputs: {inputs}")
     print(f"onnxruntime vs PyTorch: max abs diff {result.max_abs_diff:.2e} <= --atol {result.atol:g} on "
           f"{len(result.checked_shapes)} input shapes")
+    for name, part in result.components.items():
+        print(f"exported the {name} to {part['path']}: max abs diff {part['max_abs_diff']:.2e} on "
+              f"{len(part['checked_shapes'])} input shapes")
     return 0

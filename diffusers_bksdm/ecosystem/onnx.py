@@ -82,6 +82,8 @@ class OnnxExportResult:
     atol: float | None = None
     checked_shapes: list[dict[str, list[int]]] = field(default_factory=list)
     export_seconds: float | None = None
+    #: the other parts exported beside the UNet (`text_encoder`, `vae_decoder`): path, inputs, outputs, check
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -475,6 +477,7 @@ def export_onnx(
     external_data: bool | None = None,
     overwrite: bool = False,
     arguments: Mapping[str, str] | None = None,
+    components: Sequence[str] = ("unet",),
 ) -> OnnxExportResult:
     """Export the UNet of a saved pipeline (e.g. a student from `bksdm compress` / `bksdm distill`, or the LCM
     pipeline of `bksdm lcm`), a bare UNet folder or `builtin:<name>` to `output_dir`, checked in onnxruntime.
@@ -485,8 +488,13 @@ def export_onnx(
     :mod:`diffusers_bksdm.outputs` (never the model's own folder, the current directory, or a folder this package did
     not write; replaced only with `overwrite`) and appears complete or not at all: a failed check keeps nothing.
 
+    `components`: what to export, from `unet`, `text_encoder`, `vae_decoder`
+    (:mod:`diffusers_bksdm.ecosystem.onnx_components`; the last two need a pipeline). With the text encoder the
+    folder also gets the pipeline's `tokenizer/`; each component is checked in onnxruntime like the UNet, and its
+    largest difference is in `onnx_export.json` under `components`.
+
     `arguments`: how errors name the inputs (the command passes its flags), keys `model`, `output_dir`, `opset`,
-    `exporter`, `atol`, `overwrite`.
+    `exporter`, `atol`, `overwrite`, `components`.
 
     Raises:
         ValueError: a bad argument, an unsupported UNet, or :class:`ExportValidationError`.
@@ -494,8 +502,15 @@ def export_onnx(
     from .. import __version__
     from ..outputs import atomic_directory, check_output_dir
 
+    from .onnx_components import COMPONENTS, export_component_onnx, validate_onnx_component
+
     names = {"model": "model", "output_dir": "output_dir", "opset": "opset", "exporter": "exporter",
-             "atol": "atol", "overwrite": "overwrite=True", **(arguments or {})}
+             "atol": "atol", "overwrite": "overwrite=True", "components": "components", **(arguments or {})}
+    components = list(components)
+    unknown = [c for c in components if c not in COMPONENTS]
+    if not components or unknown or "unet" not in components or len(set(components)) != len(components):
+        raise ValueError(f"`{names['components']}` must list distinct parts from {', '.join(COMPONENTS)} including "
+                         f"unet (or be `all`), got {','.join(components) or 'nothing'!r}.")
     _check_exporter(exporter, names["exporter"])
     _check_opset(opset, exporter, names["opset"])
     if not isinstance(atol, (int, float)) or not atol >= 0:
@@ -506,6 +521,24 @@ def export_onnx(
     unet, scheduler = _load_unet(model, subfolder=subfolder, revision=revision, variant=variant,
                                  argument=names["model"])
     check_exportable(unet, names["model"])
+    parts: dict[str, Any] = {}
+    if len(components) > 1:  # the other parts come from the pipeline (the UNet above is its unet/)
+        from ..pipelines import is_pipeline, load_pipeline
+        from ..miniature.tiny import BUILTIN_PREFIX
+
+        if subfolder is not None or not (model.startswith(BUILTIN_PREFIX)
+                                         or is_pipeline(model, None, revision, names["model"])):
+            raise ValueError(f"`{names['components']}` {','.join(components)}: `{names['model']}` {model!r} is a "
+                             "bare UNet; the text encoder and VAE decoder come from a pipeline folder or repo.")
+        pipe = load_pipeline(model, revision=revision, variant=variant, argument=names["model"])
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            raise ValueError(f"`{names['components']}`: exporting the text encoders and VAE of an SDXL pipeline is not "
+                             "supported; export its unet alone.")
+        parts = {"text_encoder": pipe.text_encoder, "vae_decoder": pipe.vae}
+        missing = [c for c in components[1:] if c != "unet" and parts.get(c) is None]
+        if missing:
+            raise ValueError(f"`{names['model']}` {model!r} has no {', '.join(missing)} to export.")
+        tokenizer = pipe.tokenizer
     with atomic_directory(output_dir, command="bksdm export", **policy) as tmp:
         os.makedirs(os.path.join(tmp, "unet"))
         result = export_unet_onnx(unet, os.path.join(tmp, "unet", MODEL_FILE), opset=opset, exporter=exporter,
@@ -520,8 +553,29 @@ def export_onnx(
             with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
                 json.dump(dict(scheduler), f, indent=2, sort_keys=True)
                 f.write("\n")
+        exported = {}
+        for name in (c for c in COMPONENTS if c in components and c != "unet"):
+            os.makedirs(os.path.join(tmp, name))
+            part = export_component_onnx(name, parts[name], os.path.join(tmp, name, MODEL_FILE), opset=opset,
+                                         exporter=exporter)
+            part.update(validate_onnx_component(name, part["path"], parts[name], atol=atol,
+                                                atol_argument=names["atol"]))
+            part["path"] = f"{name}/{MODEL_FILE}"
+            if name == "text_encoder":  # transformers' config.json / diffusers' VAE config, as optimum writes them
+                parts[name].config.to_json_file(os.path.join(tmp, name, "config.json"))
+            else:
+                parts[name].save_config(os.path.join(tmp, name))
+            exported[name] = part
+        if "text_encoder" in exported:
+            from ..outputs import write_slow_tokenizer_files
+
+            tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+            write_slow_tokenizer_files(tokenizer, os.path.join(tmp, "tokenizer"))
+        result.components = exported
         record = {**result.to_dict(), "path": f"unet/{MODEL_FILE}", "source": model,
                   "versions": _versions(__version__)}
+        if not exported:
+            record.pop("components")
         with open(os.path.join(tmp, RECORD_FILE), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
             f.write("\n")
