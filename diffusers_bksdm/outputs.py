@@ -55,6 +55,7 @@ __all__ = [
     "SLOW_TOKENIZER_FILES",
     "write_slow_tokenizer_files",
     "save_pipeline",
+    "save_tokenizer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -487,6 +488,13 @@ def write_slow_tokenizer_files(tokenizer: Any, folder: str | os.PathLike) -> lis
         return []
     os.makedirs(folder, exist_ok=True)
     return [os.fspath(path) for path in backend.model.save(os.fspath(folder))]
+
+
+def save_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> None:
+    """A tokenizer saved alone (e.g. beside an ONNX export) as :func:`save_pipeline` saves a pipeline's: its own
+    files and, for a fast BPE tokenizer, the slow form too (:func:`write_slow_tokenizer_files`)."""
+    write_slow_tokenizer_files(tokenizer, folder)
+    tokenizer.save_pretrained(os.fspath(folder))
 
 
 def save_pipeline(pipe: Any, folder: str | os.PathLike, *args: Any, **kwargs: Any) -> None:

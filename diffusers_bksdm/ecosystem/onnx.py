@@ -567,10 +567,9 @@ def export_onnx(
                 parts[name].save_config(os.path.join(tmp, name))
             exported[name] = part
         if "text_encoder" in exported:
-            from ..outputs import write_slow_tokenizer_files
+            from ..outputs import save_tokenizer
 
-            tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-            write_slow_tokenizer_files(tokenizer, os.path.join(tmp, "tokenizer"))
+            save_tokenizer(tokenizer, os.path.join(tmp, "tokenizer"))
         result.components = exported
         record = {**result.to_dict(), "path": f"unet/{MODEL_FILE}", "source": model,
                   "versions": _versions(__version__)}
