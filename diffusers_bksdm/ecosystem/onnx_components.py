@@ -204,7 +204,7 @@ class OnnxPipeline:
 
         import numpy as np
 
-        from ..training.lcm import guidance_scale_embedding
+        from ..training.lcm_objective import guidance_scale_embedding
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         sample_size = self.unet_config.get("sample_size") or 64
