@@ -5,7 +5,8 @@ whole in onnxruntime (see `docs/onnx.md`). :func:`diffusers_bksdm.ecosystem.onnx
 The graphs have the interface of optimum's ONNX export of a Stable Diffusion pipeline: `text_encoder/model.onnx`
 takes `input_ids` (batch, sequence; int32) and gives `last_hidden_state` and `pooler_output`; `vae_decoder/model.onnx`
 takes `latent_sample` (batch, latent channels, height, width; the latents already divided by the VAE's scaling
-factor) and gives `sample` (batch, 3, 8 x height, 8 x width, in [-1, 1]). Batch and the latent size are dynamic.
+factor) and gives `sample` (batch, 3, 8 x height, 8 x width, in [-1, 1]). Batch, the sequence length and the latent
+size are dynamic.
 """
 
 from __future__ import annotations
@@ -54,12 +55,13 @@ def _wrapped(kind: str, module) -> torch.nn.Module:
 
 def example_component_inputs(kind: str, module, *, batch_size: int = 2, size: int | None = None,
                              seed: int = 0) -> dict[str, torch.Tensor]:
-    """Seeded inputs of a component: token ids (int32, below the vocabulary size, the full sequence length) or
-    latents (`size` x `size`, default 8)."""
+    """Seeded inputs of a component: token ids (int32, below the vocabulary size; `size` tokens, default the full
+    sequence length) or latents (`size` x `size`, default 8)."""
     generator = torch.Generator().manual_seed(seed)
     if kind == "text_encoder":
         config = module.config
-        ids = torch.randint(0, config.vocab_size, (batch_size, config.max_position_embeddings), generator=generator)
+        length = min(size or config.max_position_embeddings, config.max_position_embeddings)
+        ids = torch.randint(0, config.vocab_size, (batch_size, length), generator=generator)
         return {"input_ids": ids.to(torch.int32)}
     size = size or 8
     channels = module.config.latent_channels
@@ -78,14 +80,14 @@ def export_component_onnx(kind: str, module, path: str | os.PathLike, *, opset: 
     start = time.perf_counter()
     with torch.no_grad(), _quiet_exporter():
         if exporter == "dynamo":
-            dims = {0: torch.export.Dim.AUTO} if kind == "text_encoder" else {
+            dims = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} if kind == "text_encoder" else {
                 0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
             program = torch.onnx.export(wrapper, args, dynamo=True, input_names=INPUTS[kind],
                                         output_names=OUTPUTS[kind], opset_version=opset, dynamic_shapes=(dims,),
                                         verbose=False)
             program.save(path)
         else:
-            axes = {"input_ids": {0: "batch_size"}} if kind == "text_encoder" else {
+            axes = {"input_ids": {0: "batch_size", 1: "sequence_length"}} if kind == "text_encoder" else {
                 "latent_sample": {0: "batch_size", 2: "height", 3: "width"}}
             torch.onnx.export(wrapper, args, path, dynamo=False, input_names=INPUTS[kind],
                               output_names=OUTPUTS[kind], opset_version=opset, dynamic_axes=axes,
