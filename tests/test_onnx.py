@@ -289,3 +289,22 @@ def test_components_are_checked_before_anything_is_written(student, tmp_path, ca
         err = capsys.readouterr().err
         assert err.startswith("bksdm export: error: ") and message in err, err
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_the_whole_export_reads_the_unet_once(student, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_bksdm.ecosystem.onnx import export_onnx
+    from diffusers_bksdm.ecosystem.onnx_components import COMPONENTS
+
+    loads = []
+    original = UNet2DConditionModel.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", classmethod(counting))
+    export_onnx(str(student), tmp_path / "whole", exporter="torchscript", components=COMPONENTS)
+    assert len(loads) == 1  # the pipeline gets the UNet already loaded for the export

@@ -530,7 +530,8 @@ def export_onnx(
                                          or is_pipeline(model, None, revision, names["model"])):
             raise ValueError(f"`{names['components']}` {','.join(components)}: `{names['model']}` {model!r} is a "
                              "bare UNet; the text encoder and VAE decoder come from a pipeline folder or repo.")
-        pipe = load_pipeline(model, revision=revision, variant=variant, argument=names["model"])
+        # the UNet loaded above goes in as a component: diffusers does not read unet/ a second time
+        pipe = load_pipeline(model, revision=revision, variant=variant, argument=names["model"], unet=unet)
         if getattr(pipe, "text_encoder_2", None) is not None:
             raise ValueError(f"`{names['components']}`: exporting the text encoders and VAE of an SDXL pipeline is not "
                              "supported; export its unet alone.")

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from .checkpoints import CheckpointManager
-from .lcm_objective import (
+from .lcm_objective import (  # noqa: F401 - re-exported through __all__ below
     DEFAULT_TIME_COND_PROJ_DIM,
     LCMDraws,
     LCMObjective,
@@ -53,24 +53,11 @@ from .lcm_objective import (
     update_target,
 )
 
-__all__ = [
-    "LCM_RESUME_SETTINGS",
-    "LCM_LOG_FIELDS",
-    "DEFAULT_TIME_COND_PROJ_DIM",
-    "guidance_scale_embedding",
-    "boundary_condition_scalings",
-    "ddim_timesteps",
-    "predicted_original_and_noise",
-    "add_guidance_embedding",
-    "LCMDraws",
-    "LCMOutput",
-    "LCMObjective",
-    "update_target",
-    "LCMCheckpointManager",
-    "lcm_scheduler_config",
-    "check_lcm_args",
-    "train_lcm",
-]
+from . import lcm_objective as _objective
+
+# the objective's names (re-exported: `from diffusers_bksdm.training.lcm import LCMObjective` keeps working) + the run's
+__all__ = [*_objective.__all__, "LCM_RESUME_SETTINGS", "LCM_LOG_FIELDS", "LCMCheckpointManager",
+           "lcm_scheduler_config", "check_lcm_args", "train_lcm"]
 
 TARGET_FOLDER = "unet_target"
 LOG_FILE = "train_log.csv"
